@@ -1,0 +1,1 @@
+"""The intake API: validates requests and enqueues them by task name."""

@@ -1,0 +1,25 @@
+"""``create_app(settings)``: the intake API, built from settings and nothing else."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from api import errors, metrics
+from api.routes import email, health, openapi, quota, solutions, tasks
+from api.services import Services
+from shared.settings import Settings
+
+API_PREFIX = "/api/v1"
+
+
+def create_app(settings: Settings, services: Services | None = None) -> Flask:
+    app = Flask("postroom")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.url_map.strict_slashes = False
+    app.extensions["postroom"] = services or Services.build(settings)
+    for module in (health, solutions, email, tasks, quota, openapi):
+        app.register_blueprint(module.bp, url_prefix=API_PREFIX)
+    metrics.register(app)
+    errors.register(app)
+    return app

@@ -1,0 +1,49 @@
+"""Bearer tokens: the admin token may do everything, a solution's token only its own routes.
+
+Another solution's resources answer 404 (their existence is not leaked); a solution's
+token on an admin-only route answers 403.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import request
+
+from shared.crypto import tokens_equal
+from shared.errors import Forbidden, NotFound, Unauthorized
+from shared.solutions import SolutionStore
+
+
+@dataclass(frozen=True)
+class Principal:
+    admin: bool
+    solution_id: str | None = None
+
+
+def bearer_token() -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("a bearer token is required (Authorization: Bearer <token>)")
+    return token.strip()
+
+
+def authenticate(admin_token: str, solutions: SolutionStore) -> Principal:
+    token = bearer_token()
+    if admin_token and tokens_equal(token, admin_token):
+        return Principal(admin=True)
+    sid = solutions.by_token(token)
+    if sid is None:
+        raise Unauthorized("invalid token")
+    return Principal(admin=False, solution_id=sid)
+
+
+def require_admin(principal: Principal) -> None:
+    if not principal.admin:
+        raise Forbidden("this route needs the admin token")
+
+
+def require_solution(principal: Principal, sid: str) -> None:
+    if not principal.admin and principal.solution_id != sid:
+        raise NotFound(f"solution {sid!r} not found")

@@ -1,0 +1,27 @@
+"""``GET /solutions/{sid}/quota``: what is left of the hourly limit now."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify
+
+from api.auth import require_solution
+from api.services import services
+
+bp = Blueprint("quota", __name__)
+
+
+@bp.get("/solutions/<sid>/quota")
+def show(sid: str) -> Response:
+    svc = services()
+    require_solution(svc.principal(), sid)
+    solution = svc.solutions.get(sid)
+    decision = svc.bucket.peek(sid, solution.hlimit)
+    return jsonify(
+        {
+            "hLimit": solution.hlimit,
+            "hLimit_policy": solution.policy,
+            "remaining": decision.remaining,
+            "retry_after": decision.retry_after,
+            "reset_after": decision.reset_after,
+        }
+    )

@@ -1,0 +1,1 @@
+"""Code that both the intake API and the workers need: settings, schemas, errors, Redis."""

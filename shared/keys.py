@@ -1,0 +1,84 @@
+"""Every Redis key of postroom, in one place.
+
+Keys that belong to one solution carry the hash tag ``{sid}`` so that the Lua scripts,
+which touch several of them at once, also run on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+NS = "postroom"
+
+
+def solution(sid: str) -> str:
+    """JSON: ``{solution_id, created_at, token_hash, config}`` (password encrypted)."""
+    return f"{NS}:{{{sid}}}:solution"
+
+
+def token(token_hash: str) -> str:
+    """String: the solution id a token (by its SHA-256) belongs to."""
+    return f"{NS}:token:{token_hash}"
+
+
+def solutions_index() -> str:
+    """Set of every solution id."""
+    return f"{NS}:solutions"
+
+
+def task(sid: str, task_id: str) -> str:
+    """JSON: the task document (lives in the result backend's Redis)."""
+    return f"{NS}:{{{sid}}}:task:{task_id}"
+
+
+def task_done_channel(sid: str, task_id: str) -> str:
+    """Pub/sub channel announced when a task document reaches a final state."""
+    return f"{NS}:{{{sid}}}:done:{task_id}"
+
+
+def ledger(sid: str, task_id: str) -> str:
+    """Hash: the send ledger of one message (token taken, recipients done, state)."""
+    return f"{NS}:{{{sid}}}:ledger:{task_id}"
+
+
+def lease(sid: str, task_id: str) -> str:
+    """String: which worker is sending this message now (expires)."""
+    return f"{NS}:{{{sid}}}:lease:{task_id}"
+
+
+def bucket(sid: str) -> str:
+    """Hash ``{tokens, ts}``: the solution's hLimit token bucket."""
+    return f"{NS}:{{{sid}}}:bucket"
+
+
+def request_bucket(sid: str, capacity: int) -> str:
+    """Hash ``{tokens, ts}``: the bucket a request's own, tighter ``hLimit`` names."""
+    return f"{NS}:{{{sid}}}:bucket:req:{capacity}"
+
+
+def idempotency(sid: str, key_hash: str) -> str:
+    """JSON: ``{body_hash, task_id, response}`` of an ``Idempotency-Key`` (24 h)."""
+    return f"{NS}:{{{sid}}}:idem:{key_hash}"
+
+
+def suppressions(sid: str) -> str:
+    """Hash: normalized email -> JSON ``{email, reason, created_at, expires_at}``."""
+    return f"{NS}:{{{sid}}}:suppressions"
+
+
+def bounces(sid: str, email: str) -> str:
+    """Sorted set of permanent RCPT rejection times of one address (7 days)."""
+    return f"{NS}:{{{sid}}}:bounces:{email}"
+
+
+def schedule() -> str:
+    """Sorted set: task payloads due later (retries, deferred sends), scored by due time."""
+    return f"{NS}:schedule"
+
+
+def schedule_claim(member_hash: str) -> str:
+    """String: a short claim so only one scheduler re-enqueues a due payload."""
+    return f"{NS}:schedule:claim:{member_hash}"
+
+
+def stats() -> str:
+    """Hash: service-wide counters of outcomes (sent, failed, retried, deferred)."""
+    return f"{NS}:stats"

@@ -1,0 +1,428 @@
+"""The OpenAPI 3.1 document of the HTTP API, served at ``GET /api/v1/openapi.json``.
+
+Request bodies are converted from the marshmallow schemas that validate them
+(:mod:`shared.schemas.json_schema`); response bodies are written out here. Build the
+document once per app: ``build_spec(settings)``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any
+
+from shared.schemas.bundle import make_schemas
+from shared.schemas.json_schema import REF_PREFIX, Converter
+from shared.schemas.solutions import SOLUTION_ID
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
+
+OPENAPI_VERSION = "3.1.0"
+API_VERSION = "1.0.0"
+BASE_PATH = "/api/v1"
+TASK_STATES = ["queued", "deferred", "retrying", "sent", "failed"]
+JSON = "application/json"
+
+Schema = dict[str, Any]
+
+
+def build_spec(settings: Settings) -> dict[str, Any]:
+    """The whole document for ``settings`` (limits and defaults appear in it)."""
+    schemas = make_schemas(settings)
+    conv = Converter()
+    bodies = {
+        "SendRequest": conv.ref(
+            schemas.send,
+            "SendRequest",
+            "The message to send: the Email.send parameters. null is the same as an absent field.",
+        ),
+        "SolutionConfig": conv.ref(
+            schemas.config_put,
+            "SolutionConfig",
+            "The whole configuration: omitted or null fields take their defaults.",
+        ),
+        "SolutionConfigPatch": conv.ref(
+            schemas.config_patch,
+            "SolutionConfigPatch",
+            "The fields to change; null puts a field back to its default.",
+        ),
+        "SolutionCreate": conv.ref(
+            schemas.create,
+            "SolutionCreate",
+            "A new solution: its id (lower-case letters, digits, '_' and '-') and its "
+            "configuration, omitted fields at their defaults.",
+        ),
+        "SuppressionPut": conv.ref(schemas.suppression, "SuppressionPut"),
+        "Event": conv.ref(schemas.event, "Event"),
+    }
+    components = {**conv.components, **_response_schemas(conv.components["SolutionConfig"])}
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {
+            "title": "postroom",
+            "version": API_VERSION,
+            "description": (
+                "A queue-backed email service. Send with POST /solutions/{sid}/email; "
+                "follow the task at the returned link. Request bodies are JSON of at most "
+                f"{settings.max_body_bytes} bytes."
+            ),
+        },
+        "servers": [{"url": BASE_PATH}],
+        "security": [{"bearerAuth": []}],
+        "tags": [{"name": name} for name in ("service", "solutions", "email", "suppressions")],
+        "paths": _paths(bodies),
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "The admin token, or a solution's token for its own routes.",
+                }
+            },
+            "parameters": _parameters(),
+            "responses": _responses(),
+        },
+    }
+
+
+# -- paths ----------------------------------------------------------------------------
+
+
+def _paths(bodies: dict[str, Schema]) -> dict[str, Any]:
+    sid = [_param("sid")]
+    email = [_param("sid"), _param("email")]
+    return {
+        "/solution/health": {
+            "get": _op(
+                "health",
+                "service",
+                "Liveness: answers OK.",
+                {"200": {"description": "OK", "content": {"text/plain": {"schema": _s("string")}}}},
+                public=True,
+            )
+        },
+        "/solution/ready": {
+            "get": _op(
+                "ready",
+                "service",
+                "Readiness: Redis and the broker answer.",
+                {"200": {"description": "Ready."}, **_err(503)},
+                public=True,
+            )
+        },
+        "/openapi.json": {
+            "get": _op(
+                "openapi",
+                "service",
+                "This document.",
+                {"200": _json("This document.", {"type": "object"})},
+                public=True,
+            )
+        },
+        "/solutions": {
+            "post": _op(
+                "createSolution",
+                "solutions",
+                "Create a solution (admin only); its token is shown once.",
+                {"201": _json("Created.", _ref("SolutionCreated")), **_err(400, 401, 403, 409)},
+                body=bodies["SolutionCreate"],
+            )
+        },
+        "/solutions/{sid}": {
+            "parameters": sid,
+            "get": _op(
+                "getSolution",
+                "solutions",
+                "A solution and its configuration (never the password).",
+                {"200": _json("The solution.", _ref("Solution")), **_err(401, 404)},
+            ),
+        },
+        "/solutions/{sid}/config": {
+            "parameters": sid,
+            "put": _op(
+                "replaceConfig",
+                "solutions",
+                "Replace the configuration; omitted fields return to their defaults.",
+                {"200": _json("The solution.", _ref("Solution")), **_err(400, 401, 404)},
+                body=bodies["SolutionConfig"],
+            ),
+            "patch": _op(
+                "updateConfig",
+                "solutions",
+                "Change the given fields; null clears one.",
+                {"200": _json("The solution.", _ref("Solution")), **_err(400, 401, 404)},
+                body=bodies["SolutionConfigPatch"],
+            ),
+        },
+        "/solutions/{sid}/email": {
+            "parameters": sid,
+            "post": _op(
+                "sendEmail",
+                "email",
+                "Queue a message. 202 once it is in the broker; with ?wait=N, 200 and the "
+                "task document if it ends within N seconds.",
+                {
+                    "200": _json("The task ended within ?wait.", _ref("TaskDocument")),
+                    "202": {
+                        **_json("Queued.", _ref("Accepted")),
+                        "headers": {
+                            "Location": {"schema": _s("string"), "description": "The task."}
+                        },
+                    },
+                    **_err(400, 401, 404, 422, 429, 503),
+                },
+                body=bodies["SendRequest"],
+                parameters=[_param("IdempotencyKey"), _param("wait")],
+            ),
+        },
+        "/solutions/{sid}/tasks/{task_id}": {
+            "parameters": [_param("sid"), _param("task_id")],
+            "get": _op(
+                "getTask",
+                "email",
+                "A task document; 404 once it has expired.",
+                {"200": _json("The task.", _ref("TaskDocument")), **_err(401, 404)},
+            ),
+        },
+        "/solutions/{sid}/quota": {
+            "parameters": sid,
+            "get": _op(
+                "getQuota",
+                "email",
+                "The solution's hourly bucket now.",
+                {"200": _json("The bucket.", _ref("Quota")), **_err(401, 404)},
+            ),
+        },
+        "/solutions/{sid}/suppressions": {
+            "parameters": sid,
+            "get": _op(
+                "listSuppressions",
+                "suppressions",
+                "The suppression list.",
+                {"200": _json("The list.", _ref("SuppressionList")), **_err(401, 404)},
+            ),
+        },
+        "/solutions/{sid}/suppressions/{email}": {
+            "parameters": email,
+            "get": _op(
+                "getSuppression",
+                "suppressions",
+                "One suppressed address; 404 when it is not suppressed.",
+                {"200": _json("Suppressed.", _ref("Suppression")), **_err(400, 401, 404)},
+            ),
+            "put": _op(
+                "putSuppression",
+                "suppressions",
+                "Suppress an address (sending to it answers 429 Blocked).",
+                {
+                    "200": _json("Already suppressed.", _ref("Suppression")),
+                    "201": _json("Suppressed.", _ref("Suppression")),
+                    **_err(400, 401, 404),
+                },
+                body=bodies["SuppressionPut"],
+                body_required=False,
+            ),
+            "delete": _op(
+                "deleteSuppression",
+                "suppressions",
+                "Lift a suppression.",
+                {"204": {"description": "Lifted (or was not there)."}, **_err(400, 401, 404)},
+            ),
+        },
+        "/solutions/{sid}/events": {
+            "parameters": sid,
+            "post": _op(
+                "ingestEvent",
+                "suppressions",
+                "Report a bounce or a complaint: the address is suppressed.",
+                {"200": _json("Suppressed.", _ref("Suppression")), **_err(400, 401, 404)},
+                body=bodies["Event"],
+            ),
+        },
+    }
+
+
+def _op(
+    operation_id: str,
+    tag: str,
+    summary: str,
+    responses: dict[str, Any],
+    *,
+    body: Schema | None = None,
+    body_required: bool = True,
+    parameters: list[Schema] | None = None,
+    public: bool = False,
+) -> dict[str, Any]:
+    op: dict[str, Any] = {"operationId": operation_id, "tags": [tag], "summary": summary}
+    if parameters:
+        op["parameters"] = parameters
+    if body is not None:
+        op["requestBody"] = {"required": body_required, "content": {JSON: {"schema": body}}}
+        responses = {**responses, **_err(413, 415)}
+    if public:
+        op["security"] = []
+    else:
+        responses = {**responses, **_err(503)}
+    op["responses"] = dict(sorted(responses.items()))
+    return op
+
+
+# -- reusable parts -------------------------------------------------------------------
+
+_ERRORS = {
+    400: ("BadRequest", "Invalid request: ValidationError (with fields) or InvalidRelay."),
+    401: ("Unauthorized", "Missing or invalid token."),
+    403: ("Forbidden", "A solution token on an admin-only route."),
+    404: ("NotFound", "No such resource (or not this token's)."),
+    409: ("Conflict", "The solution already exists."),
+    413: ("PayloadTooLarge", "The request body is larger than allowed."),
+    415: ("UnsupportedMediaType", "The request body is not application/json."),
+    422: ("IdempotencyMismatch", "This Idempotency-Key was used with another body."),
+    429: ("TooManyRequests", "Blocked (a recipient is suppressed) or RateLimited."),
+    503: ("ServiceUnavailable", "Redis or the broker is down; nothing was accepted."),
+}
+
+
+def _err(*codes: int) -> dict[str, Any]:
+    return {str(code): {"$ref": f"#/components/responses/{_ERRORS[code][0]}"} for code in codes}
+
+
+def _responses() -> dict[str, Any]:
+    out = {name: _json(text, _ref("Error")) for name, text in _ERRORS.values()}
+    out["Unauthorized"]["headers"] = {
+        "WWW-Authenticate": {"schema": _s("string"), "description": "Bearer"}
+    }
+    out["TooManyRequests"]["headers"] = {
+        "Retry-After": {"schema": _s("integer"), "description": "Seconds (RateLimited)."}
+    }
+    return out
+
+
+def _parameters() -> dict[str, Any]:
+    def path(name: str, schema: Schema, text: str) -> Schema:
+        return {"name": name, "in": "path", "required": True, "schema": schema, "description": text}
+
+    return {
+        "sid": path("sid", {"type": "string", "pattern": f"^(?:{SOLUTION_ID})$"}, "Solution id."),
+        "task_id": path("task_id", _s("string"), "Task id, from the 202."),
+        "email": path("email", {"type": "string", "format": "email"}, "An email address."),
+        "IdempotencyKey": {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+            "description": "The same key and body within 24 h answer the same 202.",
+        },
+        "wait": {
+            "name": "wait",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 1, "maximum": 30},
+            "description": "Seconds to wait for the task to end (then 200).",
+        },
+    }
+
+
+def _param(name: str) -> Schema:
+    return {"$ref": f"#/components/parameters/{name}"}
+
+
+def _json(description: str, schema: Schema) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": schema}}}
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": REF_PREFIX + name}
+
+
+def _s(type_: str | list[str], **extra: Any) -> Schema:
+    return {"type": type_, **extra}
+
+
+# -- response bodies --------------------------------------------------------------------
+
+
+def _response_schemas(config: Schema) -> dict[str, Schema]:
+    addresses = {"type": "array", "items": _s("string")}
+    time = _s("string", format="date-time")
+    return {
+        "Error": {
+            "type": "object",
+            "description": "Every error: {type, error, status} plus fields where said.",
+            "required": ["type", "error", "status"],
+            "properties": {
+                "type": _s("string", examples=["ValidationError", "RateLimited", "Blocked"]),
+                "error": _s("string"),
+                "status": _s("integer"),
+                "fields": {
+                    "type": "object",
+                    "description": "ValidationError: each bad field (nested as in the "
+                    "request) with its messages.",
+                    "examples": [{"connection": {"port": ["Must be a JSON integer."]}}],
+                },
+                "blocked": {**addresses, "description": "Blocked: the suppressed recipients."},
+                "smtp_code": _s("integer"),
+                "smtp_response": _s("string"),
+            },
+        },
+        "SolutionConfigView": _config_view(config),
+        "Solution": _obj(
+            solution_id=_s("string"), created_at=time, config=_ref("SolutionConfigView")
+        ),
+        "SolutionCreated": _obj(
+            solution_id=_s("string"),
+            token=_s("string", description="The solution's bearer token; shown once."),
+            config=_ref("SolutionConfigView"),
+        ),
+        "Accepted": _obj(
+            task_id=_s("string"),
+            state=_s("string", enum=["queued"]),
+            links=_obj(self=_s("string", description="The task document's URL.")),
+        ),
+        "TaskDocument": _obj(
+            task_id=_s("string"),
+            solution_id=_s("string"),
+            state=_s("string", enum=TASK_STATES),
+            attempts=_s("integer", minimum=0),
+            created_at=time,
+            updated_at=time,
+            next_attempt_at=_s(["string", "null"], format="date-time"),
+            result={"anyOf": [_ref("TaskResult"), _s("null")]},
+            error={"anyOf": [_ref("Error"), _s("null")]},
+            pending={**addresses, "description": "Recipients deferred by a 4xx, still retried."},
+        ),
+        "TaskResult": _obj(
+            status=_s("integer"),
+            accepted=addresses,
+            rejected=addresses,
+            envelope=_obj(**{"from": _s("string"), "to": addresses}),
+            response=_s("string", description="The server's reply to the end of DATA."),
+            messageId=_s("string", description="The Message-ID header, with angle brackets."),
+        ),
+        "Quota": _obj(
+            hLimit=_s("integer", minimum=0),
+            remaining=_s("integer", minimum=0),
+            retry_after=_s(["number", "null"], description="Seconds until a token frees."),
+        ),
+        "Suppression": _obj(
+            email=_s("string"),
+            reason=_s("string", enum=["manual", "bounce", "complaint"]),
+            created_at=time,
+        ),
+        "SuppressionList": _obj(suppressions={"type": "array", "items": _ref("Suppression")}),
+    }
+
+
+def _obj(**properties: Schema) -> Schema:
+    return {"type": "object", "required": list(properties), "properties": properties}
+
+
+def _config_view(config: Schema) -> Schema:
+    """The stored configuration as shown: the password replaced by whether one is set."""
+    properties = copy.deepcopy(config["properties"])
+    del properties["connection_password"]
+    properties["connection_password_set"] = _s("boolean")
+    for value in properties.values():
+        value.pop("default", None)
+    return {"type": "object", "required": list(properties), "properties": properties}

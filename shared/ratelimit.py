@@ -1,0 +1,128 @@
+"""The per-solution hLimit token bucket, taken in one atomic Redis script.
+
+A bucket of capacity C refills continuously at C tokens per period (``hlimit_period_s``).
+A send takes one token from the solution's bucket and, when the request names its own,
+tighter ``hLimit``, from that request bucket too: from both in one step, or from neither.
+The script (``shared/lua/bucket.lua``) reads the clock with Redis ``TIME``, so every worker
+and API process shares one clock.
+
+Semantics worth knowing:
+
+- capacity 0 (solution or request) is never allowed: ``retry_after is None`` means
+  "never"; nothing is read or written, and a message that already took its token is
+  refused too (hLimit 0 stops sending);
+- a request capacity at or above the solution's names no second bucket (it cannot tighten);
+- a smaller capacity clamps the stored tokens at once; a larger one keeps them and refills
+  at the new rate (from the bucket's last write, and never above the new capacity);
+- a bucket key that has expired is a full bucket; keys expire about when they would be full;
+- ``once_key`` (the message's ledger hash) makes a take idempotent: its field ``token`` is
+  set in the same step as the take, and a later take that finds it takes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+import redis
+
+from shared import keys
+
+_NEVER = -1  # the script's retry_after for "never"
+
+
+@cache
+def _script_source() -> str:
+    return resources.files("shared").joinpath("lua", "bucket.lua").read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer of one take or peek, about the tighter of the buckets involved.
+
+    The tighter bucket is the one with the fewest whole tokens left (ties: the smaller
+    capacity); ``retry_after`` is the wait until *every* bucket involved has a token.
+    """
+
+    allowed: bool
+    #: whole tokens left in the tighter bucket after this call
+    remaining: int
+    #: capacity of the tighter bucket
+    limit: int
+    #: seconds until a token is available: 0.0 when allowed, None = never (capacity 0)
+    retry_after: float | None
+    #: seconds until the tighter bucket is full again
+    reset_after: float
+
+
+class TokenBucket:
+    """Takes and peeks at hLimit tokens; one registered script per Redis client."""
+
+    def __init__(self, client: redis.Redis, period_s: float) -> None:
+        if period_s <= 0:
+            raise ValueError(f"period_s must be > 0, got {period_s}")
+        self._client = client
+        self._period_s = float(period_s)
+        self._script = client.register_script(_script_source())
+
+    def take(
+        self,
+        sid: str,
+        capacity: int,
+        request_capacity: int | None = None,
+        once_key: str | None = None,
+    ) -> Decision:
+        """Take one token from the solution's bucket (and the request's), or from none.
+
+        With ``once_key`` (``keys.ledger(sid, task_id)``), a message that already took its
+        token is allowed again without taking another.
+        """
+        return self._run(sid, capacity, request_capacity, once_key, take=True)
+
+    def peek(self, sid: str, capacity: int, request_capacity: int | None = None) -> Decision:
+        """What a take would answer now, taking nothing."""
+        return self._run(sid, capacity, request_capacity, None, take=False)
+
+    def _run(
+        self,
+        sid: str,
+        capacity: int,
+        request_capacity: int | None,
+        once_key: str | None,
+        *,
+        take: bool,
+    ) -> Decision:
+        _check_capacity("capacity", capacity)
+        script_keys = [keys.bucket(sid)]
+        request_arg = -1
+        if request_capacity is not None:
+            _check_capacity("request_capacity", request_capacity)
+            if request_capacity < capacity:
+                script_keys.append(keys.request_bucket(sid, request_capacity))
+                request_arg = request_capacity
+        if once_key is not None:
+            if f"{{{sid}}}" not in once_key:
+                raise ValueError(f"once_key must carry the hash tag {{{sid}}}: {once_key!r}")
+            script_keys.append(once_key)
+        args: list[str | int] = [
+            repr(self._period_s),
+            capacity,
+            request_arg,
+            "1" if take else "0",
+            "1" if once_key is not None else "0",
+        ]
+        allowed, remaining, limit, retry_us, reset_us = self._script(keys=script_keys, args=args)
+        retry = int(retry_us)
+        return Decision(
+            allowed=bool(allowed),
+            remaining=int(remaining),
+            limit=int(limit),
+            retry_after=None if retry == _NEVER else retry / 1e6,
+            reset_after=int(reset_us) / 1e6,
+        )
+
+
+def _check_capacity(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")

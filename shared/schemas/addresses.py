@@ -1,0 +1,108 @@
+"""Email addresses: validated with email-validator, returned in one normalized form.
+
+Decisions (they hold for recipients, ``from``, suppressions and events alike):
+
+- Bare addresses only: no display names (``A <a@b.c>``), no quoted local parts, no
+  domain literals (``a@[127.0.0.1]``), no control characters, no surrounding spaces.
+- No SMTPUTF8: the part before the ``@`` must be ASCII, so every relay can carry the
+  message (SMTPUTF8 support is rare, and smtplib would fail late, in the worker).
+- Internationalized domains are accepted (IDNA 2008 with UTS #46 mapping) and returned
+  in their ASCII ``xn--`` form: that is email-validator's normalized address with the
+  domain A-label-encoded (its ``ascii_email``). It goes into SMTP commands and headers
+  as it is, and one address has one spelling for suppressions and logs.
+- Mixed-script domain labels are refused (homographs such as ``pаypal.com`` with a
+  Cyrillic ``а``). A label may use one script, or one of the combinations that Unicode
+  TS #39 calls "highly restrictive": Latin with Han, Hiragana and Katakana (Japanese),
+  with Han and Bopomofo (Chinese), or with Han and Hangul (Korean). Digits, hyphens,
+  marks and modifier letters belong to no script here. Whole-script lookalikes (a label
+  made only of Cyrillic letters that look Latin) are not detected; their ``xn--`` form
+  shows in every task document and log line.
+- The local part keeps its case (mailbox names may be case-sensitive); the domain is
+  lower-cased. Compare addresses with :func:`address_key`.
+"""
+
+from __future__ import annotations
+
+import functools
+import unicodedata
+
+from email_validator import EmailNotValidError, validate_email
+from marshmallow import ValidationError
+
+from shared.schemas.text import NoControlChars
+
+_NO_CONTROLS = NoControlChars()
+
+_HIGHLY_RESTRICTIVE = (
+    frozenset({"LATIN", "HAN", "HIRAGANA", "KATAKANA"}),
+    frozenset({"LATIN", "HAN", "BOPOMOFO"}),
+    frozenset({"LATIN", "HAN", "HANGUL"}),
+)
+
+
+def normalize_address(value: str, *, check_dns: bool = False) -> str:
+    """The normalized ASCII form of ``value``; ``ValidationError`` with a message if it is
+    not a valid bare address (or, with ``check_dns``, its domain accepts no mail)."""
+    _NO_CONTROLS(value)
+    if check_dns:
+        return _normalize(value, check_dns=True)
+    return _normalize_cached(value)
+
+
+def address_key(address: str) -> str:
+    """The key under which two spellings of one normalized address compare equal."""
+    return address.lower()
+
+
+@functools.lru_cache(maxsize=8192)
+def _normalize_cached(value: str) -> str:
+    # Without DNS the answer depends on the text alone; senders repeat their recipients.
+    return _normalize(value, check_dns=False)
+
+
+def _normalize(value: str, *, check_dns: bool) -> str:
+    try:
+        info = validate_email(
+            value,
+            check_deliverability=check_dns,
+            allow_smtputf8=False,
+            allow_quoted_local=False,
+            allow_domain_literal=False,
+            allow_display_name=False,
+            allow_empty_local=False,
+        )
+    except EmailNotValidError as error:
+        raise ValidationError(f"Not a valid email address: {error}") from None
+    mixed = _mixed_script_label(info.domain)
+    if mixed:
+        raise ValidationError(
+            f"Not a valid email address: the domain label {mixed!r} mixes letters of "
+            "different scripts, the mark of a lookalike domain."
+        )
+    if info.ascii_email is None:  # not reached: set whenever SMTPUTF8 is refused
+        raise ValidationError("Not a valid email address: it has no ASCII form.")
+    return info.ascii_email
+
+
+def _mixed_script_label(domain: str) -> str | None:
+    """The first label of ``domain`` whose letters mix scripts beyond the allowed sets."""
+    if domain.isascii():
+        return None
+    for label in domain.split("."):
+        scripts = {_script(char) for char in label if unicodedata.category(char) in _LETTERS}
+        if len(scripts) > 1 and not any(scripts <= allowed for allowed in _HIGHLY_RESTRICTIVE):
+            return label
+    return None
+
+
+# Modifier letters (Lm: the Japanese prolonged sound mark, iteration marks) are shared.
+_LETTERS = frozenset({"Lu", "Ll", "Lt", "Lo"})
+
+
+def _script(char: str) -> str:
+    """The script of a letter, from its Unicode name: ``LATIN SMALL LETTER A`` → LATIN.
+    The standard library has no Script property; for the scripts in use in domain names
+    the name's first word is the script (CJK ideographs aside). A few historic scripts
+    share a first word ("OLD ..."); telling them apart does not matter here."""
+    word = unicodedata.name(char, "UNKNOWN").split(" ", 1)[0]
+    return "HAN" if word == "CJK" else word

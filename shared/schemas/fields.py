@@ -1,0 +1,80 @@
+"""The field types of postroom's request schemas, with user-facing messages.
+
+Every field says what JSON it takes. ``json_schema`` on a field class or a validator is
+what :mod:`shared.schemas.json_schema` adds to the generated schema for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from marshmallow import Schema, fields
+
+from shared.schemas.addresses import normalize_address
+
+NULL = "May not be null."
+REQUIRED = "This field is required."
+
+
+class StrictSchema(Schema):
+    """Unknown fields are an error at every level; messages read well in an API reply."""
+
+    class Meta:
+        unknown = "raise"
+
+    error_messages = {"unknown": "Unknown field.", "type": "Must be a JSON object."}
+
+
+class Text(fields.String):
+    """A JSON string."""
+
+    default_error_messages = {
+        "invalid": "Must be a string.",
+        "null": NULL,
+        "required": REQUIRED,
+    }
+
+
+class JsonInteger(fields.Integer):
+    """A JSON integer: ``"10"``, ``10.5``, ``10.0`` and ``true`` are refused."""
+
+    default_error_messages = {
+        "invalid": "Must be a JSON integer.",
+        "too_large": "Number too large.",
+        "null": NULL,
+        "required": REQUIRED,
+    }
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(strict=True, **kwargs)
+
+
+class EmailAddress(Text):
+    """A bare email address, returned normalized (see :mod:`shared.schemas.addresses`).
+
+    DNS checks follow the root schema's ``check_dns`` attribute (off by default)."""
+
+    json_schema: dict[str, Any] = {"format": "email", "maxLength": 254}
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        return normalize_address(text, check_dns=bool(getattr(self.root, "check_dns", False)))
+
+
+class AddressList(fields.List):
+    """A JSON array of email addresses."""
+
+    default_error_messages = {
+        "invalid": "Must be a list of email addresses.",
+        "null": NULL,
+        "required": REQUIRED,
+    }
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(EmailAddress(), **kwargs)
+
+
+class Object(fields.Nested):
+    """A nested JSON object."""
+
+    default_error_messages = {"null": NULL, "required": REQUIRED}

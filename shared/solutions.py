@@ -1,0 +1,200 @@
+"""Solutions: their configuration, their tokens, stored in Redis.
+
+A solution's record is one JSON value; its SMTP password is stored encrypted, and its
+token only as a SHA-256 (a token is shown once, at creation or rotation).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from shared import keys
+from shared.crypto import SecretBox, hash_token, new_token
+from shared.errors import Conflict, NotFound
+from shared.relays import Relay
+
+CONFIG_DEFAULTS: dict[str, Any] = {
+    "connection_server": None,
+    "connection_user": None,
+    "connection_password": None,
+    "connection_port": None,
+    "connection_scheme": "smtp",
+    "hLimit": 10,
+    "hLimit_policy": "reject",
+}
+
+
+@dataclass(frozen=True)
+class Solution:
+    solution_id: str
+    created_at: float
+    config: dict[str, Any]  # password encrypted under "connection_password"
+
+    @property
+    def hlimit(self) -> int:
+        return int(self.config.get("hLimit", CONFIG_DEFAULTS["hLimit"]))
+
+    @property
+    def policy(self) -> str:
+        return str(self.config.get("hLimit_policy") or "reject")
+
+    @property
+    def has_own_relay(self) -> bool:
+        return bool(self.config.get("connection_server"))
+
+    def public(self) -> dict[str, Any]:
+        """What the API shows: never the password, only whether one is set."""
+        config = {k: v for k, v in self.config.items() if k != "connection_password"}
+        config["connection_password_set"] = bool(self.config.get("connection_password"))
+        return {
+            "solution_id": self.solution_id,
+            "created_at": iso(self.created_at),
+            "config": config,
+        }
+
+    def relay(self, box: SecretBox) -> Relay | None:
+        """The relay configured for this solution, with the password decrypted."""
+        if not self.has_own_relay:
+            return None
+        from shared.relays import DEFAULT_PORTS
+
+        scheme = self.config.get("connection_scheme") or ""
+        enc = self.config.get("connection_password")
+        return Relay(
+            host=str(self.config["connection_server"]),
+            port=int(self.config.get("connection_port") or DEFAULT_PORTS[scheme]),
+            scheme=scheme,
+            user=self.config.get("connection_user") or None,
+            password=box.decrypt(enc) if enc else None,
+            caller_chosen=True,
+        )
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+class SolutionStore:
+    def __init__(self, client: redis.Redis, box: SecretBox) -> None:
+        self._r = client
+        self._box = box
+
+    # -- reads --------------------------------------------------------------------
+
+    def get(self, sid: str) -> Solution:
+        raw = self._r.get(keys.solution(sid))
+        if raw is None:
+            raise NotFound(f"solution {sid!r} not found")
+        doc = json.loads(raw)
+        return Solution(doc["solution_id"], doc["created_at"], doc["config"])
+
+    def by_token(self, token: str) -> str | None:
+        sid = self._r.get(keys.token(hash_token(token)))
+        return sid.decode() if sid is not None else None
+
+    def list_ids(self) -> list[str]:
+        return sorted(m.decode() for m in self._r.smembers(keys.solutions_index()))
+
+    # -- writes -------------------------------------------------------------------
+
+    def create(self, sid: str, config: dict[str, Any], token: str | None = None) -> str:
+        """Create a solution; returns its token (given, or a new one)."""
+        token = token or new_token()
+        doc = {
+            "solution_id": sid,
+            "created_at": time.time(),
+            "token_hash": hash_token(token),
+            "config": self._seal({**CONFIG_DEFAULTS, **config}),
+        }
+        if not self._r.set(keys.solution(sid), json.dumps(doc), nx=True):
+            raise Conflict(f"solution {sid!r} already exists")
+        pipe = self._r.pipeline()
+        pipe.set(keys.token(doc["token_hash"]), sid)
+        pipe.sadd(keys.solutions_index(), sid)
+        pipe.execute()
+        return token
+
+    def replace_config(self, sid: str, config: dict[str, Any]) -> Solution:
+        return self._update(sid, lambda _old: {**CONFIG_DEFAULTS, **config})
+
+    def patch_config(self, sid: str, changes: dict[str, Any]) -> Solution:
+        def apply(old: dict[str, Any]) -> dict[str, Any]:
+            new = dict(old)
+            for name, value in changes.items():
+                new[name] = CONFIG_DEFAULTS[name] if value is None else value
+            return new
+
+        return self._update(sid, apply)
+
+    def rotate_token(self, sid: str) -> str:
+        token = new_token()
+        key = keys.solution(sid)
+        with self._r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        raise NotFound(f"solution {sid!r} not found")
+                    doc = json.loads(raw)
+                    old_hash = doc["token_hash"]
+                    doc["token_hash"] = hash_token(token)
+                    pipe.multi()
+                    pipe.set(key, json.dumps(doc))
+                    pipe.delete(keys.token(old_hash))
+                    pipe.set(keys.token(doc["token_hash"]), sid)
+                    pipe.execute()
+                    return token
+                except redis.WatchError:
+                    continue
+
+    def delete(self, sid: str) -> None:
+        raw = self._r.get(keys.solution(sid))
+        if raw is None:
+            raise NotFound(f"solution {sid!r} not found")
+        doc = json.loads(raw)
+        pipe = self._r.pipeline()
+        pipe.delete(keys.solution(sid), keys.token(doc["token_hash"]))
+        pipe.delete(keys.bucket(sid), keys.suppressions(sid))
+        pipe.srem(keys.solutions_index(), sid)
+        pipe.execute()
+
+    # -- internals ----------------------------------------------------------------
+
+    def _seal(self, config: dict[str, Any]) -> dict[str, Any]:
+        sealed = dict(config)
+        if sealed.get("connection_password"):
+            sealed["connection_password"] = self._box.encrypt(sealed["connection_password"])
+        return sealed
+
+    def _update(self, sid: str, change: Any) -> Solution:
+        key = keys.solution(sid)
+        with self._r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        raise NotFound(f"solution {sid!r} not found")
+                    doc = json.loads(raw)
+                    old = doc["config"]
+                    new = change(old)
+                    # a password carried over from the stored config is already sealed
+                    if new.get("connection_password") and new.get(
+                        "connection_password"
+                    ) != old.get("connection_password"):
+                        new["connection_password"] = self._box.encrypt(new["connection_password"])
+                    doc["config"] = new
+                    pipe.multi()
+                    pipe.set(key, json.dumps(doc))
+                    pipe.execute()
+                    return Solution(doc["solution_id"], doc["created_at"], new)
+                except redis.WatchError:
+                    continue

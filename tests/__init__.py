@@ -1,0 +1,1 @@
+"""postroom's tests (a package, so helpers import as ``tests.<module>``)."""

@@ -1,0 +1,53 @@
+"""Building blocks the tests share: settings, an app, queue inspection."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from shared.crypto import generate_key
+from shared.settings import Settings
+
+ADMIN = "test-admin-token"
+SECRET_KEY = generate_key()
+
+
+def make_settings(redis_url: str, **overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "redis_url": redis_url,
+        "admin_token": ADMIN,
+        "secret_key": SECRET_KEY,
+        "default_sender_domain": "postroom.test",
+        "log_format": "text",
+        "smtp_timeout_s": 5.0,
+        "retry_base_s": 0.2,
+        "retry_max_delay_s": 1.0,
+        "retry_max_attempts": 5,
+        "retry_max_age_s": 60,
+    }
+    base.update(overrides)
+    return Settings(**base)
+
+
+def env_of(settings: Settings) -> dict[str, str]:
+    """The ``POSTROOM_*`` environment that reproduces ``settings`` in a child process."""
+    import dataclasses
+
+    env: dict[str, str] = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if isinstance(value, tuple):
+            value = ",".join(str(v) for v in value)
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        env[f"POSTROOM_{f.name.upper()}"] = str(value)
+    return env
+
+
+def queue_length(client: redis.Redis, queue: str = "email") -> int:
+    return int(client.llen(queue))
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}

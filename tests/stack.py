@@ -1,0 +1,82 @@
+"""Real processes for end-to-end tests: Celery workers started as the service starts them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from shared.settings import Settings
+from tests.helpers import env_of
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class WorkerProcess:
+    """``python -m worker.main`` with the environment that reproduces ``settings``."""
+
+    def __init__(self, settings: Settings, concurrency: int = 2, name: str = "w1",
+                 log_path: Path | None = None) -> None:
+        self.settings = settings
+        self.concurrency = concurrency
+        self.name = name
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: Any = None
+
+    def start(self) -> WorkerProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("POSTROOM_")}
+        env.update(env_of(self.settings))
+        env["PYTHONPATH"] = str(ROOT)
+        self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.main", "--concurrency", str(self.concurrency),
+             "--hostname", f"{self.name}@%h", "--without-heartbeat", "--without-gossip",
+             "--without-mingle"],
+            env=env, cwd=ROOT, stdout=self._log, stderr=self._log, start_new_session=True,
+        )
+        return self
+
+    def children(self) -> list[int]:
+        assert self.proc is not None
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True,
+                             text=True, check=False).stdout
+        return [int(p) for p in out.split()]
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        code = self.proc.returncode
+        if self._log not in (None, subprocess.DEVNULL):
+            self._log.close()
+        return code
+
+    def kill(self) -> None:
+        """``kill -9`` of the worker and its pool children."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05,
+             message: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)

@@ -1,0 +1,1 @@
+"""The Celery workers: take a token, send over SMTP, record the outcome."""

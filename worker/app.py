@@ -1,0 +1,73 @@
+"""``make_celery(settings)``: the worker's Celery app, built from settings alone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, bootsteps
+
+from shared.queue import Enqueuer, celery_config
+from shared.settings import Settings
+from worker import tasks
+from worker.context import WorkerContext
+from worker.schedule import Mover, Schedule
+
+
+class _Contexts:
+    """One WorkerContext per process: a pool child builds its own after the fork."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._pid: int | None = None
+        self._ctx: WorkerContext | None = None
+
+    def __call__(self) -> WorkerContext:
+        import os
+
+        if self._ctx is None or self._pid != os.getpid():
+            self._ctx = WorkerContext.build(self._settings)
+            self._pid = os.getpid()
+        return self._ctx
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("postroom-worker", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        task_track_started=False,
+        result_extended=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        worker_enable_remote_control=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    contexts = _Contexts(settings)
+    tasks.register(app, contexts)
+    app.conf.postroom_contexts = contexts
+
+    class SchedulerStep(bootsteps.StartStopStep):
+        """Moves due retries and deferred sends back onto the queue (main process)."""
+
+        requires = ("celery.worker.components:Pool",)
+
+        def __init__(self, parent: Any, **kwargs: Any) -> None:
+            super().__init__(parent, **kwargs)
+            self.mover: Mover | None = None
+
+        def start(self, parent: Any) -> None:
+            ctx = WorkerContext.build(settings)
+            enqueuer = Enqueuer(app, settings.queue)
+            self.mover = Mover(Schedule(ctx.state), enqueuer.enqueue)
+            self.mover.start()
+
+        def stop(self, parent: Any) -> None:
+            if self.mover is not None:
+                self.mover.stop()
+
+    app.steps["worker"].add(SchedulerStep)
+    return app

@@ -1,0 +1,95 @@
+"""What a worker process uses, built once per process (after the pool forks)."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from dataclasses import dataclass
+from functools import cached_property
+
+import redis
+
+from shared.crypto import SecretBox
+from shared.documents import DocumentStore
+from shared.guard import RelayGuard
+from shared.ratelimit import TokenBucket
+from shared.relays import Relay, parse_relay_url
+from shared.settings import Settings
+from shared.solutions import SolutionStore
+from worker.lease import Leases
+from worker.ledger import Ledger
+from worker.retrying import RetryPolicy
+from worker.schedule import Schedule
+from worker.smtp import make_ssl_context
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    state: redis.Redis
+    results: redis.Redis
+
+    @classmethod
+    def build(cls, settings: Settings) -> WorkerContext:
+        state = redis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=2.0, socket_timeout=10.0
+        )
+        results = (
+            state
+            if settings.result_backend == settings.redis_url
+            else redis.Redis.from_url(
+                settings.result_backend, socket_connect_timeout=2.0, socket_timeout=10.0
+            )
+        )
+        return cls(settings=settings, state=state, results=results)
+
+    @cached_property
+    def box(self) -> SecretBox:
+        return SecretBox(self.settings.secret_key)
+
+    @cached_property
+    def solutions(self) -> SolutionStore:
+        return SolutionStore(self.state, self.box)
+
+    @cached_property
+    def documents(self) -> DocumentStore:
+        return DocumentStore(self.results, self.settings.result_ttl)
+
+    @cached_property
+    def bucket(self) -> TokenBucket:
+        return TokenBucket(self.state, self.settings.hlimit_period_s)
+
+    @cached_property
+    def ledger(self) -> Ledger:
+        return Ledger(self.state, self.settings.result_ttl)
+
+    @cached_property
+    def leases(self) -> Leases:
+        return Leases(self.state)
+
+    @cached_property
+    def schedule(self) -> Schedule:
+        return Schedule(self.state)
+
+    @cached_property
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy.from_settings(self.settings)
+
+    @cached_property
+    def guard(self) -> RelayGuard:
+        return RelayGuard(self.settings.smtp_allow_hosts, self.settings.smtp_allow_ports)
+
+    @cached_property
+    def ssl_context(self) -> ssl.SSLContext:
+        return make_ssl_context(self.settings.smtp_ca_file or None)
+
+    @cached_property
+    def default_relay(self) -> Relay | None:
+        if not self.settings.default_smtp_url:
+            return None
+        return parse_relay_url(self.settings.default_smtp_url)
+
+    @cached_property
+    def local_hostname(self) -> str:
+        # what we say in EHLO; never socket.getfqdn() on the hot path
+        return self.settings.default_sender_domain or socket.gethostname()

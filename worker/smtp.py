@@ -1,0 +1,313 @@
+"""One SMTP conversation with a relay: connect, TLS, AUTH, and transactions.
+
+``scheme`` ``"smtp"`` requires STARTTLS (never silently plain), ``"smtps"`` is implicit TLS,
+``""`` is plain text. Certificates are verified against the relay's host name even when the
+connection goes to an address checked beforehand. Every exception leaving this module is a
+:class:`shared.errors.SendError`, classified by :mod:`worker.outcomes`, and none carries the
+relay's password.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from shared.errors import ConfigError, SendError
+from shared.relays import Relay
+from worker import outcomes
+from worker.outcomes import Condition
+
+QUIT_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    """What one transaction did. Replies are kept as ``"550 5.1.1 text"`` lines; ``rejected``
+    holds the 5xx RCPT replies, ``deferred`` the 4xx ones (worth another attempt)."""
+
+    accepted: list[str]
+    rejected: list[tuple[str, int, str]]
+    deferred: list[tuple[str, int, str]]
+    response: str  # the reply to the end of DATA, e.g. "250 2.0.0 Ok: queued as X"
+
+
+def make_ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    """A verifying client context: the system CAs, plus ``ca_file`` (PEM) when given."""
+    context = ssl.create_default_context()  # CERT_REQUIRED, check_hostname, TLS >= 1.2
+    if ca_file:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "strerror", None) or "not a PEM certificate bundle"
+            raise ConfigError(f"POSTROOM_SMTP_CA_FILE {ca_file!r}: {reason}") from None
+    return context
+
+
+class _Client(smtplib.SMTP):
+    """``smtplib.SMTP`` that may connect to an address while TLS (SNI and certificate
+    checks, for STARTTLS and implicit TLS alike) uses the relay's host name."""
+
+    def __init__(
+        self,
+        *,
+        tls_hostname: str,
+        implicit_tls: ssl.SSLContext | None,
+        local_hostname: str,
+        timeout: float,
+    ) -> None:
+        super().__init__(local_hostname=local_hostname, timeout=timeout)
+        self._host = tls_hostname  # what smtplib's starttls() passes as server_hostname
+        self._implicit_tls = implicit_tls
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        sock: socket.socket = super()._get_socket(host, port, timeout)  # type: ignore[misc]
+        if self._implicit_tls is None:
+            return sock
+        try:
+            return self._implicit_tls.wrap_socket(sock, server_hostname=self._host)
+        except BaseException:
+            sock.close()
+            raise
+
+
+class SmtpConnection:
+    """An open, logged-in SMTP session that can carry several transactions in turn."""
+
+    def __init__(self) -> None:
+        self._client: _Client | None = None
+        self._secret: str | None = None
+
+    def open(
+        self,
+        relay: Relay,
+        *,
+        connect_host: str | None,
+        timeout: float,
+        ssl_context: ssl.SSLContext,
+        local_hostname: str,
+    ) -> None:
+        """Connect to ``connect_host`` (the checked address; ``relay.host`` when ``None``),
+        say EHLO as ``local_hostname``, start TLS as the scheme says, and log in."""
+        if relay.scheme not in ("smtp", "smtps", ""):
+            raise ValueError(f"unknown relay scheme {relay.scheme!r}")
+        if self._client is not None:
+            raise RuntimeError("the connection is already open")
+        self._secret = relay.password
+        client = _Client(
+            tls_hostname=relay.host,
+            implicit_tls=ssl_context if relay.scheme == "smtps" else None,
+            local_hostname=local_hostname,
+            timeout=timeout,
+        )
+        self._client = client
+        try:
+            with self._errors(connecting=True):
+                code, reply = client.connect(connect_host or relay.host, relay.port)
+                if code != 220:
+                    raise smtplib.SMTPConnectError(code, reply)
+            with self._errors():
+                self._hello(client)
+                if relay.scheme == "smtp":
+                    self._starttls(client, ssl_context)
+                if relay.user:
+                    self._login(client, relay.user, relay.password or "")
+        except SendError:
+            self._drop()
+            raise
+
+    def transaction(self, sender: str, recipients: list[str], data: bytes) -> DeliveryResult:
+        """MAIL FROM, RCPT TO each recipient, and DATA when at least one was accepted.
+
+        All recipients refused: :class:`SmtpRejected` (the first 5xx), or, when some were
+        only deferred (4xx), a :class:`TransientSendError` naming them. After a refused
+        transaction the session is reset, so the connection stays usable.
+        """
+        client = self._require()
+        if not recipients:
+            raise ValueError("a transaction needs at least one recipient")
+        envelope = [sender, *recipients]
+        if any(ch in address for address in envelope for ch in "\r\n\0"):
+            raise outcomes.from_condition(Condition.BAD_ENVELOPE)
+        options = [f"SIZE={len(data)}"] if client.has_extn("size") else []
+        if not all(address.isascii() for address in envelope):
+            if not client.has_extn("smtputf8"):
+                raise outcomes.from_condition(Condition.NO_SMTPUTF8)
+            options.append("SMTPUTF8")
+        with self._errors():
+            code, reply = client.mail(sender, options)
+            if code != 250:
+                self._abandon(client)
+                raise outcomes.from_reply(code, reply)
+            accepted: list[str] = []
+            rejected: list[tuple[str, int, str]] = []
+            deferred: list[tuple[str, int, str]] = []
+            for address in recipients:
+                code, reply = client.rcpt(address)
+                if 200 <= code < 300:
+                    accepted.append(address)
+                elif 500 <= code < 600:
+                    rejected.append((address, code, outcomes.reply_text(code, reply)))
+                else:
+                    deferred.append((address, code, outcomes.reply_text(code, reply)))
+            if not accepted:
+                self._abandon(client)
+                raise _refused(rejected, deferred)
+            try:
+                code, reply = client.data(data)
+            except smtplib.SMTPDataError as exc:  # the reply to DATA itself was not 354
+                self._abandon(client)
+                raise outcomes.from_exception(exc) from None
+            if code != 250:
+                raise outcomes.from_reply(code, reply)
+        return DeliveryResult(accepted, rejected, deferred, outcomes.reply_text(code, reply))
+
+    def reset(self) -> None:
+        """RSET: end any transaction in progress."""
+        client = self._require()
+        with self._errors():
+            code, reply = client.rset()
+            if code != 250:
+                raise outcomes.from_reply(code, reply)
+
+    def is_alive(self) -> bool:
+        """NOOP answered with 250; a dead connection is closed and reported ``False``."""
+        if self._client is None:
+            return False
+        try:
+            code, _ = self._client.noop()
+        except OSError:
+            self._drop()
+            return False
+        return code == 250
+
+    def close(self) -> None:
+        """QUIT (errors ignored, at most a few seconds) and close the socket."""
+        client = self._client
+        if client is None:
+            return
+        try:
+            if client.sock is not None:
+                client.sock.settimeout(min(QUIT_TIMEOUT_S, client.timeout))
+            client.quit()
+        except OSError:
+            pass
+        finally:
+            self._drop()
+
+    def __enter__(self) -> SmtpConnection:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------
+
+    def _require(self) -> _Client:
+        if self._client is None:
+            raise RuntimeError("the connection is not open")
+        return self._client
+
+    def _drop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def _abandon(self, client: _Client) -> None:
+        """RSET after a refused transaction; a relay that fails even that is dropped."""
+        try:
+            client.rset()
+        except OSError:
+            self._drop()
+
+    @contextmanager
+    def _errors(self, *, connecting: bool = False) -> Iterator[None]:
+        """Turn ``smtplib``/``ssl``/``socket`` exceptions (all ``OSError``) into SendErrors
+        without the password; a broken connection is dropped."""
+        try:
+            yield
+        except SendError as exc:
+            outcomes.redact(exc, self._secret)
+            raise
+        except OSError as exc:
+            self._drop()
+            error = outcomes.from_exception(exc, connecting=connecting)
+            outcomes.redact(error, self._secret)
+            if self._secret and self._secret in str(exc):
+                raise error from None
+            raise error from exc
+
+    @staticmethod
+    def _hello(client: _Client) -> None:
+        code, reply = client.ehlo()
+        if code != 250:
+            code, reply = client.helo()
+            if code != 250:
+                raise outcomes.from_reply(code, reply)
+
+    def _starttls(self, client: _Client, context: ssl.SSLContext) -> None:
+        if not client.has_extn("starttls"):
+            raise outcomes.from_condition(Condition.NO_STARTTLS)
+        code, reply = client.starttls(context=context)
+        if code != 220:
+            if 400 <= code < 500:
+                raise outcomes.from_reply(code, reply)
+            response = outcomes.reply_text(code, reply)
+            raise outcomes.from_condition(
+                Condition.NO_STARTTLS, smtp_code=code, smtp_response=response
+            )
+        self._hello(client)
+
+    @staticmethod
+    def _login(client: _Client, user: str, password: str) -> None:
+        if not client.has_extn("auth"):
+            raise outcomes.from_condition(Condition.NO_AUTH)
+        try:
+            client.login(user, password)
+        except UnicodeEncodeError:  # its text would quote the password
+            raise outcomes.from_condition(Condition.CREDENTIALS_NOT_ASCII) from None
+        except smtplib.SMTPException as exc:
+            if type(exc) is not smtplib.SMTPException:
+                raise
+            raise outcomes.from_condition(Condition.NO_AUTH_MECHANISM) from None
+
+
+def _refused(
+    rejected: list[tuple[str, int, str]], deferred: list[tuple[str, int, str]]
+) -> SendError:
+    """The error for a transaction in which no recipient was accepted."""
+    _, code, response = (deferred or rejected)[0]
+    error = outcomes.from_reply(code, response.removeprefix(str(code)).strip())
+    error.extra["rejected"] = [address for address, _, _ in rejected]
+    if deferred:
+        error.extra["deferred"] = [address for address, _, _ in deferred]
+    return error
+
+
+def deliver(
+    relay: Relay,
+    *,
+    connect_host: str | None,
+    sender: str,
+    recipients: list[str],
+    data: bytes,
+    timeout: float,
+    ssl_context: ssl.SSLContext,
+    local_hostname: str,
+) -> DeliveryResult:
+    """Open a connection, run one transaction, and close it."""
+    connection = SmtpConnection()
+    connection.open(
+        relay,
+        connect_host=connect_host,
+        timeout=timeout,
+        ssl_context=ssl_context,
+        local_hostname=local_hostname,
+    )
+    try:
+        return connection.transaction(sender, recipients, data)
+    finally:
+        connection.close()
