@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 
 from api.services import Services
 from shared import keys
+from shared.text import as_str
 
 
 class _RedisCollector:
@@ -37,7 +38,7 @@ class _RedisCollector:
             scheduled.add_metric([], float(state.zcard(keys.schedule())))
             yield scheduled
             for name, value in state.hgetall(keys.stats()).items():
-                outcomes.add_metric([name.decode()], float(value))
+                outcomes.add_metric([as_str(name)], float(value))
             yield outcomes
         except (RedisError, OSError):
             return

@@ -17,6 +17,7 @@ from shared import keys
 from shared.crypto import SecretBox, hash_token, new_token
 from shared.errors import Conflict, NotFound
 from shared.relays import Relay
+from shared.text import as_str
 
 CONFIG_DEFAULTS: dict[str, Any] = {
     "connection_server": None,
@@ -97,17 +98,17 @@ class SolutionStore:
 
     def by_token(self, token: str) -> str | None:
         sid = self._r.get(keys.token(hash_token(token)))
-        return sid.decode() if sid is not None else None
+        return as_str(sid) if sid is not None else None
 
     def list_ids(self) -> list[str]:
-        return sorted(m.decode() for m in self._r.smembers(keys.solutions_index()))
+        return sorted(as_str(m) for m in self._r.smembers(keys.solutions_index()))
 
     # -- writes -------------------------------------------------------------------
 
     def create(self, sid: str, config: dict[str, Any], token: str | None = None) -> str:
         """Create a solution; returns its token (given, or a new one)."""
         token = token or new_token()
-        doc = {
+        doc: dict[str, Any] = {
             "solution_id": sid,
             "created_at": time.time(),
             "token_hash": hash_token(token),

@@ -15,6 +15,8 @@ import redis
 
 from shared.embedded_redis import EmbeddedRedis
 
+pytest_plugins = ["tests.smtp_fixtures"]
+
 DEFAULT_TEST_REDIS = "redis://127.0.0.1:6379/13"
 
 

@@ -12,6 +12,7 @@ import socket
 import redis
 
 from shared import keys
+from shared.text import as_str
 
 # KEYS[1] the lease; ARGV[1] the holder expected; ARGV[2] the new holder; ARGV[3] ttl ms
 _TAKE_OVER = """
@@ -63,7 +64,7 @@ class Leases:
         current = self._r.get(key)
         if current is None:
             return bool(self._r.set(key, me, nx=True, px=ttl_ms))
-        holder = current.decode()
+        holder = as_str(current)
         if holder == me or _dead_here(holder):
             return bool(self._take_over(keys=[key], args=[holder, me, ttl_ms]))
         return False

@@ -20,6 +20,7 @@ from typing import Any
 import redis
 
 from shared import keys
+from shared.text import as_str
 
 
 @dataclass
@@ -31,11 +32,9 @@ class LedgerState:
     def pending(self, recipients: list[str]) -> list[str]:
         return [r for r in recipients if r not in self.done]
 
-    def accepted(self) -> list[str]:
-        return [r for r, v in self.done.items() if v["status"] == "accepted"]
-
-    def rejected(self) -> list[str]:
-        return [r for r, v in self.done.items() if v["status"] == "rejected"]
+    def with_status(self, status: str, order: list[str]) -> list[str]:
+        """The recipients, in ``order``, that ended with ``status``."""
+        return [r for r in order if self.done.get(r, {}).get("status") == status]
 
 
 class Ledger:
@@ -47,11 +46,11 @@ class Ledger:
         raw = self._r.hgetall(keys.ledger(sid, task_id))
         state = LedgerState()
         for name, value in raw.items():
-            key = name.decode()
+            key = as_str(name)
             if key.startswith("rcpt:"):
                 state.done[key[5:]] = json.loads(value)
             elif key == "response":
-                state.response = value.decode()
+                state.response = as_str(value)
             elif key == "sending":
                 state.sending = int(value)
         return state
@@ -72,7 +71,7 @@ class Ledger:
     ) -> None:
         """Record recipients that are done (accepted or permanently rejected), atomically."""
         key = keys.ledger(sid, task_id)
-        mapping: dict[str, str] = {f"rcpt:{r}": json.dumps(v) for r, v in outcomes.items()}
+        mapping: dict[Any, Any] = {f"rcpt:{r}": json.dumps(v) for r, v in outcomes.items()}
         if response is not None:
             mapping["response"] = response
         pipe = self._r.pipeline(transaction=True)

@@ -28,12 +28,16 @@ from shared.solutions import iso
 from worker.context import WorkerContext
 from worker.ledger import LedgerState
 from worker.message import build_message
-from worker.smtp import deliver
+from worker.smtp import DeliveryResult, deliver
 
 log = logging.getLogger("postroom.worker")
 
 # how long a deferred message (hLimit_policy "defer") may wait for a token
 MAX_DEFER_S = 3600.0
+
+
+def _rejected(code: int | None, reply: str | None) -> dict[str, Any]:
+    return {"status": "rejected", "code": code, "reply": reply}
 
 
 def recipients_of(job: dict[str, Any]) -> list[str]:
@@ -141,38 +145,38 @@ class Attempt:
                 local_hostname=ctx.local_hostname,
             )
         except TransientSendError as err:
-            ctx.ledger.record(self.sid, self.task_id, {}, None)
+            # recipients refused for good in the same transaction are done
+            self._record({r: _rejected(None, None) for r in err.extra.get("rejected", [])})
             self._retry(doc, ctx.ledger.load(self.sid, self.task_id), err)
             return
         except SmtpRejected as err:
-            outcomes = {
-                r: {"status": "rejected", "code": err.extra.get("smtp_code"),
-                    "reply": err.extra.get("smtp_response")}
-                for r in pending
-            }
-            ctx.ledger.record(self.sid, self.task_id, outcomes, None)
+            code, reply = err.extra.get("smtp_code"), err.extra.get("smtp_response")
+            self._record({r: _rejected(code, reply) for r in pending})
             self._fail(doc, ctx.ledger.load(self.sid, self.task_id), err)
             return
         except PermanentSendError as err:
-            ctx.ledger.record(self.sid, self.task_id, {}, None)
+            self._record({})
             self._fail(doc, state, err)
             return
+        self._delivered(doc, result)
 
-        outcomes: dict[str, dict[str, Any]] = {
-            r: {"status": "accepted", "code": 250, "reply": None} for r in result.accepted
-        }
+    def _record(self, outcomes: dict[str, dict[str, Any]], response: str | None = None) -> None:
+        self.ctx.ledger.record(self.sid, self.task_id, outcomes, response)
+
+    def _delivered(self, doc: dict[str, Any], result: DeliveryResult) -> None:
+        outcomes = {r: {"status": "accepted", "code": 250, "reply": None} for r in result.accepted}
         for addr, code, reply in result.rejected:
-            outcomes[addr] = {"status": "rejected", "code": code, "reply": reply}
-        ctx.ledger.record(self.sid, self.task_id, outcomes, result.response or None)
-        state = ctx.ledger.load(self.sid, self.task_id)
+            outcomes[addr] = _rejected(code, reply)
+        self._record(outcomes, result.response or None)
+        state = self.ctx.ledger.load(self.sid, self.task_id)
         if result.deferred:
-            code, reply = result.deferred[0][1], result.deferred[0][2]
-            err = TransientSendError(
+            _, code, reply = result.deferred[0]
+            deferred = TransientSendError(
                 "some recipients were deferred by the relay",
                 smtp_code=code,
                 smtp_response=reply,
             )
-            self._retry(doc, state, err)
+            self._retry(doc, state, deferred)
             return
         self._finish(doc, state)
 
@@ -201,15 +205,15 @@ class Attempt:
         msg = self.job["message"]
         return {
             "status": 204,
-            "accepted": state.accepted(),
-            "rejected": state.rejected(),
+            "accepted": state.with_status("accepted", self.recipients),
+            "rejected": state.with_status("rejected", self.recipients),
             "envelope": {"from": msg["from"], "to": self.recipients},
             "response": state.response,
             "messageId": self.job["message_id"],
         }
 
     def _finish(self, doc: dict[str, Any], state: LedgerState) -> None:
-        if not state.accepted():
+        if not state.with_status("accepted", self.recipients):
             first = next(iter(state.done.values()), {})
             err = SmtpRejected(
                 "every recipient was rejected",
@@ -243,18 +247,15 @@ class Attempt:
         delay = ctx.retry_policy.next_delay(int(doc["attempts"]), age, err.retry_after)
         pending = state.pending(self.recipients)
         if delay is None:
-            outcomes = {
-                r: {"status": "rejected", "code": err.extra.get("smtp_code"),
-                    "reply": "retry budget spent"}
-                for r in pending
-            }
-            ctx.ledger.record(self.sid, self.task_id, outcomes, None)
+            spent = _rejected(err.extra.get("smtp_code"), "retry budget spent")
+            self._record({r: spent for r in pending})
             state = ctx.ledger.load(self.sid, self.task_id)
             final = SmtpUnavailable(
                 f"gave up after {doc['attempts']} attempts: {err.message}",
                 **{k: v for k, v in err.extra.items() if k in ("smtp_code", "smtp_response")},
             )
-            if state.accepted():  # the others got it; report the rest as rejected
+            # when others got it, the message is sent and the rest are listed as rejected
+            if state.with_status("accepted", self.recipients):
                 self._finish(doc, state)
             else:
                 self._fail(doc, state, final)

@@ -1,0 +1,67 @@
+"""The end-to-end harness: a real SMTP server, real worker processes, the API in process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flask.testing import FlaskClient
+
+from api.app import create_app
+from shared.settings import Settings
+from tests.helpers import ADMIN, auth
+from tests.smtp_server import ScriptedSmtpServer
+from tests.stack import WorkerProcess, wait_for
+
+
+class Stack:
+    def __init__(self, settings: Settings, smtp: ScriptedSmtpServer, log_dir: Path) -> None:
+        self.settings = settings
+        self.smtp = smtp
+        self.log_dir = log_dir
+        self.client: FlaskClient = create_app(settings).test_client()
+        self.workers: list[WorkerProcess] = []
+        self.tokens: dict[str, str] = {}
+
+    def solution(self, sid: str = "acme", **config: Any) -> str:
+        r = self.client.post("/api/v1/solutions", json={"solution_id": sid, **config},
+                             headers=auth(ADMIN))
+        assert r.status_code == 201, r.get_json()
+        self.tokens[sid] = r.get_json()["token"]
+        return self.tokens[sid]
+
+    def start_worker(self, concurrency: int = 2, **overrides: Any) -> WorkerProcess:
+        settings = self.settings.replace(**overrides) if overrides else self.settings
+        name = f"w{len(self.workers) + 1}"
+        worker = WorkerProcess(settings, concurrency=concurrency, name=name,
+                               log_path=self.log_dir / f"{name}.log").start()
+        self.workers.append(worker)
+        return worker
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+    def send(self, body: dict[str, Any], sid: str = "acme", query: str = "",
+             headers: dict[str, str] | None = None) -> Any:
+        return self.client.post(f"/api/v1/solutions/{sid}/email{query}", json=body,
+                                headers={**auth(self.tokens[sid]), **(headers or {})})
+
+    def task(self, task_id: str, sid: str = "acme") -> dict[str, Any]:
+        r = self.client.get(f"/api/v1/solutions/{sid}/tasks/{task_id}",
+                            headers=auth(self.tokens[sid]))
+        assert r.status_code == 200, r.get_json()
+        doc: dict[str, Any] = r.get_json()
+        return doc
+
+    def wait_final(self, task_id: str, sid: str = "acme", timeout: float = 30) -> dict[str, Any]:
+        def final() -> dict[str, Any] | None:
+            doc = self.task(task_id, sid)
+            return doc if doc["state"] in ("sent", "failed") else None
+
+        doc: dict[str, Any] = wait_for(final, timeout, interval=0.05,
+                                       message=f"task {task_id} to end")
+        return doc
+
+    def logs(self) -> bytes:
+        return b"".join(p.read_bytes() for p in sorted(self.log_dir.glob("*.log")))
