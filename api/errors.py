@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, Response, jsonify
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from werkzeug.exceptions import HTTPException
 
-from shared.errors import PostroomError, RateLimited, Unauthorized
+from shared.errors import PostroomError, RateLimited, ServiceUnavailable, Unauthorized
 
 log = logging.getLogger("postroom.api")
 
@@ -52,6 +54,16 @@ def register(app: Flask) -> None:
         )
         response.status_code = status
         return response
+
+    def _store_down(err: Exception) -> Response:
+        # Redis (state, broker or results) does not answer: nothing was accepted; retry
+        log.warning("Redis unavailable: %s", type(err).__name__)
+        return error_response(
+            ServiceUnavailable("the service's store is unavailable; nothing was done, retry")
+        )
+
+    app.register_error_handler(RedisConnectionError, _store_down)
+    app.register_error_handler(RedisTimeoutError, _store_down)
 
     @app.errorhandler(Exception)
     def _unexpected(err: Exception) -> Response:

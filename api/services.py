@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,12 +12,21 @@ from flask import current_app
 from api.auth import Principal, authenticate
 from shared.crypto import SecretBox
 from shared.documents import DocumentStore
+from shared.errors import InvalidRelay, ValidationError
+from shared.guard import PLAIN_TEXT_REFUSED, RelayGuard
 from shared.idempotency import IdempotencyStore
-from shared.queue import Enqueuer, make_producer
+from shared.queue import Enqueuer, make_enqueuer
 from shared.ratelimit import TokenBucket
+from shared.relays import DEFAULT_PORTS
 from shared.schemas import make_schemas
 from shared.settings import Settings
 from shared.solutions import SolutionStore
+from shared.suppressions import SuppressionStore
+
+PLAIN_TEXT_FIELD = (
+    'Plain text ("") is allowed only toward relays listed in POSTROOM_SMTP_ALLOW_HOSTS; '
+    'use "smtp" (STARTTLS) or "smtps" (implicit TLS).'
+)
 
 
 @dataclass
@@ -31,6 +41,8 @@ class Services:
     bucket: TokenBucket
     enqueuer: Enqueuer
     schemas: Any
+    suppressions: SuppressionStore
+    guard: RelayGuard
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -54,12 +66,42 @@ class Services:
             documents=DocumentStore(results, settings.result_ttl),
             idempotency=IdempotencyStore(state),
             bucket=TokenBucket(state, settings.hlimit_period_s),
-            enqueuer=Enqueuer(make_producer(settings), settings.queue),
+            enqueuer=make_enqueuer(settings, state),
             schemas=make_schemas(settings),
+            suppressions=SuppressionStore(state, settings.bounce_threshold),
+            guard=RelayGuard(settings.smtp_allow_hosts, settings.smtp_allow_ports),
         )
 
     def principal(self) -> Principal:
         return authenticate(self.settings.admin_token, self.solutions)
+
+    def check_relay(
+        self, host: str, port: int, scheme: str, scheme_field: list[str] | None
+    ) -> None:
+        """A caller-chosen relay at intake: 400 ``InvalidRelay`` when its address or port
+        is refused now (a name that does not resolve is left to the worker), and a 400
+        when it is plain text toward a relay that ``POSTROOM_SMTP_ALLOW_HOSTS`` does not
+        list: a ``ValidationError`` naming ``scheme_field`` (a path into the request, e.g.
+        ``["connection", "scheme"]``), or ``InvalidRelay`` when the relay is a stored one."""
+        exempt = self.guard.precheck(host, port)
+        if scheme == "" and not exempt:
+            if scheme_field is None:
+                raise InvalidRelay(PLAIN_TEXT_REFUSED)
+            messages: Any = [PLAIN_TEXT_FIELD]
+            for name in reversed(scheme_field):
+                messages = {name: messages}
+            raise ValidationError(f"invalid fields: {'.'.join(scheme_field)}", fields=messages)
+
+    def check_config_relay(self, config: Mapping[str, Any]) -> None:
+        """A solution configuration's own relay (as it will be stored): the intake checks,
+        a plain-text refusal naming ``connection_scheme``."""
+        host = config.get("connection_server")
+        if not host:
+            return
+        scheme = config.get("connection_scheme")
+        scheme = "smtp" if scheme is None else str(scheme)
+        port = config.get("connection_port") or DEFAULT_PORTS[scheme]
+        self.check_relay(str(host), int(port), scheme, ["connection_scheme"])
 
 
 def services() -> Services:

@@ -2,15 +2,23 @@
 
 Run on purpose:  .venv/bin/python bench/bench_ratelimit.py [--redis-url URL] [--seconds S]
 
-Each row runs for a fixed time, first ``INCR`` (the baseline) and then ``TokenBucket.take``,
-with one client, N threads sharing one client, and N processes with a client each. The
-bucket has a huge capacity, so every take is a full allowed take (the write path). Only the
-keys this run creates are deleted; nothing is flushed.
+Each row runs for a fixed time, first ``INCR`` (the baseline) and then each bucket call,
+with one client, N threads sharing one client, and N processes with a client each:
+
+- ``take``: one bucket, no ledger (the simplest write path: every take is allowed);
+- ``take2``: the worker's call, a solution bucket, a tighter request bucket and the
+  message's ledger (a new one per call), all allowed;
+- ``peek``: intake's early answer (reads and computes, writes nothing);
+- ``reserve``: a drained bucket, so every call holds a slot in line (the ``defer`` path).
+
+Ratios are against INCR measured in the same row. Only the keys this run creates are
+deleted; nothing is flushed.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import multiprocessing
 import os
 import threading
@@ -28,12 +36,31 @@ CAPACITY = 1_000_000_000
 PERIOD_S = 3600.0
 
 
+KINDS = ("take", "take2", "peek", "reserve")
+
+
 def _op(client: redis.Redis, sid: str, kind: str) -> Callable[[], object]:
     if kind == "incr":
         key = f"{keys.NS}:{{{sid}}}:bench:incr"
         return lambda: client.incr(key)
     bucket = TokenBucket(client, PERIOD_S)
-    return lambda: bucket.take(sid, CAPACITY)
+    tag = f"{os.getpid()}-{id(client)}"
+    counter = itertools.count()
+    if kind == "take":
+        return lambda: bucket.take(sid, CAPACITY)
+    if kind == "take2":
+        return lambda: bucket.take(
+            sid, CAPACITY, CAPACITY - 1, once_key=keys.ledger(sid, f"{tag}-{next(counter)}")
+        )
+    if kind == "peek":
+        return lambda: bucket.peek(sid, CAPACITY, CAPACITY - 1)
+    if kind == "reserve":
+        # capacity 1 in a separate bucket: after the first call, every call reserves
+        line = f"{sid}-line"
+        return lambda: bucket.reserve(
+            line, 1, once_key=keys.ledger(line, f"{tag}-{next(counter)}"), within_s=1e12
+        )
+    raise ValueError(kind)
 
 
 def _loop(op: Callable[[], object], seconds: float) -> int:
@@ -110,11 +137,10 @@ def main() -> None:
     args = parser.parse_args()
 
     sid = f"bench-{os.getpid()}"
-    created = [keys.bucket(sid), f"{keys.NS}:{{{sid}}}:bench:incr"]
     client = redis.Redis.from_url(args.redis_url)
     info = client.info("server")
-    print(f"redis {info['redis_version']} at {args.redis_url}; {args.seconds:g} s per row")
-    print(f"{'mode':<14}{'INCR/s':>10}{'take/s':>10}{'take/INCR':>11}")
+    print(f"redis {info['redis_version']} at {args.redis_url}; {args.seconds:g} s per cell")
+    print(f"{'mode':<14}{'INCR/s':>9}" + "".join(f"{k + '/s':>10}{'x':>6}" for k in KINDS))
     runs: list[tuple[str, Callable[[str], float]]] = [
         ("1 client", lambda kind: run_single(args.redis_url, sid, kind, args.seconds)),
         (
@@ -128,10 +154,14 @@ def main() -> None:
     ]
     try:
         for label, run in runs:
-            incr, take = run("incr"), run("take")
-            print(f"{label:<14}{incr:>10,.0f}{take:>10,.0f}{take / incr:>11.2f}")
+            incr = run("incr")
+            cells = "".join(f"{rate:>10,.0f}{rate / incr:>6.2f}" for rate in map(run, KINDS))
+            print(f"{label:<14}{incr:>9,.0f}{cells}", flush=True)
     finally:
-        client.delete(*created)
+        for pattern in (f"{keys.NS}:{{{sid}}}:*", f"{keys.NS}:{{{sid}-line}}:*"):
+            created = list(client.scan_iter(match=pattern, count=1000))
+            for i in range(0, len(created), 1000):
+                client.delete(*created[i : i + 1000])
         client.close()
 
 

@@ -90,6 +90,12 @@ class ServiceUnavailable(PostroomError):
     status = 503
 
 
+class InternalError(PostroomError):
+    """A fault of postroom itself (a task document records it rather than stay queued)."""
+
+    status = 500
+
+
 # -- send outcomes (the worker records them in the task document) -----------------
 
 

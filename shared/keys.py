@@ -45,12 +45,13 @@ def lease(sid: str, task_id: str) -> str:
 
 
 def bucket(sid: str) -> str:
-    """Hash ``{tokens, ts}``: the solution's hLimit token bucket."""
+    """Hash ``{tokens, ts, cap, since}``: the solution's hLimit token bucket."""
     return f"{NS}:{{{sid}}}:bucket"
 
 
 def request_bucket(sid: str, capacity: int) -> str:
-    """Hash ``{tokens, ts}``: the bucket a request's own, tighter ``hLimit`` names."""
+    """Hash ``{tokens, ts, cap, since}``: the bucket a request's own, tighter ``hLimit``
+    names."""
     return f"{NS}:{{{sid}}}:bucket:req:{capacity}"
 
 
@@ -72,6 +73,12 @@ def bounces(sid: str, email: str) -> str:
 def schedule() -> str:
     """Sorted set: task payloads due later (retries, deferred sends), scored by due time."""
     return f"{NS}:schedule"
+
+
+def accepted() -> str:
+    """Sorted set: every job accepted and not yet final (member: the job JSON), scored by
+    when to check that something still holds it."""
+    return f"{NS}:accepted"
 
 
 def schedule_claim(member_hash: str) -> str:

@@ -144,14 +144,14 @@ def _paths(bodies: dict[str, Schema]) -> dict[str, Any]:
                 "replaceConfig",
                 "solutions",
                 "Replace the configuration; omitted fields return to their defaults.",
-                {"200": _json("The solution.", _ref("Solution")), **_err(400, 401, 404)},
+                {"200": _json("The solution.", _ref("Solution")), **_err(400, 401, 403, 404)},
                 body=bodies["SolutionConfig"],
             ),
             "patch": _op(
                 "updateConfig",
                 "solutions",
                 "Change the given fields; null clears one.",
-                {"200": _json("The solution.", _ref("Solution")), **_err(400, 401, 404)},
+                {"200": _json("The solution.", _ref("Solution")), **_err(400, 401, 403, 404)},
                 body=bodies["SolutionConfigPatch"],
             ),
         },
@@ -214,11 +214,12 @@ def _paths(bodies: dict[str, Schema]) -> dict[str, Any]:
             "put": _op(
                 "putSuppression",
                 "suppressions",
-                "Suppress an address (sending to it answers 429 Blocked).",
+                "Suppress an address (sending to it answers 429 Blocked), replacing its entry; "
+                "a complaint entry only with the admin token.",
                 {
-                    "200": _json("Already suppressed.", _ref("Suppression")),
+                    "200": _json("Replaced an entry in force.", _ref("Suppression")),
                     "201": _json("Suppressed.", _ref("Suppression")),
-                    **_err(400, 401, 404),
+                    **_err(400, 401, 403, 404),
                 },
                 body=bodies["SuppressionPut"],
                 body_required=False,
@@ -226,8 +227,12 @@ def _paths(bodies: dict[str, Schema]) -> dict[str, Any]:
             "delete": _op(
                 "deleteSuppression",
                 "suppressions",
-                "Lift a suppression.",
-                {"204": {"description": "Lifted (or was not there)."}, **_err(400, 401, 404)},
+                "Lift a suppression (and restart its bounce count); a complaint entry only "
+                "with the admin token.",
+                {
+                    "204": {"description": "Lifted (or was not there)."},
+                    **_err(400, 401, 403, 404),
+                },
             ),
         },
         "/solutions/{sid}/events": {
@@ -235,7 +240,7 @@ def _paths(bodies: dict[str, Schema]) -> dict[str, Any]:
             "post": _op(
                 "ingestEvent",
                 "suppressions",
-                "Report a bounce or a complaint: the address is suppressed.",
+                "Report a hard bounce or a complaint: the address is suppressed at once.",
                 {"200": _json("Suppressed.", _ref("Suppression")), **_err(400, 401, 404)},
                 body=bodies["Event"],
             ),
@@ -409,6 +414,8 @@ def _response_schemas(config: Schema) -> dict[str, Schema]:
             email=_s("string"),
             reason=_s("string", enum=["manual", "bounce", "complaint"]),
             created_at=time,
+            expires_at=_s(["string", "null"], format="date-time", description="None: never."),
+            detail=_s(["string", "null"], description="The bounce's reply or the event's text."),
         ),
         "SuppressionList": _obj(suppressions={"type": "array", "items": _ref("Suppression")}),
     }

@@ -3,17 +3,29 @@
 The intake API never imports the worker: it publishes ``postroom.send_email`` by name
 through a Celery app that has a broker and no result backend (a result backend would
 subscribe the producer to every task's result channel).
+
+Every job published is also kept in the *accepted set* (``keys.accepted()``) until its task
+document is final. The broker can drop a job in one place no acknowledgement covers: kombu's
+Redis transport pops a job from the queue and records it as unacknowledged in two steps,
+and a Redis that dies between them has lost it. The accepted set is the record that
+outlives that: a job that stays accepted while nothing holds it (not final, not leased, not
+scheduled) for a whole redelivery window is published again by the workers' watcher.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+from dataclasses import dataclass
 from typing import Any
 
+import redis
 from celery import Celery
 from kombu.exceptions import KombuError, OperationalError
 from redis.exceptions import RedisError
 
+from shared import keys
 from shared.errors import ServiceUnavailable
 from shared.names import SEND_TASK
 from shared.settings import Settings
@@ -27,8 +39,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     if settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
         transport = {
             # a message is redelivered when not acknowledged within this window; it is
-            # far longer than the longest send (SMTP timeouts are much shorter)
+            # longer than the longest send (the worker checks it at start-up)
             "visibility_timeout": settings.visibility_timeout_s,
+            # how often each worker looks for messages whose window has passed (those of a
+            # worker that died outright): every few seconds, with no throttling, so they
+            # come back soon after the window rather than up to 100 s later
+            "unacked_restore_interval": restore_interval_s(settings.visibility_timeout_s),
+            "unacked_restore_throttle": 1,
             "socket_connect_timeout": 2.0,
             "socket_timeout": 5.0,
             "retry_on_timeout": True,
@@ -50,10 +67,103 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+def restore_interval_s(visibility_timeout_s: int) -> int:
+    """Seconds between sweeps for messages to redeliver: a tenth of the window, 1 to 10."""
+    return max(1, min(10, visibility_timeout_s // 10))
+
+
 def make_producer(settings: Settings) -> Celery:
     app = Celery("postroom-api", set_as_current=False)
     app.conf.update(celery_config(settings))
     return app
+
+
+# -- sorted sets of jobs ----------------------------------------------------------------
+
+# KEYS[1] a sorted set (member = job JSON, score = a time in seconds)
+# ARGV[1] now (seconds), ARGV[2] how many at most, ARGV[3] the claim's length in seconds
+# Returns {claim score, member...}: the members due at now, each re-scored to the claim
+# score (now + claim) so no other process takes it meanwhile.
+_CLAIM_DUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local until_ts = string.format('%.17g', tonumber(ARGV[1]) + tonumber(ARGV[3]))
+for _, member in ipairs(due) do
+  redis.call('ZADD', KEYS[1], until_ts, member)
+end
+table.insert(due, 1, until_ts)
+return due
+"""
+
+# KEYS[1] the sorted set; ARGV[1] the member; ARGV[2] the claim score it was given
+# Removes the member only if it still has that score (nobody added it again since).
+_DONE = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) == tonumber(ARGV[2]) then
+  return redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A due job taken by one process for a while; hand it back to :meth:`JobSet.done`."""
+
+    member: str
+    score: str
+    job: dict[str, Any]
+
+
+def encode_job(job: dict[str, Any]) -> str:
+    """The one spelling of a job as a member: the same job is always the same member."""
+    return json.dumps(job, sort_keys=True, separators=(",", ":"))
+
+
+class JobSet:
+    """Jobs in a Redis sorted set, each with a time; due ones are *claimed* (pushed
+    ``claim_s`` into the future) so that of several processes one takes each."""
+
+    def __init__(self, client: redis.Redis, key: str, claim_s: float) -> None:
+        self._r = client
+        self.key = key
+        self.claim_s = claim_s
+        self._claim = client.register_script(_CLAIM_DUE)
+        self._done = client.register_script(_DONE)
+
+    def add(self, job: dict[str, Any], due_ts: float) -> None:
+        """Add ``job`` due at ``due_ts`` (a job already there only gets the new time)."""
+        self._r.zadd(self.key, {encode_job(job): due_ts})
+
+    def claim_due(self, now: float, limit: int = 100) -> list[Claimed]:
+        """The jobs due at ``now`` (at most ``limit``), claimed for ``claim_s``."""
+        score, *members = self._claim(keys=[self.key], args=[now, limit, self.claim_s])
+        return [Claimed(m.decode(), score.decode(), json.loads(m)) for m in members]
+
+    def done(self, claimed: Claimed) -> bool:
+        """Remove a claimed job, unless it was added again since it was claimed."""
+        return bool(self._done(keys=[self.key], args=[claimed.member, claimed.score]))
+
+    def remove(self, job: dict[str, Any]) -> None:
+        self._r.zrem(self.key, encode_job(job))
+
+    def due_at(self, job: dict[str, Any]) -> float | None:
+        """When ``job`` is due, or None when it is not in the set."""
+        score = self._r.zscore(self.key, encode_job(job))
+        return None if score is None else float(score)
+
+    def size(self) -> int:
+        return int(self._r.zcard(self.key))
+
+
+def forget_accepted(client: redis.Redis, job: dict[str, Any]) -> None:
+    """``job`` is final: take it out of the accepted set."""
+    client.zrem(keys.accepted(), encode_job(job))
+
+
+def accepted_jobs(client: redis.Redis, settings: Settings) -> JobSet:
+    """The accepted set: jobs not yet final, each checked a redelivery window after it was
+    last published (by the watcher of :mod:`worker.schedule`)."""
+    return JobSet(client, keys.accepted(), float(settings.visibility_timeout_s))
 
 
 _PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
@@ -65,13 +175,37 @@ def redacted(job: dict[str, Any]) -> str:
 
 
 class Enqueuer:
-    """Publishes send jobs; a broker that does not take one raises ServiceUnavailable."""
+    """Publishes send jobs; a broker that does not take one raises ServiceUnavailable.
 
-    def __init__(self, app: Celery, queue: str) -> None:
+    With ``accepted``, each job is first recorded in the accepted set (due for a check a
+    redelivery window later), and taken out again when the broker refuses it."""
+
+    def __init__(self, app: Celery, queue: str, accepted: JobSet | None = None) -> None:
         self._app = app
         self._queue = queue
+        self._accepted = accepted
 
     def enqueue(self, job: dict[str, Any], countdown: float | None = None) -> None:
+        accepted = self._accepted
+        if accepted is not None:
+            try:
+                accepted.add(job, time.time() + accepted.claim_s)
+            except (RedisError, OSError) as exc:
+                log.warning("Redis unavailable: %s", type(exc).__name__)
+                raise ServiceUnavailable(
+                    "the queue is unavailable; nothing was accepted, please retry"
+                ) from None
+        try:
+            self._publish(job, countdown)
+        except ServiceUnavailable:
+            if accepted is not None:
+                try:
+                    accepted.remove(job)
+                except (RedisError, OSError):
+                    log.warning("could not withdraw a job the broker refused")
+            raise
+
+    def _publish(self, job: dict[str, Any], countdown: float | None) -> None:
         try:
             self._app.send_task(
                 SEND_TASK,
@@ -98,3 +232,9 @@ class Enqueuer:
             return True
         except (OperationalError, KombuError, RedisError, OSError):
             return False
+
+
+def make_enqueuer(settings: Settings, state: redis.Redis) -> Enqueuer:
+    """The API's enqueuer: a producer app, and the accepted set in ``state`` (the Redis of
+    ``POSTROOM_REDIS_URL``)."""
+    return Enqueuer(make_producer(settings), settings.queue, accepted_jobs(state, settings))

@@ -12,11 +12,16 @@ Semantics worth knowing:
   "never"; nothing is read or written, and a message that already took its token is
   refused too (hLimit 0 stops sending);
 - a request capacity at or above the solution's names no second bucket (it cannot tighten);
-- a smaller capacity clamps the stored tokens at once; a larger one keeps them and refills
-  at the new rate (from the bucket's last write, and never above the new capacity);
+- a capacity change keeps what was used: a larger capacity adds the difference at once, a
+  smaller one removes it at once (never below empty); the refill runs at the new rate;
 - a bucket key that has expired is a full bucket; keys expire about when they would be full;
 - ``once_key`` (the message's ledger hash) makes a take idempotent: its field ``token`` is
-  set in the same step as the take, and a later take that finds it takes nothing.
+  set in the same step as the take, and a later take that finds it takes nothing;
+- :meth:`TokenBucket.reserve` holds the next free token for a message that must wait (the
+  ``defer`` policy): the bucket goes into debt, so waiting messages form a line, each with
+  its own slot one refill interval after the one before, instead of all waking when the
+  next token frees and racing for it. A take at or after the slot redeems it. Lowering the
+  capacity voids the reservations held (they take again, under the new capacity).
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ class Decision:
     retry_after: float | None
     #: seconds until the tighter bucket is full again
     reset_after: float
+    #: a later slot is held for this message; ``retry_after`` is the wait until it comes
+    reserved: bool = False
 
 
 class TokenBucket:
@@ -78,11 +85,29 @@ class TokenBucket:
         With ``once_key`` (``keys.ledger(sid, task_id)``), a message that already took its
         token is allowed again without taking another.
         """
-        return self._run(sid, capacity, request_capacity, once_key, take=True)
+        return self._run(sid, capacity, request_capacity, once_key, "take")
 
     def peek(self, sid: str, capacity: int, request_capacity: int | None = None) -> Decision:
         """What a take would answer now, taking nothing."""
-        return self._run(sid, capacity, request_capacity, None, take=False)
+        return self._run(sid, capacity, request_capacity, None, "peek")
+
+    def reserve(
+        self,
+        sid: str,
+        capacity: int,
+        request_capacity: int | None = None,
+        *,
+        once_key: str,
+        within_s: float,
+    ) -> Decision:
+        """Take a token now if one is free; else hold the next one in line for this message.
+
+        A slot is held only when it comes within ``within_s`` seconds; then ``reserved`` is
+        true and ``retry_after`` is the wait. A message that holds one already gets the same
+        slot back (nothing more is taken). Refused and not reserved: the line is too long
+        (``retry_after`` says how long it is) or the capacity is 0 (``retry_after`` None).
+        """
+        return self._run(sid, capacity, request_capacity, once_key, "reserve", within_s)
 
     def _run(
         self,
@@ -90,8 +115,8 @@ class TokenBucket:
         capacity: int,
         request_capacity: int | None,
         once_key: str | None,
-        *,
-        take: bool,
+        mode: str,
+        within_s: float = 0.0,
     ) -> Decision:
         _check_capacity("capacity", capacity)
         script_keys = [keys.bucket(sid)]
@@ -109,10 +134,12 @@ class TokenBucket:
             repr(self._period_s),
             capacity,
             request_arg,
-            "1" if take else "0",
+            mode,
             "1" if once_key is not None else "0",
+            max(0, int(within_s * 1e6)),
         ]
-        allowed, remaining, limit, retry_us, reset_us = self._script(keys=script_keys, args=args)
+        answer = self._script(keys=script_keys, args=args)
+        allowed, remaining, limit, retry_us, reset_us, reserved = answer
         retry = int(retry_us)
         return Decision(
             allowed=bool(allowed),
@@ -120,6 +147,7 @@ class TokenBucket:
             limit=int(limit),
             retry_after=None if retry == _NEVER else retry / 1e6,
             reset_after=int(reset_us) / 1e6,
+            reserved=bool(reserved),
         )
 
 

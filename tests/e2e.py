@@ -65,3 +65,21 @@ class Stack:
 
     def logs(self) -> bytes:
         return b"".join(p.read_bytes() for p in sorted(self.log_dir.glob("*.log")))
+
+    def send_many(self, count: int, sid: str = "acme", prefix: str = "u") -> list[str]:
+        """Send ``count`` one-recipient messages; returns their task ids (all 202)."""
+        ids = []
+        for i in range(count):
+            r = self.send({"to": [f"{prefix}{i}@example.com"], "text": f"message {i}"}, sid)
+            assert r.status_code == 202, r.get_json()
+            ids.append(r.get_json()["task_id"])
+        return ids
+
+    def wait_all_final(self, task_ids: list[str], sid: str = "acme",
+                       timeout: float = 60) -> list[dict[str, Any]]:
+        """Every task's final document, waiting at most ``timeout`` seconds in all."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        return [self.wait_final(t, sid, timeout=max(0.1, deadline - time.monotonic()))
+                for t in task_ids]

@@ -13,6 +13,7 @@ import datetime
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -53,12 +54,17 @@ class Script:
     ``rcpt_replies`` maps an address (or a function of it) to a reply (``None``: 250);
     ``drop_data``: ``"partial"`` closes after the first line of the message,
     ``"before_reply"`` after the whole message, instead of answering.
+    ``rcpt_delay_s``: every RCPT TO is answered that much later (a slow server);
+    ``rcpt_gate``: while this event is clear, every RCPT TO waits for it to be set (the
+    server counts the sessions waiting in ``held``).
     """
 
     mail_replies: deque[str] = field(default_factory=deque)
     rcpt_replies: RcptReplies = field(default_factory=dict)
     data_replies: deque[str] = field(default_factory=deque)
     drop_data: DropMode | None = None
+    rcpt_delay_s: float = 0.0
+    rcpt_gate: threading.Event | None = None
 
     def rcpt_reply(self, address: str) -> str | None:
         if callable(self.rcpt_replies):
@@ -83,6 +89,17 @@ class _Handler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        script = self._server.script
+        if script.rcpt_delay_s:
+            await asyncio.sleep(script.rcpt_delay_s)
+        gate = script.rcpt_gate
+        if gate is not None and not gate.is_set():
+            self._server.held += 1
+            try:
+                while not gate.is_set():
+                    await asyncio.sleep(0.01)
+            finally:
+                self._server.held -= 1
         reply = self._server.script.rcpt_reply(address)
         if reply is not None:
             return reply
@@ -250,6 +267,7 @@ class ScriptedSmtpServer:
         self.logins: list[tuple[str, bool]] = []  # (user tried, accepted)
         self.connections = 0
         self.rsets = 0
+        self.held = 0  # sessions waiting at the script's rcpt_gate now
         self._auth = auth
         kwargs: dict[str, Any] = {"server_hostname": "localhost"}
         if tls == "starttls":

@@ -80,3 +80,80 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.0
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """SIGTERM, then SIGKILL of the whole group if it has not ended within ``timeout``."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    return proc.returncode
+
+
+class ApiProcess:
+    """``postroom api`` (gunicorn, sync workers) with the environment of ``settings``."""
+
+    def __init__(self, settings: Settings, workers: int = 4, log_path: Path | None = None) -> None:
+        from tests.smtp_server import free_port
+
+        self.settings = settings
+        self.workers = workers
+        self.port = free_port()
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/v1"
+
+    def start(self, timeout: float = 30.0) -> ApiProcess:
+        import urllib.request
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("POSTROOM_")}
+        env.update(env_of(self.settings))
+        env["PYTHONPATH"] = str(ROOT)
+        self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", "api", "--bind", f"127.0.0.1:{self.port}",
+             "--workers", str(self.workers)],
+            env=env, cwd=ROOT, stdout=self._log, stderr=self._log, start_new_session=True,
+        )
+
+        def healthy() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"postroom api exited with {self.proc.returncode}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/solution/health", timeout=1) as r:
+                    return bool(r.status == 200)
+            except OSError:
+                return False
+
+        wait_for(healthy, timeout, interval=0.1, message="the API to answer")
+        return self
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        if self.proc is None:
+            return None
+        code = _terminate(self.proc, timeout)
+        if self._log not in (None, subprocess.DEVNULL):
+            self._log.close()
+        return code
+
+
+def terminate_worker(worker: WorkerProcess) -> None:
+    """SIGTERM to a worker's main process (Celery's warm shutdown), without waiting."""
+    assert worker.proc is not None
+    worker.proc.send_signal(signal.SIGTERM)
+
+
+def kill_pool_child(worker: WorkerProcess) -> int:
+    """``kill -9`` of one pool child of ``worker``; returns its pid."""
+    [pid, *_] = worker.children()
+    os.kill(pid, signal.SIGKILL)
+    return pid

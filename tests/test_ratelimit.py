@@ -70,28 +70,41 @@ def test_partial_refill_gives_whole_tokens_only(any_redis: redis.Redis) -> None:
     assert 0.8 == pytest.approx(decisions[1].retry_after, abs=0.15)
 
 
-def test_smaller_capacity_clamps_at_once(any_redis: redis.Redis) -> None:
-    """A full bucket of 10 seen with capacity 3 holds 3: the 4th take is refused."""
+def test_smaller_capacity_takes_the_difference_away_at_once(any_redis: redis.Redis) -> None:
+    """1 of 10 used, then capacity 3: 2 are left (3 - 1), the 3rd take is refused."""
     bucket = TokenBucket(any_redis, HOUR)
     bucket.take(SID, 10)
 
-    decisions = [bucket.take(SID, 3) for _ in range(4)]
+    decisions = [bucket.take(SID, 3) for _ in range(3)]
 
-    assert [True, True, True, False] == _allowed(decisions)
-    assert [2, 1, 0, 0] == [d.remaining for d in decisions]
-    assert [3, 3, 3, 3] == [d.limit for d in decisions]
+    assert [True, True, False] == _allowed(decisions)
+    assert [1, 0, 0] == [d.remaining for d in decisions]
+    assert [3, 3, 3] == [d.limit for d in decisions]
 
 
-def test_larger_capacity_keeps_tokens_and_refills_at_new_rate(any_redis: redis.Redis) -> None:
-    """An empty bucket of 3 seen with capacity 6 stays empty and waits P/6, not P/3."""
+def test_smaller_capacity_never_goes_below_empty(any_redis: redis.Redis) -> None:
+    """8 of 10 used, then capacity 3: the bucket is empty (not 5 in debt), one token in P/3."""
+    bucket = TokenBucket(any_redis, HOUR)
+    for _ in range(8):
+        bucket.take(SID, 10)
+
+    decision = bucket.take(SID, 3)
+
+    assert (False, 0, 3) == (decision.allowed, decision.remaining, decision.limit)
+    assert HOUR / 3 == pytest.approx(decision.retry_after, abs=1.0)
+
+
+def test_larger_capacity_adds_the_difference_at_once(any_redis: redis.Redis) -> None:
+    """An empty bucket of 3 seen with capacity 6 holds 3 at once, then waits P/6."""
     bucket = TokenBucket(any_redis, HOUR)
     for _ in range(3):
         bucket.take(SID, 3)
 
-    decision = bucket.take(SID, 6)
+    decisions = [bucket.take(SID, 6) for _ in range(4)]
 
-    assert (False, 0, 6) == (decision.allowed, decision.remaining, decision.limit)
-    assert HOUR / 6 == pytest.approx(decision.retry_after, abs=1.0)
+    assert [True, True, True, False] == _allowed(decisions)
+    assert [2, 1, 0, 0] == [d.remaining for d in decisions]
+    assert HOUR / 6 == pytest.approx(decisions[3].retry_after, abs=1.0)
 
 
 def test_request_limit_tightens_and_solution_pays_only_allowed(any_redis: redis.Redis) -> None:
@@ -233,3 +246,148 @@ def test_invalid_arguments_are_refused(fake_redis: redis.Redis) -> None:
         bucket.take(SID, 5, once_key=keys.ledger("other", "task-1"))
     with pytest.raises(ValueError):
         TokenBucket(fake_redis, 0)
+
+
+# -- reservations: the line of deferred messages ----------------------------------------
+
+
+def _ledger(n: int) -> str:
+    return keys.ledger(SID, f"task-{n}")
+
+
+def test_reserve_gives_each_waiting_message_its_own_slot(any_redis: redis.Redis) -> None:
+    """Capacity 2 drained: reservations get slots P/2 and P apart; one beyond the horizon
+    (3P/2 > P) is refused, not reserved, and told how long the line is."""
+    bucket = TokenBucket(any_redis, HOUR)
+    bucket.take(SID, 2)
+    bucket.take(SID, 2)
+
+    held = [bucket.reserve(SID, 2, once_key=_ledger(n), within_s=HOUR) for n in range(3)]
+
+    assert [False, False, False] == _allowed(held)
+    assert [True, True, False] == [d.reserved for d in held]
+    assert [HOUR / 2, HOUR, 3 * HOUR / 2] == pytest.approx([d.retry_after for d in held], abs=1)
+    assert [0, 0, 0] == [d.remaining for d in held]
+    assert 0 == any_redis.exists(_ledger(2))
+
+
+def test_reserve_again_keeps_the_same_slot(any_redis: redis.Redis) -> None:
+    """A message that holds a slot and asks again (or takes early) gets the same slot and
+    takes nothing more: the next newcomer still queues one interval behind it."""
+    bucket = TokenBucket(any_redis, HOUR)
+    bucket.take(SID, 4)
+    for _ in range(3):
+        bucket.take(SID, 4)
+    first = bucket.reserve(SID, 4, once_key=_ledger(1), within_s=HOUR)
+
+    again = bucket.reserve(SID, 4, once_key=_ledger(1), within_s=HOUR)
+    early = bucket.take(SID, 4, once_key=_ledger(1))
+    newcomer = bucket.reserve(SID, 4, once_key=_ledger(2), within_s=HOUR)
+
+    assert [True, True, True] == [d.reserved for d in (again, early, newcomer)]
+    assert first.retry_after == pytest.approx(again.retry_after, abs=1)
+    assert first.retry_after == pytest.approx(early.retry_after, abs=1)
+    assert 2 * HOUR / 4 == pytest.approx(newcomer.retry_after, abs=1)
+
+
+def test_reserve_takes_at_once_when_a_token_is_free(any_redis: redis.Redis) -> None:
+    """reserve on a bucket with a token left is a plain take: allowed, nothing held."""
+    bucket = TokenBucket(any_redis, HOUR)
+
+    decision = bucket.reserve(SID, 3, once_key=_ledger(1), within_s=HOUR)
+
+    assert (True, False, 2) == (decision.allowed, decision.reserved, decision.remaining)
+    assert {b"token": b"1"} == any_redis.hgetall(_ledger(1))
+
+
+def test_a_reservation_is_redeemed_when_its_slot_comes(any_redis: redis.Redis) -> None:
+    """Before its slot a take is refused with the time left; at it the take is allowed,
+    the ledger says paid, and later takes (retries) take nothing."""
+    bucket = TokenBucket(any_redis, 0.6)  # capacity 2 per 0.6 s: one token per 0.3 s
+    bucket.take(SID, 2)
+    bucket.take(SID, 2)
+    held = bucket.reserve(SID, 2, once_key=_ledger(1), within_s=HOUR)
+
+    early = bucket.take(SID, 2, once_key=_ledger(1))
+    time.sleep(held.retry_after or 0)
+    due = bucket.take(SID, 2, once_key=_ledger(1))
+    retry = bucket.take(SID, 2, once_key=_ledger(1))
+
+    assert (False, True) == (early.allowed, early.reserved)
+    assert [True, True] == _allowed([due, retry])
+    assert {b"token": b"1"} == any_redis.hgetall(_ledger(1))
+
+
+def test_a_lower_capacity_voids_reservations(any_redis: redis.Redis) -> None:
+    """Capacity 4 drained with one slot held, then capacity 2: the slot is void (the debt
+    dropped); the message takes again and, the bucket being empty, waits P/2."""
+    bucket = TokenBucket(any_redis, HOUR)
+    for _ in range(4):
+        bucket.take(SID, 4)
+    bucket.reserve(SID, 4, once_key=_ledger(1), within_s=HOUR)
+
+    decision = bucket.take(SID, 2, once_key=_ledger(1))
+
+    assert (False, False) == (decision.allowed, decision.reserved)
+    assert HOUR / 2 == pytest.approx(decision.retry_after, abs=1)
+    assert {} == any_redis.hgetall(_ledger(1))
+
+
+def test_a_higher_capacity_keeps_reservations_and_frees_the_rest(any_redis: redis.Redis) -> None:
+    """Capacity 4 drained with one slot held, then 8: the slot stands (same wait) and the 4
+    new tokens less the one owed are free at once."""
+    bucket = TokenBucket(any_redis, HOUR)
+    for _ in range(4):
+        bucket.take(SID, 4)
+    held = bucket.reserve(SID, 4, once_key=_ledger(1), within_s=HOUR)
+
+    still = bucket.take(SID, 8, once_key=_ledger(1))
+    fresh = [bucket.take(SID, 8) for _ in range(4)]
+
+    assert (False, True) == (still.allowed, still.reserved)
+    assert held.retry_after == pytest.approx(still.retry_after, abs=1)
+    assert [True, True, True, False] == _allowed(fresh)
+
+
+def test_peek_in_debt_shows_zero_remaining_and_the_whole_line(any_redis: redis.Redis) -> None:
+    """With 2 slots held on a drained bucket of 2, a peek says 0 left (never negative) and
+    that a newcomer would wait behind both: 3 intervals."""
+    bucket = TokenBucket(any_redis, HOUR)
+    bucket.take(SID, 2)
+    bucket.take(SID, 2)
+    for n in range(2):
+        bucket.reserve(SID, 2, once_key=_ledger(n), within_s=2 * HOUR)
+
+    decision = bucket.peek(SID, 2)
+
+    assert (False, 0) == (decision.allowed, decision.remaining)
+    assert 3 * HOUR / 2 == pytest.approx(decision.retry_after, abs=1)
+
+
+def test_concurrent_reservations_queue_one_interval_apart(real_redis: redis.Redis) -> None:
+    """8 threads reserve for 40 messages on a drained bucket of 10: every slot is distinct,
+    and sorted they sit exactly P/10 apart (no two messages are promised the same token)."""
+    bucket = TokenBucket(real_redis, HOUR)
+    for _ in range(10):
+        bucket.take(SID, 10)
+    held: list[tuple[bool, float]] = []
+    lock = threading.Lock()
+    start = threading.Barrier(8)
+
+    def worker(first: int) -> None:
+        start.wait()
+        for n in range(first, first + 5):
+            d = bucket.reserve(SID, 10, once_key=_ledger(n), within_s=10 * HOUR)
+            with lock:
+                held.append((d.reserved, time.time() + (d.retry_after or 0.0)))
+
+    threads = [threading.Thread(target=worker, args=(5 * i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    dues = sorted(due for _, due in held)
+    gaps = [b - a for a, b in zip(dues, dues[1:], strict=False)]
+    assert [True] * 40 == [reserved for reserved, _ in held]
+    assert [HOUR / 10] * 39 == pytest.approx(gaps, abs=1.0)

@@ -1,4 +1,9 @@
-"""``make_celery(settings)``: the worker's Celery app, built from settings alone."""
+"""``make_celery(settings)``: the worker's Celery app, built from settings alone.
+
+The delivery settings (see ``docs/delivery.md``): late acknowledgement, a lost pool child's
+message requeued at once, one message reserved per pool process, and a broker redelivery
+window longer than the longest send (checked here, at start-up).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,12 @@ from typing import Any
 
 from celery import Celery, bootsteps
 
-from shared.queue import Enqueuer, celery_config
+from shared.queue import Enqueuer, accepted_jobs, celery_config
 from shared.settings import Settings
 from worker import tasks
 from worker.context import WorkerContext
-from worker.schedule import Mover, Schedule
+from worker.lease import check_timeouts
+from worker.schedule import Mover, Watcher
 
 
 class _Contexts:
@@ -31,6 +37,8 @@ class _Contexts:
 
 
 def make_celery(settings: Settings) -> Celery:
+    """The worker's app; raises ConfigError when the timeouts cannot keep a send single."""
+    check_timeouts(settings)
     app = Celery("postroom-worker", set_as_current=False)
     app.conf.update(celery_config(settings))
     app.conf.update(
@@ -51,7 +59,8 @@ def make_celery(settings: Settings) -> Celery:
     app.conf.postroom_contexts = contexts
 
     class SchedulerStep(bootsteps.StartStopStep):
-        """Moves due retries and deferred sends back onto the queue (main process)."""
+        """Moves due retries and deferred sends back onto the queue, and publishes again
+        accepted jobs the broker lost (main process)."""
 
         requires = ("celery.worker.components:Pool",)
 
@@ -61,8 +70,11 @@ def make_celery(settings: Settings) -> Celery:
 
         def start(self, parent: Any) -> None:
             ctx = WorkerContext.build(settings)
-            enqueuer = Enqueuer(app, settings.queue)
-            self.mover = Mover(Schedule(ctx.state), enqueuer.enqueue)
+            accepted = accepted_jobs(ctx.state, settings)
+            enqueuer = Enqueuer(app, settings.queue, accepted)
+            watcher = Watcher(accepted, ctx.schedule, ctx.documents, ctx.leases,
+                              enqueuer.enqueue, settings.result_ttl)
+            self.mover = Mover(ctx.schedule, enqueuer.enqueue, watcher=watcher)
             self.mover.start()
 
         def stop(self, parent: Any) -> None:

@@ -16,6 +16,7 @@ from shared.ratelimit import TokenBucket
 from shared.relays import Relay, parse_relay_url
 from shared.settings import Settings
 from shared.solutions import SolutionStore
+from shared.suppressions import SuppressionStore
 from worker.lease import Leases
 from worker.ledger import Ledger
 from worker.retrying import RetryPolicy
@@ -74,6 +75,10 @@ class WorkerContext:
     @cached_property
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy.from_settings(self.settings)
+
+    @cached_property
+    def suppressions(self) -> SuppressionStore:
+        return SuppressionStore(self.state, self.settings.bounce_threshold)
 
     @cached_property
     def guard(self) -> RelayGuard:

@@ -1,7 +1,12 @@
 """A message's lease: at most one worker talks SMTP for a message at a time.
 
-The lease names its holder (``host:pid``). It expires on its own; a holder on this host
-whose process is gone (a killed pool child) is taken over at once.
+The lease names its holder (``host:pid``). It lasts as long as the longest attempt can
+(:func:`attempt_bound_s`) and then expires on its own; a holder on this host whose process
+is gone (a killed pool child) is taken over at once.
+
+The same bound ties the broker's redelivery window to the SMTP timeouts
+(:func:`check_timeouts`): a message the broker hands out again while its first send may
+still be talking SMTP would be sent twice, were it not for this lease.
 """
 
 from __future__ import annotations
@@ -12,7 +17,34 @@ import socket
 import redis
 
 from shared import keys
+from shared.errors import ConfigError
+from shared.settings import Settings
 from shared.text import as_str
+
+# The SMTP exchanges of one attempt that each wait at most POSTROOM_SMTP_TIMEOUT_S, besides
+# one RCPT TO per recipient: connect and greeting, EHLO, STARTTLS, EHLO again, AUTH (up to
+# three for LOGIN), MAIL FROM, DATA, the message and its final dot, QUIT.
+FIXED_EXCHANGES = 11
+# Redis work around the conversation (ledger, document, lease), in seconds.
+BOOKKEEPING_S = 2.0
+
+
+def attempt_bound_s(smtp_timeout_s: float, recipients: int) -> float:
+    """The longest one delivery attempt to ``recipients`` addresses can take."""
+    return smtp_timeout_s * (FIXED_EXCHANGES + recipients) + BOOKKEEPING_S
+
+
+def check_timeouts(settings: Settings) -> None:
+    """The broker's redelivery window must outlast the longest send; raises ConfigError."""
+    longest = attempt_bound_s(settings.smtp_timeout_s, settings.max_recipients)
+    if settings.visibility_timeout_s <= longest:
+        raise ConfigError(
+            f"POSTROOM_VISIBILITY_TIMEOUT_S ({settings.visibility_timeout_s} s) must be longer "
+            f"than the longest send ({longest:g} s = POSTROOM_SMTP_TIMEOUT_S "
+            f"{settings.smtp_timeout_s:g} s x ({FIXED_EXCHANGES} exchanges + "
+            f"POSTROOM_MAX_RECIPIENTS {settings.max_recipients}) + {BOOKKEEPING_S:g} s): "
+            "raise it, or lower the SMTP timeout or the recipient limit"
+        )
 
 # KEYS[1] the lease; ARGV[1] the holder expected; ARGV[2] the new holder; ARGV[3] ttl ms
 _TAKE_OVER = """
@@ -68,6 +100,10 @@ class Leases:
         if holder == me or _dead_here(holder):
             return bool(self._take_over(keys=[key], args=[holder, me, ttl_ms]))
         return False
+
+    def held(self, sid: str, task_id: str) -> bool:
+        """Whether some worker holds the message's lease now."""
+        return bool(self._r.exists(keys.lease(sid, task_id)))
 
     def remaining_s(self, sid: str, task_id: str) -> float:
         ms = self._r.pttl(keys.lease(sid, task_id))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+from shared.errors import ConfigError
 from shared.logs import configure_logging
 from shared.settings import Settings
 from worker.app import make_celery
@@ -21,4 +22,8 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except ConfigError as exc:
+        print(f"postroom worker: {exc}", file=sys.stderr)
+        sys.exit(2)

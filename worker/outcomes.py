@@ -75,6 +75,9 @@ TABLE: dict[int | type[BaseException] | Condition | None, Rule] = {
     smtplib.SMTPServerDisconnected: Rule(_AGAIN, "the relay closed the connection"),
     smtplib.SMTPException: Rule(_AGAIN, "the SMTP conversation failed"),
     ssl.SSLCertVerificationError: Rule(TlsError, "the relay's TLS certificate is not valid"),
+    # a TLS connection cut short (e.g. the relay hangs up mid-DATA) is a lost connection
+    ssl.SSLEOFError: Rule(_AGAIN, "the connection to the relay was lost"),
+    ssl.SSLZeroReturnError: Rule(_AGAIN, "the connection to the relay was lost"),
     ssl.SSLError: Rule(TlsError, "TLS negotiation with the relay failed"),
     socket.gaierror: Rule(_AGAIN, "could not resolve the relay's host name"),
     TimeoutError: Rule(_AGAIN, "the relay did not answer in time"),

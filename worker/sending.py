@@ -13,6 +13,7 @@ from typing import Any
 
 from shared.documents import FINAL, new_document
 from shared.errors import (
+    InternalError,
     NotFound,
     PermanentSendError,
     PostroomError,
@@ -23,11 +24,14 @@ from shared.errors import (
 )
 from shared.keys import ledger as ledger_key
 from shared.keys import stats as stats_key
+from shared.queue import forget_accepted
 from shared.relays import Relay
 from shared.solutions import iso
 from worker.context import WorkerContext
+from worker.lease import attempt_bound_s
 from worker.ledger import LedgerState
 from worker.message import build_message
+from worker.outcomes import retry_hint
 from worker.smtp import DeliveryResult, deliver
 
 log = logging.getLogger("postroom.worker")
@@ -68,6 +72,7 @@ class Attempt:
             doc = new_document(self.task_id, self.sid, self.job["created_at"])
         if doc["state"] in FINAL:
             log.info("already final; nothing to do", extra=self.log_extra)
+            forget_accepted(ctx.state, self.job)
             return
         lease_s = self._lease_seconds()
         if not ctx.leases.acquire(self.sid, self.task_id, lease_s):
@@ -82,12 +87,25 @@ class Attempt:
             ctx.leases.release(self.sid, self.task_id)
 
     def _lease_seconds(self) -> float:
-        per_command = self.ctx.settings.smtp_timeout_s
-        return per_command * (6 + len(self.recipients)) + 5.0
+        return attempt_bound_s(self.ctx.settings.smtp_timeout_s, len(self.recipients))
+
+    def crashed(self, exc: BaseException) -> None:
+        """An unexpected error ended the attempt: the document ends ``failed`` with an
+        ``InternalError`` (never left ``queued`` for good), unless it is final already."""
+        doc = self.ctx.documents.get(self.sid, self.task_id)
+        if doc is None:
+            doc = new_document(self.task_id, self.sid, self.job["created_at"])
+        if doc["state"] in FINAL:
+            return
+        state = self.ctx.ledger.load(self.sid, self.task_id)
+        err = InternalError(f"the worker met an unexpected error ({type(exc).__name__})")
+        self._fail(doc, state, err)
 
     def _attempt(self, doc: dict[str, Any]) -> None:
         ctx = self.ctx
         state = ctx.ledger.load(self.sid, self.task_id)
+        # the ledger keeps the count when the document was lost with the result backend
+        doc["attempts"] = max(int(doc.get("attempts", 0)), state.attempts)
         pending = state.pending(self.recipients)
         if not pending:  # a redelivered job whose message was already sent
             self._finish(doc, state)
@@ -111,7 +129,9 @@ class Attempt:
         try:
             relay = self._relay()
             connect_host = (
-                ctx.guard.check(relay.host, relay.port) if relay.caller_chosen else None
+                ctx.guard.check(relay.host, relay.port, relay.scheme)
+                if relay.caller_chosen
+                else None
             )
         except PostroomError as err:
             self._fail(doc, state, err)
@@ -127,7 +147,7 @@ class Attempt:
             html=msg.get("html"),
             message_id=self.job["message_id"],
         )
-        doc["attempts"] = int(doc.get("attempts", 0)) + 1
+        doc["attempts"] += 1
         ctx.ledger.mark_sending(self.sid, self.task_id, doc["attempts"])
         log.info(
             "sending",
@@ -162,6 +182,7 @@ class Attempt:
 
     def _record(self, outcomes: dict[str, dict[str, Any]], response: str | None = None) -> None:
         self.ctx.ledger.record(self.sid, self.task_id, outcomes, response)
+        self.ctx.suppressions.record_bounces(self.sid, outcomes, self.task_id)
 
     def _delivered(self, doc: dict[str, Any], result: DeliveryResult) -> None:
         outcomes = {r: {"status": "accepted", "code": 250, "reply": None} for r in result.accepted}
@@ -173,6 +194,7 @@ class Attempt:
             _, code, reply = result.deferred[0]
             deferred = TransientSendError(
                 "some recipients were deferred by the relay",
+                retry_after=retry_hint(reply),
                 smtp_code=code,
                 smtp_response=reply,
             )
@@ -279,23 +301,47 @@ class Attempt:
         limit: int,
         policy: str,
     ) -> None:
-        err = RateLimited(
-            "the hourly sending limit (hLimit) is used up",
-            retry_after=retry_after,
-            hLimit=limit,
+        """No token now. Under ``reject``, or for hLimit 0 whatever the policy: failed,
+        ``RateLimited``. Under ``defer``: hold the next token in line for this message (a
+        reservation in the bucket) and park the job until that slot; failed at once when
+        the slot would come later than ``MAX_DEFER_S`` after the request.
+
+        Each waiting message has its own slot, one refill interval after the one before,
+        so the line drains in order with one wake-up per token, rather than every waiting
+        message waking when the next token frees and all but one going back to sleep.
+        """
+        ctx = self.ctx
+        message = "the hourly sending limit (hLimit) is used up"
+        if retry_after is None or policy != "defer":
+            self._fail(doc, state, RateLimited(message, retry_after=retry_after, hLimit=limit))
+            return
+        try:
+            solution = ctx.solutions.get(self.sid)
+        except NotFound:
+            self._fail(doc, state, PermanentSendError("the solution no longer exists"))
+            return
+        left = MAX_DEFER_S - (time.time() - float(self.job["created_at"]))
+        key = ledger_key(self.sid, self.task_id)
+        held = ctx.bucket.reserve(
+            self.sid, solution.hlimit, self.job.get("hlimit"), once_key=key, within_s=left
         )
-        waited = time.time() - float(self.job["created_at"])
-        if retry_after is None or policy != "defer" or waited + retry_after > MAX_DEFER_S:
+        if held.retry_after is None or not (held.allowed or held.reserved):
+            if held.retry_after is not None:
+                message += f"; no token frees within {MAX_DEFER_S:.0f} s of the request"
+            err = RateLimited(message, retry_after=held.retry_after, hLimit=held.limit)
             self._fail(doc, state, err)
             return
-        due = time.time() + retry_after
+        ctx.state.expire(key, ctx.settings.result_ttl)  # the reservation is in the ledger
+        due = time.time() + held.retry_after
         doc.update(state="deferred", next_attempt_at=iso(due), error=None)
-        self._write(doc, "deferred", retry_after=round(retry_after, 3))
-        self.ctx.schedule.add(self.job, due)
+        self._write(doc, "deferred", retry_after=round(held.retry_after, 3))
+        ctx.schedule.add(self.job, due)
 
     def _write(self, doc: dict[str, Any], transition: str, **fields: Any) -> None:
         pipe = self.ctx.results.pipeline(transaction=False)
         self.ctx.documents.put(doc, pipe=pipe)
         pipe.execute()
+        if doc["state"] in FINAL:
+            forget_accepted(self.ctx.state, self.job)
         self.ctx.state.hincrby(stats_key(), transition, 1)
         log.info(transition, extra={**self.log_extra, **fields})

@@ -1,7 +1,16 @@
-"""``POST /solutions/{sid}/email``: validate, check, enqueue, answer 202 at once."""
+"""``POST /solutions/{sid}/email``: validate, check, enqueue, answer 202 at once.
+
+The checks, in order: token, solution, ``?wait``, the body (415/400), an
+``Idempotency-Key`` replay (answered before anything else can refuse it), the schema
+(400), ``from`` (400), the caller's relay (400 ``InvalidRelay``), the suppression list
+(429 ``Blocked``), the hLimit bucket (429 ``RateLimited``). Nothing is enqueued unless
+every check passes.
+"""
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request, url_for
@@ -11,14 +20,19 @@ from api.body import json_object
 from api.intake import body_fingerprint, build_job
 from api.services import Services, services
 from shared.documents import new_document
-from shared.errors import IdempotencyMismatch, RateLimited, ValidationError
+from shared.errors import Blocked, IdempotencyMismatch, RateLimited, ValidationError
 from shared.idempotency import Claim
 from shared.ratelimit import Decision
+from shared.relays import DEFAULT_PORTS
 from shared.schemas import check_sender, load_or_raise
+from shared.schemas.text import CONTROL
+from shared.solutions import Solution
 
 bp = Blueprint("email", __name__)
 
 MAX_WAIT_S = 30
+MAX_IDEMPOTENCY_KEY = 255
+_KEY_CONTROL = re.compile(f"[{CONTROL}]")
 
 
 def _wait_seconds() -> int | None:
@@ -33,6 +47,37 @@ def _wait_seconds() -> int | None:
     return int(raw)
 
 
+def _idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY or _KEY_CONTROL.search(key):
+        raise ValidationError(
+            "invalid Idempotency-Key header",
+            fields={"Idempotency-Key": ["Must be 1 to 255 characters, no control characters."]},
+        )
+    return key
+
+
+def _check_relay(svc: Services, data: dict[str, Any], solution: Solution) -> None:
+    """The caller's own relay (the request's, else the solution's) may not point inside."""
+    conn = data.get("connection")
+    if conn:
+        svc.check_relay(conn["server"], conn["port"], conn["scheme"], ["connection", "scheme"])
+    elif solution.has_own_relay:
+        cfg = solution.config
+        scheme = cfg.get("connection_scheme") or ""
+        port = cfg.get("connection_port") or DEFAULT_PORTS[scheme]
+        svc.check_relay(str(cfg["connection_server"]), int(port), scheme, None)
+
+
+def _check_suppressions(svc: Services, sid: str, data: dict[str, Any]) -> None:
+    blocked = svc.suppressions.blocked(sid, [*data["to"], *data["cc"], *data["bcc"]])
+    if blocked:
+        which = "a recipient is" if len(blocked) == 1 else f"{len(blocked)} recipients are"
+        raise Blocked(f"{which} on the suppression list; nothing was sent", blocked=blocked)
+
+
 def _accepted(sid: str, task_id: str, decision: Decision | None) -> Response:
     location = url_for("tasks.show", sid=sid, task_id=task_id)
     response = jsonify({"task_id": task_id, "state": "queued", "links": {"self": location}})
@@ -44,9 +89,14 @@ def _accepted(sid: str, task_id: str, decision: Decision | None) -> Response:
 
 
 def _rate_headers(response: Response, decision: Decision) -> None:
+    """``RateLimit-*`` (IETF httpapi ratelimit headers) of the tighter bucket, counting the
+    token this message will take: whole tokens left, seconds until full, ``C;w=P``."""
+    period_s = services().settings.hlimit_period_s
+    token_s = period_s / decision.limit if decision.limit else 0.0
     response.headers["RateLimit-Limit"] = str(decision.limit)
-    response.headers["RateLimit-Remaining"] = str(decision.remaining)
-    response.headers["RateLimit-Reset"] = str(int(decision.reset_after + 0.999))
+    response.headers["RateLimit-Remaining"] = str(max(0, decision.remaining - 1))
+    response.headers["RateLimit-Reset"] = str(math.ceil(decision.reset_after + token_s))
+    response.headers["RateLimit-Policy"] = f"{decision.limit};w={period_s}"
 
 
 def _replay(svc: Services, sid: str, claim: Claim, fingerprint: str) -> Response:
@@ -64,7 +114,7 @@ def send(sid: str) -> Response | tuple[Response, int]:
     solution = svc.solutions.get(sid)
     wait = _wait_seconds()
     body = json_object()
-    idem_key = request.headers.get("Idempotency-Key")
+    idem_key = _idempotency_key()
     fingerprint = body_fingerprint(body) if idem_key else ""
     if idem_key:
         earlier = svc.idempotency.get(sid, idem_key)
@@ -73,8 +123,11 @@ def send(sid: str) -> Response | tuple[Response, int]:
 
     data: dict[str, Any] = load_or_raise(svc.schemas.send, body)
     check_sender(data, solution.config)
+    _check_relay(svc, data, solution)
+    _check_suppressions(svc, sid, data)
 
-    # an early answer when the bucket is empty now (a peek: the worker takes the token)
+    # an early answer when the bucket is empty now (a peek: the worker takes the token);
+    # under "defer" an empty bucket is no refusal (the message waits in line), hLimit 0 is
     decision = svc.bucket.peek(sid, solution.hlimit, data.get("hLimit"))
     if not decision.allowed and (decision.retry_after is None or solution.policy == "reject"):
         raise RateLimited(
@@ -96,8 +149,10 @@ def send(sid: str) -> Response | tuple[Response, int]:
     except Exception:
         svc.documents.delete(sid, task_id)
         if idem_key:
-            svc.idempotency.release(sid, idem_key)
+            svc.idempotency.release(sid, idem_key, task_id)
         raise
+    if idem_key:
+        svc.idempotency.confirm(sid, idem_key, Claim(fingerprint, task_id))
 
     if wait is not None:
         doc = svc.documents.wait_final(sid, task_id, wait)

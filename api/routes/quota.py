@@ -1,4 +1,10 @@
-"""``GET /solutions/{sid}/quota``: what is left of the hourly limit now."""
+"""``GET /solutions/{sid}/quota``: what is left of the hourly limit now.
+
+``{hLimit, hLimit_policy, remaining, retry_after, reset_after}``: whole tokens left in the
+solution's bucket; seconds until a new message could take one (0 when one is free now;
+behind the messages already waiting in line under ``defer``; ``null`` for hLimit 0, never);
+seconds until the bucket is full again. A peek: it takes nothing.
+"""
 
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ def create() -> tuple[Response, int]:
     require_admin(svc.principal())
     data = load_or_raise(svc.schemas.create, json_object())
     sid = data.pop("solution_id")
+    svc.check_config_relay(data)
     token = svc.solutions.create(sid, data)
     solution = svc.solutions.get(sid)
     return jsonify({**solution.public(), "token": token}), 201
@@ -58,6 +59,7 @@ def replace_config(sid: str) -> Response:
             if name not in body:
                 data[name] = current.config.get(name)
     _guard_admin_fields(current, data, principal.admin)
+    svc.check_config_relay(data)
     return jsonify(svc.solutions.replace_config(sid, data).public())
 
 
@@ -69,4 +71,6 @@ def patch_config(sid: str) -> Response:
     current = svc.solutions.get(sid)
     data = load_or_raise(svc.schemas.config_patch, json_object())
     _guard_admin_fields(current, data, principal.admin)
+    if any(name.startswith("connection_") for name in data):
+        svc.check_config_relay({**current.config, **data})
     return jsonify(svc.solutions.patch_config(sid, data).public())

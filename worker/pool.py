@@ -1,0 +1,402 @@
+"""Kept SMTP connections, one pool per worker process, keyed by relay identity.
+
+:meth:`SmtpPool.deliver` has the contract and the exceptions of :func:`worker.smtp.deliver`
+but reuses an open, logged-in :class:`~worker.smtp.SmtpConnection` when one is idle for the
+same relay. Two relays share connections only when everything that shapes the session is
+equal: host, port, scheme, user, the address connected to, TLS settings, EHLO name, timeout,
+and the password — compared as a keyed hash made with a per-process random key, so that the
+clear password is never part of a key, a repr or a log line.
+
+Before a connection is reused it is checked without a round trip: a socket that has become
+readable while idle means the relay closed it or announced it is closing (``421``), and the
+connection is then asked with ``NOOP``. A connection idle for longer than ``check_after_s``
+is asked with ``NOOP`` in any case; one older than ``max_idle_s`` is closed, as is one that
+has carried ``max_messages`` transactions.
+
+A reused connection can still turn out to be dead on the first command (the relay hung up
+a moment ago). Then the message gets exactly one more try on a new connection — but only
+when the message's content was never written: from the moment ``DATA`` was accepted the
+relay may have the whole message, and a second try could deliver it twice, so that error is
+raised as it is, for the caller's retry policy (and its ledger) to handle.
+
+A successful transaction leaves the session ready for the next one, and a refused one is
+reset by :class:`SmtpConnection` itself (``RSET``); the pool adds no ``RSET`` of its own.
+The pool is thread-safe (a lock guards the idle lists; SMTP I/O happens outside it), and a
+pool inherited through ``fork`` forgets the parent's connections without touching them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import select
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.errors import SendError, TransientSendError
+from shared.relays import Relay
+from worker.smtp import DeliveryResult, SmtpConnection
+
+# Reuse without NOOP when the connection carried a message this recently (seconds). A relay
+# that hangs up in between is caught by the readable-socket check or by the one retry.
+CHECK_AFTER_S = 5.0
+
+
+@dataclass(frozen=True)
+class PoolKey:
+    """What makes two sends share a connection. ``secret`` is a keyed hash of the password
+    (never the password itself) and is kept out of ``repr``."""
+
+    host: str
+    port: int
+    scheme: str
+    user: str | None
+    connect_host: str
+    local_hostname: str
+    timeout: float
+    tls: ssl.SSLContext | None
+    secret: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """Counters since the pool was made (this process only)."""
+
+    opened: int = 0
+    reused: int = 0
+    checked: int = 0  # NOOPs sent before a reuse
+    stale: int = 0  # idle connections found dead or expired and closed
+    reconnects: int = 0  # transparent second tries on a new connection
+    retired: int = 0  # connections closed after max_messages
+
+
+class _Pooled(SmtpConnection):
+    """A pooled :class:`SmtpConnection`: when it was last used, how many messages it
+    carried, and whether the last transaction got as far as writing the message."""
+
+    def __init__(self, key: PoolKey, clock: Callable[[], float]) -> None:
+        super().__init__()
+        self.key = key
+        self.messages = 0
+        self._clock = clock
+        self.last_used = clock()
+        self.data_started = False
+
+    def open_for(self, relay: Relay, ssl_context: ssl.SSLContext) -> None:
+        key = self.key
+        self.open(
+            relay,
+            connect_host=key.connect_host,
+            timeout=key.timeout,
+            ssl_context=ssl_context,
+            local_hostname=key.local_hostname,
+        )
+        client = self._client
+        assert client is not None
+        smtp_data = client.data
+
+        def data(msg: Any) -> tuple[int, bytes]:
+            # from here on the relay may receive the whole message: no transparent retry
+            self.data_started = True
+            return smtp_data(msg)
+
+        client.data = data  # type: ignore[method-assign]
+        self.last_used = self._clock()
+
+    def send(self, sender: str, recipients: list[str], data: bytes) -> DeliveryResult:
+        self.data_started = False
+        try:
+            return self.transaction(sender, recipients, data)
+        finally:
+            self.messages += 1
+            self.last_used = self._clock()
+
+    @property
+    def is_open(self) -> bool:
+        return self._client is not None
+
+    def readable(self) -> bool:
+        """Whether the relay sent something (or closed) while nobody asked: never the
+        case for a healthy idle session. No I/O beyond a zero-timeout poll."""
+        client = self._client
+        sock = client.sock if client is not None else None
+        if sock is None:
+            return True
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        return _poll_readable(sock)
+
+    def discard(self) -> None:
+        """Close the socket without QUIT: the session's state is unknown."""
+        self._drop()
+
+
+def _poll_readable(sock: socket.socket) -> bool:
+    try:
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(sock, select.POLLIN | select.POLLPRI)
+            return bool(poller.poll(0))
+        ready, _, _ = select.select([sock], [], [], 0)
+        return bool(ready)
+    except (OSError, ValueError):
+        return True
+
+
+class SmtpPool:
+    """Kept SMTP connections of one process.
+
+    ``max_idle_s``: a connection unused this long is closed rather than reused.
+    ``max_messages``: a connection is closed after carrying this many transactions.
+    ``max_per_key``: connections open at once to one relay identity; a thread that finds
+    them all busy waits (up to the send's timeout) for one to come back.
+    """
+
+    def __init__(
+        self,
+        max_idle_s: float = 30,
+        max_messages: int = 100,
+        max_per_key: int = 1,
+        check_after_s: float = CHECK_AFTER_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_messages < 1 or max_per_key < 1:
+            raise ValueError("max_messages and max_per_key must be at least 1")
+        self.max_idle_s = float(max_idle_s)
+        self.max_messages = max_messages
+        self.max_per_key = max_per_key
+        self.check_after_s = float(check_after_s)
+        self._clock = clock
+        self._lock = threading.Condition()
+        self._idle: dict[PoolKey, deque[_Pooled]] = {}
+        self._open: dict[PoolKey, int] = {}  # idle + busy, per key
+        self._hash_key = secrets.token_bytes(32)
+        self._pid = os.getpid()
+        self._stats: dict[str, int] = dict.fromkeys(PoolStats.__dataclass_fields__, 0)
+
+    # -- the one operation ------------------------------------------------------------
+
+    def deliver(
+        self,
+        relay: Relay,
+        *,
+        connect_host: str | None,
+        sender: str,
+        recipients: list[str],
+        data: bytes,
+        timeout: float,
+        ssl_context: ssl.SSLContext,
+        local_hostname: str,
+    ) -> DeliveryResult:
+        """Send one message over a kept connection (opened when there is none), as
+        :func:`worker.smtp.deliver` does over a new one."""
+        key = self.key_for(relay, connect_host, timeout, ssl_context, local_hostname)
+        conn, reused = self._checkout(key, relay, ssl_context)
+        try:
+            result = self._send(conn, sender, recipients, data)
+        except SendError as err:
+            if not (reused and err.transient and not conn.is_open and not conn.data_started):
+                self._checkin(conn)
+                raise
+            # the kept connection was dead before the message went out: one try on a new
+            # connection, which takes over the dead one's slot
+            self._count("reconnects")
+            conn = self._open_new(key, relay, ssl_context, reserved=True)
+            try:
+                result = self._send(conn, sender, recipients, data)
+            except SendError:
+                self._checkin(conn)
+                raise
+        self._checkin(conn)
+        return result
+
+    def key_for(
+        self,
+        relay: Relay,
+        connect_host: str | None,
+        timeout: float,
+        ssl_context: ssl.SSLContext,
+        local_hostname: str,
+    ) -> PoolKey:
+        password = (relay.password or "").encode("utf-8", "surrogatepass")
+        secret = hmac.new(self._hash_key, password, hashlib.sha256).digest()
+        return PoolKey(
+            host=relay.host.lower(),
+            port=relay.port,
+            scheme=relay.scheme,
+            user=relay.user,
+            connect_host=connect_host or relay.host,
+            local_hostname=local_hostname,
+            timeout=float(timeout),
+            tls=ssl_context if relay.scheme in ("smtp", "smtps") else None,
+            secret=secret,
+        )
+
+    # -- housekeeping -----------------------------------------------------------------
+
+    def close_idle(self) -> int:
+        """Close idle connections older than ``max_idle_s``; how many were closed."""
+        self._after_fork()
+        now = self._clock()
+        expired: list[_Pooled] = []
+        with self._lock:
+            for key, idle in list(self._idle.items()):
+                keep = deque(c for c in idle if now - c.last_used <= self.max_idle_s)
+                expired.extend(c for c in idle if now - c.last_used > self.max_idle_s)
+                if keep:
+                    self._idle[key] = keep
+                else:
+                    del self._idle[key]
+        for conn in expired:
+            self._close(conn, "stale")
+        return len(expired)
+
+    def close_all(self) -> None:
+        """QUIT and close every idle connection (one busy now returns to the pool when its
+        send ends)."""
+        self._after_fork()
+        with self._lock:
+            idle = [c for conns in self._idle.values() for c in conns]
+            self._idle.clear()
+        for conn in idle:
+            self._close(conn, None)
+
+    def stats(self) -> PoolStats:
+        with self._lock:
+            return PoolStats(**self._stats)
+
+    def idle_count(self) -> int:
+        with self._lock:
+            return sum(len(conns) for conns in self._idle.values())
+
+    # -- internals --------------------------------------------------------------------
+
+    def _send(
+        self, conn: _Pooled, sender: str, recipients: list[str], data: bytes
+    ) -> DeliveryResult:
+        try:
+            return conn.send(sender, recipients, data)
+        except SendError:
+            raise
+        except BaseException:
+            # interrupted mid-conversation (a time limit, a bug): the session's state is
+            # unknown, so it is never reused
+            conn.discard()
+            self._checkin(conn)
+            raise
+
+    def _checkout(
+        self, key: PoolKey, relay: Relay, ssl_context: ssl.SSLContext
+    ) -> tuple[_Pooled, bool]:
+        """A connection for ``key``: a healthy idle one, else a new one."""
+        self._after_fork()
+        deadline = time.monotonic() + key.timeout
+        while True:
+            candidate: _Pooled | None = None
+            with self._lock:
+                idle = self._idle.get(key)
+                if idle:
+                    candidate = idle.pop()  # the most recently used: least likely stale
+                    if not idle:
+                        del self._idle[key]
+                elif self._open.get(key, 0) < self.max_per_key:
+                    self._open[key] = self._open.get(key, 0) + 1  # reserve a slot
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TransientSendError(
+                            "every connection to the relay is busy", retry_after=1.0
+                        )
+                    self._lock.wait(min(left, 1.0))
+                    continue
+            if candidate is None:
+                return self._open_new(key, relay, ssl_context, reserved=True), False
+            if self._usable(candidate):
+                self._count("reused")
+                return candidate, True
+            self._close(candidate, "stale")
+
+    def _usable(self, conn: _Pooled) -> bool:
+        if not conn.is_open:
+            return False
+        idle_for = self._clock() - conn.last_used
+        if idle_for > self.max_idle_s:
+            return False
+        if conn.readable() or idle_for > self.check_after_s:
+            self._count("checked")
+            return conn.is_alive()
+        return True
+
+    def _open_new(
+        self, key: PoolKey, relay: Relay, ssl_context: ssl.SSLContext, *, reserved: bool
+    ) -> _Pooled:
+        """Open a connection; ``reserved``: its slot in ``_open`` is already counted."""
+        if not reserved:
+            with self._lock:
+                self._open[key] = self._open.get(key, 0) + 1
+        conn = _Pooled(key, self._clock)
+        try:
+            conn.open_for(relay, ssl_context)
+        except BaseException:
+            self._release_slot(key)
+            raise
+        self._count("opened")
+        return conn
+
+    def _checkin(self, conn: _Pooled) -> None:
+        """Back to the idle list when healthy, else closed; its slot follows it."""
+        if os.getpid() != self._pid:  # sent from a forked child with the parent's pool
+            conn.discard()
+            return
+        if conn.is_open and conn.messages < self.max_messages:
+            with self._lock:
+                self._idle.setdefault(conn.key, deque()).append(conn)
+                self._lock.notify()
+            return
+        if conn.is_open:
+            self._close(conn, "retired")
+        else:
+            self._release_slot(conn.key)
+
+    def _close(self, conn: _Pooled, counter: str | None) -> None:
+        try:
+            conn.close()
+        finally:
+            self._release_slot(conn.key)
+            if counter:
+                self._count(counter)
+
+    def _release_slot(self, key: PoolKey) -> None:
+        with self._lock:
+            left = self._open.get(key, 0) - 1
+            if left > 0:
+                self._open[key] = left
+            else:
+                self._open.pop(key, None)
+            self._lock.notify()
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self._stats[name] += 1
+
+    def _after_fork(self) -> None:
+        """In a child forked with this pool, forget the parent's connections: closing
+        our copies of the sockets leaves the parent's sessions untouched (no QUIT)."""
+        pid = os.getpid()
+        if pid == self._pid:
+            return
+        self._lock = threading.Condition()
+        inherited = [c for conns in self._idle.values() for c in conns]
+        self._idle = {}
+        self._open = {}
+        self._pid = pid
+        for conn in inherited:
+            conn.discard()
