@@ -105,6 +105,11 @@ class SendError(PostroomError):
     transient = False
     status = 502
 
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message, **extra)
+        # RCPT TO replies of recipients refused for good: address -> (code, reply)
+        self.rcpt_rejections: dict[str, tuple[int, str]] = {}
+
 
 class TransientSendError(SendError):
     """Worth another attempt later (connection trouble, 4xx replies, timeouts)."""

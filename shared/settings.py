@@ -69,6 +69,8 @@ class Settings:
     smtp_allow_ports: tuple[int, ...] = (25, 465, 587, 2525)
     smtp_ca_file: str = ""
     smtp_timeout_s: float = 30.0
+    smtp_pool_idle_s: float = 30.0
+    smtp_pool_max_messages: int = 100
     hlimit_period_s: int = 3600
     hlimit_default: int = 10
     retry_base_s: float = 60.0

@@ -170,3 +170,26 @@ def test_hlimit_reject_policy_sends_exactly_the_limit(stack: Stack) -> None:
     assert int(r.headers["Retry-After"]) >= 1
     unused = Script()
     assert unused.drop_data is None
+
+
+def test_kept_connections_carry_many_messages(stack: Stack) -> None:
+    """A worker process keeps its SMTP connection: six messages in a row need at most one
+    connection per pool process, and each arrives once."""
+    stack.start_worker(concurrency=2)
+    for i in range(6):
+        r = stack.send({"to": [f"u{i}@example.com"], "text": "x"}, query="?wait=20")
+        assert r.get_json()["state"] == "sent"
+    assert len({m.message_id for m in stack.smtp.messages}) == 6
+    assert 1 <= stack.smtp.connections <= 2
+
+
+def test_a_content_rejection_is_not_a_bounce(stack: Stack) -> None:
+    """A 5xx to the message itself (a content filter) fails the send but does not count
+    against the recipient: after three, the address is not suppressed."""
+    stack.smtp.script.data_replies.extend(["554 5.7.1 looks like spam"] * 3)
+    stack.start_worker()
+    for _ in range(3):
+        doc = stack.send({"to": ["ann@example.com"], "text": "x"}, query="?wait=20").get_json()
+        assert (doc["state"], doc["error"]["smtp_code"]) == ("failed", 554)
+    r = stack.send({"to": ["ann@example.com"], "text": "x"})
+    assert r.status_code == 202, r.get_json()

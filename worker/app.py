@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery, bootsteps
+from celery.signals import worker_process_shutdown
 
 from shared.queue import Enqueuer, accepted_jobs, celery_config
 from shared.settings import Settings
@@ -35,6 +36,13 @@ class _Contexts:
             self._pid = os.getpid()
         return self._ctx
 
+    def close(self, **_: Any) -> None:
+        """Say QUIT to this process's kept SMTP connections (the process is ending)."""
+        import os
+
+        if self._ctx is not None and self._pid == os.getpid() and "pool" in vars(self._ctx):
+            self._ctx.pool.close_all()
+
 
 def make_celery(settings: Settings) -> Celery:
     """The worker's app; raises ConfigError when the timeouts cannot keep a send single."""
@@ -56,6 +64,7 @@ def make_celery(settings: Settings) -> Celery:
     )
     contexts = _Contexts(settings)
     tasks.register(app, contexts)
+    worker_process_shutdown.connect(contexts.close, weak=False)
     app.conf.postroom_contexts = contexts
 
     class SchedulerStep(bootsteps.StartStopStep):

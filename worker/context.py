@@ -19,6 +19,7 @@ from shared.solutions import SolutionStore
 from shared.suppressions import SuppressionStore
 from worker.lease import Leases
 from worker.ledger import Ledger
+from worker.pool import SmtpPool
 from worker.retrying import RetryPolicy
 from worker.schedule import Schedule
 from worker.smtp import make_ssl_context
@@ -98,3 +99,11 @@ class WorkerContext:
     def local_hostname(self) -> str:
         # what we say in EHLO; never socket.getfqdn() on the hot path
         return self.settings.default_sender_domain or socket.gethostname()
+
+    @cached_property
+    def pool(self) -> SmtpPool:
+        """This process's kept SMTP connections, one set per relay and credentials."""
+        return SmtpPool(
+            max_idle_s=self.settings.smtp_pool_idle_s,
+            max_messages=self.settings.smtp_pool_max_messages,
+        )

@@ -32,7 +32,7 @@ from worker.lease import attempt_bound_s
 from worker.ledger import LedgerState
 from worker.message import build_message
 from worker.outcomes import retry_hint
-from worker.smtp import DeliveryResult, deliver
+from worker.smtp import DeliveryResult
 
 log = logging.getLogger("postroom.worker")
 
@@ -154,7 +154,7 @@ class Attempt:
             extra={**self.log_extra, "attempt": doc["attempts"], "recipients": len(pending)},
         )
         try:
-            result = deliver(
+            result = ctx.pool.deliver(
                 relay,
                 connect_host=connect_host,
                 sender=msg["from"],
@@ -166,12 +166,17 @@ class Attempt:
             )
         except TransientSendError as err:
             # recipients refused for good in the same transaction are done
-            self._record({r: _rejected(None, None) for r in err.extra.get("rejected", [])})
+            self._record({r: _rejected(*reply) for r, reply in err.rcpt_rejections.items()})
             self._retry(doc, ctx.ledger.load(self.sid, self.task_id), err)
             return
         except SmtpRejected as err:
-            code, reply = err.extra.get("smtp_code"), err.extra.get("smtp_response")
-            self._record({r: _rejected(code, reply) for r in pending})
+            # a 5xx to RCPT TO is that address's bounce; a 5xx to MAIL FROM or to the
+            # message (a content filter, say) is no fault of the addresses: no code
+            # is recorded for them, so they do not count toward suppression
+            reply = err.extra.get("smtp_response")
+            self._record(
+                {r: _rejected(*err.rcpt_rejections.get(r, (None, reply))) for r in pending}
+            )
             self._fail(doc, ctx.ledger.load(self.sid, self.task_id), err)
             return
         except PermanentSendError as err:

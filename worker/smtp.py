@@ -282,6 +282,7 @@ def _refused(
     _, code, response = (deferred or rejected)[0]
     error = outcomes.from_reply(code, response.removeprefix(str(code)).strip())
     error.extra["rejected"] = [address for address, _, _ in rejected]
+    error.rcpt_rejections = {address: (code, reply) for address, code, reply in rejected}
     if deferred:
         error.extra["deferred"] = [address for address, _, _ in deferred]
     return error

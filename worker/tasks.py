@@ -56,6 +56,7 @@ def run(ctx: WorkerContext, job: dict[str, Any]) -> None:
     while True:
         try:
             attempt.run()
+            ctx.pool.close_idle()
             return
         except STORE_ERRORS as exc:
             wait = next(waits, None)
