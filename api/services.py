@@ -9,7 +9,7 @@ from typing import Any
 import redis
 from flask import current_app
 
-from api.auth import Principal, authenticate
+from api.auth import Principal, authenticate, authorize
 from shared.crypto import SecretBox
 from shared.documents import DocumentStore
 from shared.errors import InvalidRelay, ValidationError
@@ -20,7 +20,7 @@ from shared.ratelimit import TokenBucket
 from shared.relays import DEFAULT_PORTS
 from shared.schemas import make_schemas
 from shared.settings import Settings
-from shared.solutions import SolutionStore
+from shared.solutions import Solution, SolutionStore
 from shared.suppressions import SuppressionStore
 
 PLAIN_TEXT_FIELD = (
@@ -74,6 +74,10 @@ class Services:
 
     def principal(self) -> Principal:
         return authenticate(self.settings.admin_token, self.solutions)
+
+    def authorize(self, sid: str) -> tuple[Principal, Solution]:
+        """The caller and solution ``sid``, in one round trip (401, then 404)."""
+        return authorize(self.settings.admin_token, self.solutions, sid)
 
     def check_relay(
         self, host: str, port: int, scheme: str, scheme_field: list[str] | None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,9 +131,19 @@ class JobSet:
         self._claim = client.register_script(_CLAIM_DUE)
         self._done = client.register_script(_DONE)
 
-    def add(self, job: dict[str, Any], due_ts: float) -> None:
-        """Add ``job`` due at ``due_ts`` (a job already there only gets the new time)."""
-        self._r.zadd(self.key, {encode_job(job): due_ts})
+    def add(
+        self,
+        job: dict[str, Any],
+        due_ts: float,
+        with_writes: Callable[[Any], None] | None = None,
+    ) -> None:
+        """Add ``job`` due at ``due_ts`` (a job already there only gets the new time);
+        ``with_writes(pipeline)`` adds other writes to the same round trip."""
+        pipe = self._r.pipeline(transaction=False)
+        pipe.zadd(self.key, {encode_job(job): due_ts})
+        if with_writes is not None:
+            with_writes(pipe)
+        pipe.execute()
 
     def claim_due(self, now: float, limit: int = 100) -> list[Claimed]:
         """The jobs due at ``now`` (at most ``limit``), claimed for ``claim_s``."""
@@ -185,11 +196,21 @@ class Enqueuer:
         self._queue = queue
         self._accepted = accepted
 
-    def enqueue(self, job: dict[str, Any], countdown: float | None = None) -> None:
+    def enqueue(
+        self,
+        job: dict[str, Any],
+        countdown: float | None = None,
+        with_writes: Callable[[Any], None] | None = None,
+    ) -> None:
+        """Publish ``job``. ``with_writes(pipeline)`` adds writes that must be in Redis
+        before the job is published to the same round trip as the accepted-set entry
+        (only with an accepted set; else the caller writes them itself)."""
         accepted = self._accepted
+        if with_writes is not None and accepted is None:
+            raise ValueError("with_writes needs an accepted set")
         if accepted is not None:
             try:
-                accepted.add(job, time.time() + accepted.claim_s)
+                accepted.add(job, time.time() + accepted.claim_s, with_writes)
             except (RedisError, OSError) as exc:
                 log.warning("Redis unavailable: %s", type(exc).__name__)
                 raise ServiceUnavailable(

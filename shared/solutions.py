@@ -82,6 +82,13 @@ def iso(ts: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
 
 
+def _solution(sid: str, raw: bytes | str | None) -> Solution:
+    if raw is None:
+        raise NotFound(f"solution {sid!r} not found")
+    doc = json.loads(raw)
+    return Solution(doc["solution_id"], doc["created_at"], doc["config"])
+
+
 class SolutionStore:
     def __init__(self, client: redis.Redis, box: SecretBox) -> None:
         self._r = client
@@ -90,11 +97,17 @@ class SolutionStore:
     # -- reads --------------------------------------------------------------------
 
     def get(self, sid: str) -> Solution:
-        raw = self._r.get(keys.solution(sid))
-        if raw is None:
-            raise NotFound(f"solution {sid!r} not found")
-        doc = json.loads(raw)
-        return Solution(doc["solution_id"], doc["created_at"], doc["config"])
+        return _solution(sid, self._r.get(keys.solution(sid)))
+
+    def owner_and_get(self, token: str | None, sid: str) -> tuple[str | None, Solution]:
+        """In one round trip: whose ``token`` is (None when unknown, or when no token is
+        given) and solution ``sid`` (NotFound when it does not exist)."""
+        pipe = self._r.pipeline(transaction=False)
+        if token is not None:
+            pipe.get(keys.token(hash_token(token)))
+        pipe.get(keys.solution(sid))
+        *owner, raw = pipe.execute()
+        return (as_str(owner[0]) if owner and owner[0] is not None else None), _solution(sid, raw)
 
     def by_token(self, token: str) -> str | None:
         sid = self._r.get(keys.token(hash_token(token)))

@@ -9,13 +9,13 @@ every check passes.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request, url_for
 
-from api.auth import require_solution
 from api.body import json_object
 from api.intake import body_fingerprint, build_job
 from api.services import Services, services
@@ -29,6 +29,7 @@ from shared.schemas.text import CONTROL
 from shared.solutions import Solution
 
 bp = Blueprint("email", __name__)
+log = logging.getLogger("postroom.api")
 
 MAX_WAIT_S = 30
 MAX_IDEMPOTENCY_KEY = 255
@@ -110,8 +111,7 @@ def _replay(svc: Services, sid: str, claim: Claim, fingerprint: str) -> Response
 @bp.post("/solutions/<sid>/email")
 def send(sid: str) -> Response | tuple[Response, int]:
     svc = services()
-    require_solution(svc.principal(), sid)
-    solution = svc.solutions.get(sid)
+    _, solution = svc.authorize(sid)
     wait = _wait_seconds()
     body = json_object()
     idem_key = _idempotency_key()
@@ -143,9 +143,13 @@ def send(sid: str) -> Response | tuple[Response, int]:
         if earlier is not None:
             return _replay(svc, sid, earlier, fingerprint)
 
-    svc.documents.put(new_document(task_id, sid, job["created_at"]))
+    doc = new_document(task_id, sid, job["created_at"])
     try:
-        svc.enqueuer.enqueue(job)
+        if svc.results is svc.state:  # the first document rides with the accepted entry
+            svc.enqueuer.enqueue(job, with_writes=lambda pipe: svc.documents.put(doc, pipe=pipe))
+        else:
+            svc.documents.put(doc)
+            svc.enqueuer.enqueue(job)
     except Exception:
         svc.documents.delete(sid, task_id)
         if idem_key:
@@ -153,11 +157,12 @@ def send(sid: str) -> Response | tuple[Response, int]:
         raise
     if idem_key:
         svc.idempotency.confirm(sid, idem_key, Claim(fingerprint, task_id))
+    log.info("queued", extra={"task_id": task_id, "solution_id": sid})
 
     if wait is not None:
-        doc = svc.documents.wait_final(sid, task_id, wait)
-        if doc is not None:
-            response = jsonify(doc)
+        final = svc.documents.wait_final(sid, task_id, wait)
+        if final is not None:
+            response = jsonify(final)
             _rate_headers(response, decision)
             return response, 200
     return _accepted(sid, task_id, decision)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from api.auth import require_solution
 from api.services import services
 
 bp = Blueprint("quota", __name__)
@@ -19,8 +18,7 @@ bp = Blueprint("quota", __name__)
 @bp.get("/solutions/<sid>/quota")
 def show(sid: str) -> Response:
     svc = services()
-    require_solution(svc.principal(), sid)
-    solution = svc.solutions.get(sid)
+    _, solution = svc.authorize(sid)
     decision = svc.bucket.peek(sid, solution.hlimit)
     return jsonify(
         {

@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
-from api.auth import require_admin, require_solution
+from api.auth import require_admin
 from api.body import json_object
 from api.services import services
 from shared.errors import Forbidden
@@ -34,8 +34,8 @@ def create() -> tuple[Response, int]:
 @bp.get("/solutions/<sid>")
 def show(sid: str) -> Response:
     svc = services()
-    require_solution(svc.principal(), sid)
-    return jsonify(svc.solutions.get(sid).public())
+    _, solution = svc.authorize(sid)
+    return jsonify(solution.public())
 
 
 def _guard_admin_fields(current: Solution, new: dict[str, Any], is_admin: bool) -> None:
@@ -49,9 +49,7 @@ def _guard_admin_fields(current: Solution, new: dict[str, Any], is_admin: bool) 
 @bp.put("/solutions/<sid>/config")
 def replace_config(sid: str) -> Response:
     svc = services()
-    principal = svc.principal()
-    require_solution(principal, sid)
-    current = svc.solutions.get(sid)
+    principal, current = svc.authorize(sid)
     body = json_object()
     data = load_or_raise(svc.schemas.config_put, body)
     if not principal.admin:
@@ -66,9 +64,7 @@ def replace_config(sid: str) -> Response:
 @bp.patch("/solutions/<sid>/config")
 def patch_config(sid: str) -> Response:
     svc = services()
-    principal = svc.principal()
-    require_solution(principal, sid)
-    current = svc.solutions.get(sid)
+    principal, current = svc.authorize(sid)
     data = load_or_raise(svc.schemas.config_patch, json_object())
     _guard_admin_fields(current, data, principal.admin)
     if any(name.startswith("connection_") for name in data):

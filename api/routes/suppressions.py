@@ -15,7 +15,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
-from api.auth import Principal, require_solution
+from api.auth import Principal
 from api.body import json_object
 from api.services import Services, services
 from shared.errors import Forbidden, NotFound
@@ -40,9 +40,7 @@ def view(entry: Suppression) -> dict[str, Any]:
 
 def _open(sid: str) -> tuple[Services, Principal]:
     svc = services()
-    principal = svc.principal()
-    require_solution(principal, sid)
-    svc.solutions.get(sid)  # 404 for a solution that does not exist
+    principal, _ = svc.authorize(sid)  # 404 for a solution that does not exist
     return svc, principal
 
 
