@@ -167,7 +167,8 @@ def _paths(bodies: dict[str, Schema]) -> dict[str, Any]:
                     "202": {
                         **_json("Queued.", _ref("Accepted")),
                         "headers": {
-                            "Location": {"schema": _s("string"), "description": "The task."}
+                            "Location": {"schema": _s("string"), "description": "The task."},
+                            **_rate_headers(),
                         },
                     },
                     **_err(400, 401, 404, 422, 429, 503),
@@ -293,6 +294,15 @@ def _err(*codes: int) -> dict[str, Any]:
     return {str(code): {"$ref": f"#/components/responses/{_ERRORS[code][0]}"} for code in codes}
 
 
+def _rate_headers() -> dict[str, Any]:
+    return {
+        "RateLimit-Limit": {"schema": _s("integer"), "description": "The tighter hLimit."},
+        "RateLimit-Remaining": {"schema": _s("integer"), "description": "Whole tokens left."},
+        "RateLimit-Reset": {"schema": _s("integer"), "description": "Seconds until full."},
+        "RateLimit-Policy": {"schema": _s("string"), "description": "`<hLimit>;w=<period>`."},
+    }
+
+
 def _responses() -> dict[str, Any]:
     out = {name: _json(text, _ref("Error")) for name, text in _ERRORS.values()}
     out["Unauthorized"]["headers"] = {
@@ -407,8 +417,13 @@ def _response_schemas(config: Schema) -> dict[str, Schema]:
         ),
         "Quota": _obj(
             hLimit=_s("integer", minimum=0),
+            hLimit_policy=_s("string", enum=["reject", "defer"]),
             remaining=_s("integer", minimum=0),
-            retry_after=_s(["number", "null"], description="Seconds until a token frees."),
+            retry_after=_s(
+                ["number", "null"],
+                description="Seconds until a token frees; null when hLimit is 0 (never).",
+            ),
+            reset_after=_s("number", minimum=0, description="Seconds until the bucket is full."),
         ),
         "Suppression": _obj(
             email=_s("string"),
