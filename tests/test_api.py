@@ -287,3 +287,17 @@ def test_every_error_has_the_one_body(client: FlaskClient) -> None:
         body = r.get_json()
         assert set(body) == {"type", "error", "status"}
         assert body["status"] == r.status_code
+
+
+def test_metrics_are_prometheus_text(
+    client: FlaskClient, token: str, real_redis: redis.Redis
+) -> None:
+    """``/metrics`` (no auth) counts requests and reads the queue depth from Redis, so
+    every API process reports the same service-wide backlog."""
+    send(client, token, {"to": ["a@example.com"], "text": "x"})
+    r = client.get("/metrics")
+    assert (r.status_code, r.mimetype) == (200, "text/plain")
+    text = r.get_data(as_text=True)
+    assert f"postroom_queue_depth {float(queue_length(real_redis))}" in text
+    assert 'postroom_http_requests_total{method="POST",' in text
+    assert 'status="202"} 1.0' in text
