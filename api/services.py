@@ -10,6 +10,7 @@ import redis
 from flask import current_app
 
 from api.auth import Principal, authenticate, authorize
+from shared.connections import redis_clients
 from shared.crypto import SecretBox
 from shared.documents import DocumentStore
 from shared.errors import InvalidRelay, ValidationError
@@ -46,16 +47,7 @@ class Services:
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
-        state = redis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=2.0, socket_timeout=5.0
-        )
-        results = (
-            state
-            if settings.result_backend == settings.redis_url
-            else redis.Redis.from_url(
-                settings.result_backend, socket_connect_timeout=2.0, socket_timeout=35.0
-            )
-        )
+        state, results = redis_clients(settings, socket_timeout=5.0)
         box = SecretBox(settings.secret_key)
         return cls(
             settings=settings,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,25 +150,14 @@ class SolutionStore:
 
     def rotate_token(self, sid: str) -> str:
         token = new_token()
-        key = keys.solution(sid)
-        with self._r.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    raw = pipe.get(key)
-                    if raw is None:
-                        raise NotFound(f"solution {sid!r} not found")
-                    doc = json.loads(raw)
-                    old_hash = doc["token_hash"]
-                    doc["token_hash"] = hash_token(token)
-                    pipe.multi()
-                    pipe.set(key, json.dumps(doc))
-                    pipe.delete(keys.token(old_hash))
-                    pipe.set(keys.token(doc["token_hash"]), sid)
-                    pipe.execute()
-                    return token
-                except redis.WatchError:
-                    continue
+
+        def change(doc: dict[str, Any], pipe: Any) -> None:
+            pipe.delete(keys.token(doc["token_hash"]))
+            doc["token_hash"] = hash_token(token)
+            pipe.set(keys.token(doc["token_hash"]), sid)
+
+        self._rewrite(sid, change)
+        return token
 
     def delete(self, sid: str) -> None:
         raw = self._r.get(keys.solution(sid))
@@ -189,6 +179,22 @@ class SolutionStore:
         return sealed
 
     def _update(self, sid: str, change: Any) -> Solution:
+        def apply(doc: dict[str, Any], pipe: Any) -> None:
+            old = doc["config"]
+            new = change(old)
+            # a password carried over from the stored config is already sealed
+            password = new.get("connection_password")
+            if password and password != old.get("connection_password"):
+                new["connection_password"] = self._box.encrypt(password)
+            doc["config"] = new
+
+        doc = self._rewrite(sid, apply)
+        return Solution(doc["solution_id"], doc["created_at"], doc["config"])
+
+    def _rewrite(self, sid: str, change: Callable[[dict[str, Any], Any], None]) -> dict[str, Any]:
+        """Read solution ``sid``'s record, let ``change`` edit it (and queue more commands
+        on the transaction it is given), write it back: all or nothing, and again from
+        the start if another process changed the record meanwhile."""
         key = keys.solution(sid)
         with self._r.pipeline() as pipe:
             while True:
@@ -197,18 +203,11 @@ class SolutionStore:
                     raw = pipe.get(key)
                     if raw is None:
                         raise NotFound(f"solution {sid!r} not found")
-                    doc = json.loads(raw)
-                    old = doc["config"]
-                    new = change(old)
-                    # a password carried over from the stored config is already sealed
-                    if new.get("connection_password") and new.get(
-                        "connection_password"
-                    ) != old.get("connection_password"):
-                        new["connection_password"] = self._box.encrypt(new["connection_password"])
-                    doc["config"] = new
+                    doc: dict[str, Any] = json.loads(raw)
                     pipe.multi()
+                    change(doc, pipe)
                     pipe.set(key, json.dumps(doc))
                     pipe.execute()
-                    return Solution(doc["solution_id"], doc["created_at"], new)
+                    return doc
                 except redis.WatchError:
                     continue

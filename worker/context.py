@@ -9,6 +9,7 @@ from functools import cached_property
 
 import redis
 
+from shared.connections import redis_clients
 from shared.crypto import SecretBox
 from shared.documents import DocumentStore
 from shared.guard import RelayGuard
@@ -33,16 +34,7 @@ class WorkerContext:
 
     @classmethod
     def build(cls, settings: Settings) -> WorkerContext:
-        state = redis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=2.0, socket_timeout=10.0
-        )
-        results = (
-            state
-            if settings.result_backend == settings.redis_url
-            else redis.Redis.from_url(
-                settings.result_backend, socket_connect_timeout=2.0, socket_timeout=10.0
-            )
-        )
+        state, results = redis_clients(settings, socket_timeout=10.0)
         return cls(settings=settings, state=state, results=results)
 
     @cached_property
