@@ -54,7 +54,7 @@ class Services:
             state=state,
             results=results,
             box=box,
-            solutions=SolutionStore(state, box),
+            solutions=SolutionStore(state, box, settings.hlimit_default),
             documents=DocumentStore(results, settings.result_ttl),
             idempotency=IdempotencyStore(state),
             bucket=TokenBucket(state, settings.hlimit_period_s),

@@ -109,7 +109,7 @@ def _store() -> SolutionStore:
             "generate one with `postroom keygen`)"
         )
     client = redis.Redis.from_url(settings.redis_url)
-    return SolutionStore(client, SecretBox(settings.secret_key))
+    return SolutionStore(client, SecretBox(settings.secret_key), settings.hlimit_default)
 
 
 def cmd_solution_create(args: argparse.Namespace, extra: list[str]) -> int:

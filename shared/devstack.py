@@ -157,7 +157,7 @@ def ensure_demo(settings: Settings) -> None:
     """Solution ``demo`` exists and answers to ``demo-token``."""
     client = redis.Redis.from_url(settings.redis_url)
     try:
-        store = SolutionStore(client, SecretBox(settings.secret_key))
+        store = SolutionStore(client, SecretBox(settings.secret_key), settings.hlimit_default)
         try:
             store.create(DEMO_SID, {}, DEMO_TOKEN)
         except Conflict:

@@ -91,9 +91,11 @@ def _solution(sid: str, raw: bytes | str | None) -> Solution:
 
 
 class SolutionStore:
-    def __init__(self, client: redis.Redis, box: SecretBox) -> None:
+    def __init__(self, client: redis.Redis, box: SecretBox, hlimit_default: int = 10) -> None:
         self._r = client
         self._box = box
+        # what a configuration that does not say takes (POSTROOM_HLIMIT_DEFAULT)
+        self.defaults = {**CONFIG_DEFAULTS, "hLimit": hlimit_default}
 
     # -- reads --------------------------------------------------------------------
 
@@ -126,7 +128,7 @@ class SolutionStore:
             "solution_id": sid,
             "created_at": time.time(),
             "token_hash": hash_token(token),
-            "config": self._seal({**CONFIG_DEFAULTS, **config}),
+            "config": self._seal({**self.defaults, **config}),
         }
         if not self._r.set(keys.solution(sid), json.dumps(doc), nx=True):
             raise Conflict(f"solution {sid!r} already exists")
@@ -137,13 +139,13 @@ class SolutionStore:
         return token
 
     def replace_config(self, sid: str, config: dict[str, Any]) -> Solution:
-        return self._update(sid, lambda _old: {**CONFIG_DEFAULTS, **config})
+        return self._update(sid, lambda _old: {**self.defaults, **config})
 
     def patch_config(self, sid: str, changes: dict[str, Any]) -> Solution:
         def apply(old: dict[str, Any]) -> dict[str, Any]:
             new = dict(old)
             for name, value in changes.items():
-                new[name] = CONFIG_DEFAULTS[name] if value is None else value
+                new[name] = self.defaults[name] if value is None else value
             return new
 
         return self._update(sid, apply)

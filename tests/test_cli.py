@@ -289,3 +289,17 @@ def test_dev_demo_solution_answers_to_demo_token(real_redis: redis.Redis, redis_
     ensure_demo(settings)  # already right: left as it is
     assert created_at == store.get("demo").created_at
     assert "demo" == store.by_token("demo-token")
+
+
+def test_a_new_solution_takes_the_configured_default_hlimit(
+    postroom_env: str,
+    real_redis: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Without --hlimit, a solution gets POSTROOM_HLIMIT_DEFAULT, not a fixed 10."""
+    monkeypatch.setenv("POSTROOM_HLIMIT_DEFAULT", "25")
+    assert 0 == main(["solution", "create", "acme", "--token", "tok-2"])
+    capsys.readouterr()
+    assert 0 == main(["solution", "show", "acme"])
+    assert 25 == json.loads(capsys.readouterr().out)["config"]["hLimit"]

@@ -43,7 +43,7 @@ class WorkerContext:
 
     @cached_property
     def solutions(self) -> SolutionStore:
-        return SolutionStore(self.state, self.box)
+        return SolutionStore(self.state, self.box, self.settings.hlimit_default)
 
     @cached_property
     def documents(self) -> DocumentStore:
