@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 
 from shared import keys
 from shared.errors import ServiceUnavailable
+from shared.framing import TaskFraming, redacted
 from shared.names import SEND_TASK
 from shared.settings import Settings
 
@@ -140,10 +141,14 @@ class JobSet:
         """Add ``job`` due at ``due_ts`` (a job already there only gets the new time);
         ``with_writes(pipeline)`` adds other writes to the same round trip."""
         pipe = self._r.pipeline(transaction=False)
-        pipe.zadd(self.key, {encode_job(job): due_ts})
+        self.add_to(pipe, job, due_ts)
         if with_writes is not None:
             with_writes(pipe)
         pipe.execute()
+
+    def add_to(self, pipe: Any, job: dict[str, Any], due_ts: float) -> None:
+        """Queue the addition of ``job`` on ``pipe`` (a pipeline of this set's Redis)."""
+        pipe.zadd(self.key, {encode_job(job): due_ts})
 
     def claim_due(self, now: float, limit: int = 100) -> list[Claimed]:
         """The jobs due at ``now`` (at most ``limit``), claimed for ``claim_s``."""
@@ -180,21 +185,40 @@ def accepted_jobs(client: redis.Redis, settings: Settings) -> JobSet:
 _PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
 
 
-def redacted(job: dict[str, Any]) -> str:
-    """What Celery may print of a job: ids only, never addresses, bodies or passwords."""
-    return repr({"task_id": job.get("task_id"), "solution_id": job.get("solution_id")})
+@dataclass(frozen=True)
+class DirectBroker:
+    """Publishing by pushing framed messages straight onto a Redis broker's queue list
+    (see :mod:`shared.framing`). ``shares_state``: the broker is postroom's own Redis, so
+    a job, its accepted-set entry and the caller's writes go in one transaction."""
+
+    client: redis.Redis
+    framing: TaskFraming
+    shares_state: bool
+
+
+def _unavailable(exc: BaseException) -> ServiceUnavailable:
+    log.warning("broker unavailable: %s", type(exc).__name__)
+    return ServiceUnavailable("the queue is unavailable; nothing was accepted, please retry")
 
 
 class Enqueuer:
     """Publishes send jobs; a broker that does not take one raises ServiceUnavailable.
 
     With ``accepted``, each job is first recorded in the accepted set (due for a check a
-    redelivery window later), and taken out again when the broker refuses it."""
+    redelivery window later), and taken out again when the broker refuses it. With
+    ``direct``, jobs are pushed onto the Redis broker's list without Celery's producer."""
 
-    def __init__(self, app: Celery, queue: str, accepted: JobSet | None = None) -> None:
+    def __init__(
+        self,
+        app: Celery,
+        queue: str,
+        accepted: JobSet | None = None,
+        direct: DirectBroker | None = None,
+    ) -> None:
         self._app = app
         self._queue = queue
         self._accepted = accepted
+        self._direct = direct
 
     def enqueue(
         self,
@@ -208,16 +232,20 @@ class Enqueuer:
         accepted = self._accepted
         if with_writes is not None and accepted is None:
             raise ValueError("with_writes needs an accepted set")
+        direct = self._direct if countdown is None else None
+        if direct is not None and direct.shares_state and accepted is not None:
+            self._in_one_transaction(job, direct, accepted, with_writes)
+            return
         if accepted is not None:
             try:
                 accepted.add(job, time.time() + accepted.claim_s, with_writes)
             except (RedisError, OSError) as exc:
-                log.warning("Redis unavailable: %s", type(exc).__name__)
-                raise ServiceUnavailable(
-                    "the queue is unavailable; nothing was accepted, please retry"
-                ) from None
+                raise _unavailable(exc) from None
         try:
-            self._publish(job, countdown)
+            if direct is not None:
+                self._push(job, direct)
+            else:
+                self._publish(job, countdown)
         except ServiceUnavailable:
             if accepted is not None:
                 try:
@@ -225,6 +253,29 @@ class Enqueuer:
                 except (RedisError, OSError):
                     log.warning("could not withdraw a job the broker refused")
             raise
+
+    def _in_one_transaction(
+        self,
+        job: dict[str, Any],
+        direct: DirectBroker,
+        accepted: JobSet,
+        with_writes: Callable[[Any], None] | None,
+    ) -> None:
+        pipe = direct.client.pipeline(transaction=True)
+        accepted.add_to(pipe, job, time.time() + accepted.claim_s)
+        if with_writes is not None:
+            with_writes(pipe)
+        pipe.lpush(direct.framing.queue, direct.framing.frame(job))
+        try:
+            pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from None
+
+    def _push(self, job: dict[str, Any], direct: DirectBroker) -> None:
+        try:
+            direct.client.lpush(direct.framing.queue, direct.framing.frame(job))
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from None
 
     def _publish(self, job: dict[str, Any], countdown: float | None) -> None:
         try:
@@ -240,10 +291,7 @@ class Enqueuer:
                 countdown=countdown,
             )
         except (OperationalError, KombuError, RedisError, OSError) as exc:
-            log.warning("broker unavailable: %s", type(exc).__name__)
-            raise ServiceUnavailable(
-                "the queue is unavailable; nothing was accepted, please retry"
-            ) from None
+            raise _unavailable(exc) from None
 
     def ping(self) -> bool:
         """Whether the broker answers now."""
@@ -256,6 +304,16 @@ class Enqueuer:
 
 
 def make_enqueuer(settings: Settings, state: redis.Redis) -> Enqueuer:
-    """The API's enqueuer: a producer app, and the accepted set in ``state`` (the Redis of
-    ``POSTROOM_REDIS_URL``)."""
-    return Enqueuer(make_producer(settings), settings.queue, accepted_jobs(state, settings))
+    """The API's enqueuer: a producer app, the accepted set in ``state`` (the Redis of
+    ``POSTROOM_REDIS_URL``) and, on a Redis broker, direct publishing."""
+    direct = None
+    if settings.broker_url == settings.redis_url:
+        direct = DirectBroker(state, TaskFraming(settings.queue), shares_state=True)
+    elif settings.broker_url.startswith(("redis://", "rediss://")):
+        client = redis.Redis.from_url(
+            settings.broker_url, socket_connect_timeout=2.0, socket_timeout=5.0
+        )
+        direct = DirectBroker(client, TaskFraming(settings.queue), shares_state=False)
+    return Enqueuer(
+        make_producer(settings), settings.queue, accepted_jobs(state, settings), direct
+    )
