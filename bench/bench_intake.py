@@ -1,0 +1,84 @@
+"""The intake's own cost, without HTTP: run on purpose.
+
+    .venv/bin/python bench/bench_intake.py [--requests 2000]
+
+Starts an embedded ``redis-server`` and posts sends through Flask's test client, one at a
+time, printing CPU and wall time per request and the Redis commands each one costs
+(``INFO commandstats``), beside a baseline measured in the same run: a Flask view that
+parses the same JSON and does one ``LPUSH``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+
+import redis
+from flask import Flask, request
+
+from api.app import create_app
+from shared.crypto import generate_key
+from shared.embedded_redis import EmbeddedRedis
+from shared.settings import Settings
+
+BODY = {"to": ["someone@example.com"], "subject": "Hello", "text": "Hello from postroom"}
+
+
+def measure(post: Callable[[], int], n: int) -> tuple[float, float]:
+    for _ in range(200):
+        post()
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for _ in range(n):
+        assert post() == 202
+    return (time.process_time() - cpu0) / n * 1e3, (time.perf_counter() - wall0) / n * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=2000)
+    n = parser.parse_args().requests
+    server = EmbeddedRedis().start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        settings = Settings(
+            redis_url=server.url, admin_token="bench-admin", secret_key=generate_key(),
+            default_smtp_url="smtp+plain://127.0.0.1:25", log_level="WARNING",
+        )
+        app = create_app(settings).test_client()
+        admin = {"Authorization": "Bearer bench-admin"}
+        token = app.post("/api/v1/solutions", json={"solution_id": "bench", "hLimit": 10**9},
+                         headers=admin).get_json()["token"]
+        auth = {"Authorization": f"Bearer {token}"}
+
+        def post() -> int:
+            r = app.post("/api/v1/solutions/bench/email", json=BODY, headers=auth)
+            return r.status_code
+
+        client.config_resetstat()
+        cpu, wall = measure(post, n)
+        stats = client.info("commandstats")
+        commands = sum(v["calls"] for v in stats.values()) / (n + 200)
+
+        base = Flask("baseline")
+
+        @base.post("/email")
+        def baseline_view() -> tuple[str, int]:
+            client.lpush("baseline", json.dumps(request.get_json()))
+            return "{}", 202
+
+        base_client = base.test_client()
+        base_cpu, base_wall = measure(
+            lambda: base_client.post("/email", json=BODY).status_code, n
+        )
+        print(f"{'':28}{'CPU ms':>10}{'wall ms':>10}")
+        print(f"{'postroom intake':28}{cpu:10.3f}{wall:10.3f}   {commands:.1f} Redis commands")
+        print(f"{'baseline (parse + LPUSH)':28}{base_cpu:10.3f}{base_wall:10.3f}")
+        print(f"{'ratio':28}{cpu / base_cpu:10.2f}{wall / base_wall:10.2f}")
+    finally:
+        server.cleanup()
+
+
+if __name__ == "__main__":
+    main()
