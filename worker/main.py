@@ -15,7 +15,12 @@ def main(argv: list[str]) -> None:
     settings = Settings.from_env(os.environ)
     configure_logging(settings)
     app = make_celery(settings)
-    args = ["worker", "--queues", settings.queue, "--pool", "prefork", *argv]
+    # gossip, mingle and heartbeats serve Celery's remote control and monitoring, which
+    # postroom does not use: without them a worker starts a second sooner and sends less
+    args = [
+        "worker", "--queues", settings.queue, "--pool", "prefork",
+        "--without-gossip", "--without-mingle", "--without-heartbeat", *argv,
+    ]
     if not any(a.startswith(("--loglevel", "-l")) for a in argv):
         args += ["--loglevel", settings.log_level]
     app.worker_main(argv=args)
