@@ -9,9 +9,10 @@ It starts an embedded ``redis-server`` and the counting SMTP sink of ``bench_pip
    and each of its steps alone (schema load, solution read, bucket peek, job, first
    document, publish to the broker);
 2. the worker's ``Attempt(ctx, job).run()`` with the connection it opens per message, and
-   again with ``worker.pool.SmtpPool.deliver`` put in its place (this script swaps the
-   function in ``worker.sending``; the service itself is not changed), and each step alone
-   (document read, lease, ledger, solution, bucket script, MIME, SMTP, records);
+   again with the worker's ``SmtpPool`` (kept connections; this script swaps the context's
+   pool, the service itself is not changed), and each step alone
+   (document read, the attempt's first Redis step, the bucket script, MIME, SMTP, the last
+   Redis step);
 3. Celery's share: real ``postroom worker`` processes drain a burst of jobs, as shipped
    (prefork), with ``SmtpPool`` swapped in, at log level INFO (the default), as solo-pool
    processes, and as one solo process under cProfile, whose own time is summed per library
@@ -213,10 +214,11 @@ def queued_jobs(svc: Any, settings: Settings, n: int) -> list[dict[str, Any]]:
 def profile_attempt(
     settings: Settings, svc: Any, sink: Sink, meter: Meter, n: int, cprofile: bool
 ) -> None:
-    import worker.sending as sending
     from shared import keys
     from shared.logs import configure_logging
+    from worker import steps
     from worker.context import WorkerContext
+    from worker.ledger import Outcomes
     from worker.message import build_message
     from worker.pool import SmtpPool
     from worker.sending import Attempt
@@ -225,15 +227,20 @@ def profile_attempt(
     configure_logging(settings)
     ctx = WorkerContext.build(settings)
     pool = SmtpPool()
-    original = sending.deliver
+
+    class PerMessage:
+        """A stand-in for the worker's pool that opens a connection per message."""
+
+        def deliver(self, relay: Any, **kwargs: Any) -> Any:
+            return deliver(relay, **kwargs)
 
     def run(jobs: list[dict[str, Any]]) -> Callable[[int], None]:
         return lambda i: Attempt(ctx, jobs[i]).run()
 
     profiles: dict[str, cProfile.Profile] = {}
-    for label, deliver_fn in (("new connection per message", original),
-                              ("SmtpPool (kept connection)", pool.deliver)):  # fmt: skip
-        sending.deliver = deliver_fn
+    for label, stand_in in (("new connection per message", PerMessage()),
+                            ("SmtpPool (kept connection)", pool)):  # fmt: skip
+        ctx.pool = stand_in  # type: ignore[assignment]  # the worker's pool, swapped
         try:
             repeat(run(queued_jobs(svc, settings, 30)), 30)  # warm up
             jobs = queued_jobs(svc, settings, n)
@@ -252,7 +259,7 @@ def profile_attempt(
             sent = sum(1 for d in docs if d and d["state"] == "sent")
             assert (count, sent) == (n, n), (count, sent)
         finally:
-            sending.deliver = original
+            del ctx.pool  # back to the context's own (built on first use)
 
     # each step alone
     jobs = queued_jobs(svc, settings, n)
@@ -262,25 +269,16 @@ def profile_attempt(
     msg = jobs[0]["message"]
     with meter.measure("  document read (GET + JSON)", n):
         repeat(lambda i: ctx.documents.get(SID, jobs[i]["task_id"]), n)
-    def lease(i: int) -> None:
-        ctx.leases.acquire(SID, jobs[i]["task_id"], 60)
-        ctx.leases.release(SID, jobs[i]["task_id"])
-
-    with meter.measure("  lease acquire + release", n):
-        repeat(lease, n)
-    with meter.measure("  ledger load (HGETALL)", n):
-        repeat(lambda i: ctx.ledger.load(SID, jobs[i]["task_id"]), n)
-    with meter.measure("  solution read (GET + JSON)", n):
-        repeat(lambda i: ctx.solutions.get(SID), n)
-    with meter.measure("  bucket take with once-key (Lua)", n):
+    with meter.measure("  begin: lease, document, ledger, solution (Lua)", n):
+        repeat(lambda i: steps.begin(ctx, SID, jobs[i]["task_id"], 60.0), n)
+    with meter.measure("  bucket take, marking the attempt (Lua)", n):
         ledgers = [keys.ledger(SID, j["task_id"]) for j in jobs]
-        repeat(lambda i: ctx.bucket.take(SID, solution.hlimit, None, once_key=ledgers[i]), n)
+        repeat(lambda i: ctx.bucket.take(SID, solution.hlimit, None, once_key=ledgers[i],
+                                         attempt=1, ledger_ttl_s=3600), n)  # fmt: skip
     with meter.measure("  MIME build (build_message)", n):
         repeat(lambda i: build_message(sender=msg["from"], to=msg["to"], cc=msg["cc"],
                                        subject=msg["subject"], text=msg["text"], html=None,
                                        message_id=jobs[i]["message_id"]), n)  # fmt: skip
-    with meter.measure("  ledger mark_sending (MULTI)", n):
-        repeat(lambda i: ctx.ledger.mark_sending(SID, jobs[i]["task_id"], 1), n)
     data = build_message(sender=msg["from"], to=msg["to"], cc=msg["cc"], subject="x",
                          text="y", html=None, message_id="<p@profile>")  # fmt: skip
     smtp_args: dict[str, Any] = dict(connect_host=None, sender=msg["from"], recipients=msg["to"],
@@ -296,15 +294,17 @@ def profile_attempt(
     with meter.measure("  SMTP, one NOOP on a kept connection", n):
         repeat(lambda i: conn.is_alive(), n)
     conn.close()
-    with meter.measure("  ledger record (MULTI)", n):
-        accepted = {msg["to"][0]: {"status": "accepted", "code": 250, "reply": None}}
-        repeat(lambda i: ctx.ledger.record(SID, jobs[i]["task_id"], accepted, "250 ok"), n)
     doc = ctx.documents.get(SID, jobs[0]["task_id"])
     assert doc is not None
-    with meter.measure("  final document write (SET + PUBLISH)", n):
-        repeat(lambda i: ctx.documents.put({**doc, "task_id": jobs[i]["task_id"]}), n)
-    with meter.measure("  stats counter (HINCRBY)", n):
-        repeat(lambda i: ctx.state.hincrby(keys.stats(), "sent", 1), n)
+    accepted = {msg["to"][0]: {"status": "accepted", "code": 250, "reply": None}}
+
+    def finish(i: int) -> None:
+        steps.finish(ctx, jobs[i], doc={**doc, "task_id": jobs[i]["task_id"], "state": "sent"},
+                     transition="sent", outcomes=Outcomes(accepted, "250 ok"), release=True,
+                     forget=True)  # fmt: skip
+
+    with meter.measure("  finish: ledger, document, lease, stats, accepted", n):
+        repeat(finish, n)
     pool.close_all()
     meter.print(f"worker Attempt path, in process, per message ({n} messages)")
     print(f"  pool: {pool.stats()}")

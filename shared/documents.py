@@ -44,12 +44,19 @@ class DocumentStore:
         raw = self._r.get(keys.task(sid, task_id))
         return json.loads(raw) if raw is not None else None
 
-    def put(self, doc: dict[str, Any], pipe: Any = None) -> None:
-        """Write a document; when it is final, wake whoever waits for it (``?wait=N``)."""
+    def encode(self, doc: dict[str, Any]) -> str:
+        """The document as it is stored, stamped with the time of this write."""
         doc["updated_at"] = iso(time.time())
+        return json.dumps(doc)
+
+    def put(self, doc: dict[str, Any], pipe: Any = None) -> None:
+        """Write a document; when it is final, wake whoever waits for it (``?wait=N``).
+
+        (The worker writes it with the ledger and the lease in one step when the result
+        backend is the state's Redis: ``shared/lua/attempt_finish.lua``.)"""
         sid, tid = doc["solution_id"], doc["task_id"]
         target = pipe if pipe is not None else self._r.pipeline(transaction=False)
-        target.set(keys.task(sid, tid), json.dumps(doc), ex=self.ttl_s)
+        target.set(keys.task(sid, tid), self.encode(doc), ex=self.ttl_s)
         if doc["state"] in FINAL:
             target.publish(keys.task_done_channel(sid, tid), doc["state"])
         if pipe is None:

@@ -79,13 +79,22 @@ class TokenBucket:
         capacity: int,
         request_capacity: int | None = None,
         once_key: str | None = None,
+        *,
+        attempt: int = 0,
+        ledger_ttl_s: int = 0,
     ) -> Decision:
         """Take one token from the solution's bucket (and the request's), or from none.
 
         With ``once_key`` (``keys.ledger(sid, task_id)``), a message that already took its
-        token is allowed again without taking another.
+        token is allowed again without taking another. With ``attempt`` N as well, an
+        allowed take also marks attempt N under way in that ledger (fields ``sending`` and
+        ``attempts``; it then lives ``ledger_ttl_s``), in the same atomic step.
         """
-        return self._run(sid, capacity, request_capacity, once_key, "take")
+        if attempt and once_key is None:
+            raise ValueError("attempt needs once_key (the message's ledger)")
+        return self._run(
+            sid, capacity, request_capacity, once_key, "take", marks=(attempt, ledger_ttl_s)
+        )
 
     def peek(self, sid: str, capacity: int, request_capacity: int | None = None) -> Decision:
         """What a take would answer now, taking nothing."""
@@ -117,6 +126,7 @@ class TokenBucket:
         once_key: str | None,
         mode: str,
         within_s: float = 0.0,
+        marks: tuple[int, int] = (0, 0),
     ) -> Decision:
         _check_capacity("capacity", capacity)
         script_keys = [keys.bucket(sid)]
@@ -137,6 +147,7 @@ class TokenBucket:
             mode,
             "1" if once_key is not None else "0",
             max(0, int(within_s * 1e6)),
+            *marks,
         ]
         answer = self._script(keys=script_keys, args=args)
         allowed, remaining, limit, retry_us, reset_us, reserved = answer

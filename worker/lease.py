@@ -2,7 +2,9 @@
 
 The lease names its holder (``host:pid``). It lasts as long as the longest attempt can
 (:func:`attempt_bound_s`) and then expires on its own; a holder on this host whose process
-is gone (a killed pool child) is taken over at once.
+is gone (a killed pool child) is taken over at once. An attempt takes and releases it
+within its first and last Redis steps (:mod:`worker.steps`, ``shared/lua/attempt_*.lua``),
+with the same rules as :meth:`Leases.acquire` and :meth:`Leases.release` here.
 
 The same bound ties the broker's redelivery window to the SMTP timeouts
 (:func:`check_timeouts`): a message the broker hands out again while its first send may
@@ -64,11 +66,14 @@ return 0
 """
 
 
-def _holder() -> str:
+def holder() -> str:
+    """This process, as a lease names its holder: ``host:pid``."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _dead_here(holder: str) -> bool:
+def dead_here(holder: str) -> bool:
+    """Whether ``holder`` is a process of this host that is gone (its lease may be taken
+    over at once)."""
     host, _, pid = holder.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return False
@@ -89,16 +94,16 @@ class Leases:
 
     def acquire(self, sid: str, task_id: str, ttl_s: float) -> bool:
         key = keys.lease(sid, task_id)
-        me = _holder()
+        me = holder()
         ttl_ms = int(ttl_s * 1000)
         if self._r.set(key, me, nx=True, px=ttl_ms):
             return True
         current = self._r.get(key)
         if current is None:
             return bool(self._r.set(key, me, nx=True, px=ttl_ms))
-        holder = as_str(current)
-        if holder == me or _dead_here(holder):
-            return bool(self._take_over(keys=[key], args=[holder, me, ttl_ms]))
+        current_holder = as_str(current)
+        if current_holder == me or dead_here(current_holder):
+            return bool(self._take_over(keys=[key], args=[current_holder, me, ttl_ms]))
         return False
 
     def held(self, sid: str, task_id: str) -> bool:
@@ -110,4 +115,4 @@ class Leases:
         return max(0.0, ms / 1000.0)
 
     def release(self, sid: str, task_id: str) -> None:
-        self._release(keys=[keys.lease(sid, task_id)], args=[_holder()])
+        self._release(keys=[keys.lease(sid, task_id)], args=[holder()])

@@ -13,6 +13,11 @@ comes and when it was taken, in Redis TIME microseconds; see ``shared/ratelimit.
 ``rcpt:<address>`` (JSON ``{status: accepted|rejected, code, reply}``),
 ``response`` (the last reply to the end of DATA).
 
+The worker writes it in two steps of :mod:`worker.steps`: the bucket script that lets an
+attempt send also sets ``sending``/``attempts``, and the attempt's last step records the
+outcomes (and ends ``sending``) with the document. :meth:`Ledger.record` is that write on
+its own, with patience, for when that step meets a Redis outage.
+
 The one window it cannot close is SMTP's own: a connection lost after the message's final
 dot and before the relay's reply. Nobody knows whether the relay took the message; the
 ledger still says ``sending``, so the next attempt sends it again (with the same
@@ -43,28 +48,37 @@ RECORD_PATIENCE = StorePatience(budget_s=60.0)
 
 
 @dataclass
+class Outcomes:
+    """What one attempt learnt on the wire and has not written down yet: per recipient
+    ``{status, code, reply}``, and the reply to the end of DATA."""
+
+    recipients: dict[str, dict[str, Any]] = field(default_factory=dict)
+    response: str | None = None
+
+    def add(self, recipients: dict[str, dict[str, Any]], response: str | None = None) -> None:
+        self.recipients.update(recipients)
+        if response is not None:
+            self.response = response
+
+    def fields(self) -> dict[str, str]:
+        """The ledger fields that record them."""
+        written = {f"rcpt:{r}": json.dumps(v) for r, v in self.recipients.items()}
+        if self.response is not None:
+            written["response"] = self.response
+        return written
+
+
+@dataclass
 class LedgerState:
     done: dict[str, dict[str, Any]] = field(default_factory=dict)
     response: str | None = None
     sending: int | None = None
     attempts: int = 0
 
-    def pending(self, recipients: list[str]) -> list[str]:
-        return [r for r in recipients if r not in self.done]
-
-    def with_status(self, status: str, order: list[str]) -> list[str]:
-        """The recipients, in ``order``, that ended with ``status``."""
-        return [r for r in order if self.done.get(r, {}).get("status") == status]
-
-
-class Ledger:
-    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
-        self._r = client
-        self._ttl_s = ttl_s
-
-    def load(self, sid: str, task_id: str) -> LedgerState:
-        raw = self._r.hgetall(keys.ledger(sid, task_id))
-        state = LedgerState()
+    @classmethod
+    def from_fields(cls, raw: dict[Any, Any]) -> LedgerState:
+        """The state a ledger hash (as HGETALL reads it) describes."""
+        state = cls()
         for name, value in raw.items():
             key = as_str(name)
             if key.startswith("rcpt:"):
@@ -77,13 +91,31 @@ class Ledger:
                 state.attempts = int(value)
         return state
 
-    def mark_sending(self, sid: str, task_id: str, attempt: int) -> None:
-        """Attempt number ``attempt`` is about to talk SMTP."""
-        key = keys.ledger(sid, task_id)
-        pipe = self._r.pipeline(transaction=True)
-        pipe.hset(key, mapping={"sending": attempt, "attempts": attempt})
-        pipe.expire(key, self._ttl_s)
-        pipe.execute()
+    def after(self, outcomes: Outcomes) -> LedgerState:
+        """The state the ledger reads once ``outcomes`` are recorded (which ends
+        ``sending``): built here rather than read back."""
+        return LedgerState(
+            done={**self.done, **outcomes.recipients},
+            response=self.response if outcomes.response is None else outcomes.response,
+            sending=None,
+            attempts=self.attempts,
+        )
+
+    def pending(self, recipients: list[str]) -> list[str]:
+        return [r for r in recipients if r not in self.done]
+
+    def with_status(self, status: str, order: list[str]) -> list[str]:
+        """The recipients, in ``order``, that ended with ``status``."""
+        return [r for r in order if self.done.get(r, {}).get("status") == status]
+
+
+class Ledger:
+    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+        self._r = client
+        self.ttl_s = ttl_s
+
+    def load(self, sid: str, task_id: str) -> LedgerState:
+        return LedgerState.from_fields(self._r.hgetall(keys.ledger(sid, task_id)))
 
     def record(
         self,
@@ -97,9 +129,7 @@ class Ledger:
         The write is idempotent, so while Redis does not answer it is tried again, for up to
         :data:`RECORD_PATIENCE`; then the error is raised."""
         key = keys.ledger(sid, task_id)
-        mapping: dict[Any, Any] = {f"rcpt:{r}": json.dumps(v) for r, v in outcomes.items()}
-        if response is not None:
-            mapping["response"] = response
+        mapping: dict[Any, Any] = Outcomes(outcomes, response).fields()
         waits = RECORD_PATIENCE.waits()
         while True:
             try:
@@ -107,7 +137,7 @@ class Ledger:
                 if mapping:
                     pipe.hset(key, mapping=mapping)
                 pipe.hdel(key, "sending")
-                pipe.expire(key, self._ttl_s)
+                pipe.expire(key, self.ttl_s)
                 pipe.execute()
                 return
             except (RedisConnectionError, RedisTimeoutError):

@@ -3,6 +3,11 @@
 The task document says where the message is; the ledger says what happened on the
 wire. Each path below ends in exactly one of: the document final (``sent``/``failed``),
 or the job parked in the schedule with the document ``retrying``/``deferred``.
+
+Redis is met in three steps (:mod:`worker.steps`): ``begin`` (lease, document, ledger,
+solution), the hLimit take (which marks the attempt ``sending``), and ``finish`` (ledger,
+document, lease, schedule or accepted set, counters). What the relay answered is kept in
+:class:`~worker.ledger.Outcomes` until ``finish`` has written it down.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ from typing import Any
 from shared.documents import FINAL, new_document
 from shared.errors import (
     InternalError,
-    NotFound,
     PermanentSendError,
     PostroomError,
     RateLimited,
@@ -23,16 +27,15 @@ from shared.errors import (
     TransientSendError,
 )
 from shared.keys import ledger as ledger_key
-from shared.keys import stats as stats_key
-from shared.queue import forget_accepted
 from shared.relays import Relay
-from shared.solutions import iso
+from shared.solutions import Solution, iso
 from worker.context import WorkerContext
 from worker.lease import attempt_bound_s
-from worker.ledger import LedgerState
+from worker.ledger import LedgerState, Outcomes
 from worker.message import build_message
 from worker.outcomes import retry_hint
 from worker.smtp import DeliveryResult
+from worker.steps import begin, finish
 
 log = logging.getLogger("postroom.worker")
 
@@ -62,29 +65,39 @@ class Attempt:
         self.task_id: str = job["task_id"]
         self.recipients = recipients_of(job)
         self.log_extra = {"task_id": self.task_id, "solution_id": self.sid}
+        # whether this attempt holds the message's lease now
+        self._leased = False
+        # what the relay answered and the ledger does not say yet (kept when the attempt is
+        # run again after a Redis error), and the rejections not yet counted as bounces
+        self._unrecorded: Outcomes | None = None
+        self._bounces: dict[str, dict[str, Any]] = {}
 
     # -- the whole attempt ----------------------------------------------------------
 
     def run(self) -> None:
         ctx = self.ctx
-        doc = ctx.documents.get(self.sid, self.task_id)
+        begun = begin(ctx, self.sid, self.task_id, self._lease_seconds())
+        self._leased = begun.leased
+        doc = begun.doc
         if doc is None:  # expired, or lost with the result backend: start it again
             doc = new_document(self.task_id, self.sid, self.job["created_at"])
         if doc["state"] in FINAL:
             log.info("already final; nothing to do", extra=self.log_extra)
-            forget_accepted(ctx.state, self.job)
+            finish(ctx, self.job, release=self._leased, forget=True)
+            self._leased = False
+            self._count_bounces()
             return
-        lease_s = self._lease_seconds()
-        if not ctx.leases.acquire(self.sid, self.task_id, lease_s):
+        if not begun.leased:
             # another worker is sending it now: look again when its lease would end
-            wait = ctx.leases.remaining_s(self.sid, self.task_id) + 1.0
-            ctx.schedule.add(self.job, time.time() + wait)
+            ctx.schedule.add(self.job, time.time() + begun.lease_left_s + 1.0)
             log.info("held by another worker; rescheduled", extra=self.log_extra)
             return
         try:
-            self._attempt(doc)
+            self._attempt(doc, self._with_unrecorded(begun.ledger), begun.solution)
         finally:
-            ctx.leases.release(self.sid, self.task_id)
+            if self._leased:  # finish releases it; not reached, or it failed
+                ctx.leases.release(self.sid, self.task_id)
+                self._leased = False
 
     def _lease_seconds(self) -> float:
         return attempt_bound_s(self.ctx.settings.smtp_timeout_s, len(self.recipients))
@@ -97,35 +110,23 @@ class Attempt:
             doc = new_document(self.task_id, self.sid, self.job["created_at"])
         if doc["state"] in FINAL:
             return
-        state = self.ctx.ledger.load(self.sid, self.task_id)
+        state = self._with_unrecorded(self.ctx.ledger.load(self.sid, self.task_id))
         err = InternalError(f"the worker met an unexpected error ({type(exc).__name__})")
         self._fail(doc, state, err)
 
-    def _attempt(self, doc: dict[str, Any]) -> None:
+    def _attempt(
+        self, doc: dict[str, Any], state: LedgerState, solution: Solution | None
+    ) -> None:
         ctx = self.ctx
-        state = ctx.ledger.load(self.sid, self.task_id)
         # the ledger keeps the count when the document was lost with the result backend
         doc["attempts"] = max(int(doc.get("attempts", 0)), state.attempts)
         pending = state.pending(self.recipients)
         if not pending:  # a redelivered job whose message was already sent
             self._finish(doc, state)
             return
-        try:
-            solution = ctx.solutions.get(self.sid)
-        except NotFound:
+        if solution is None:
             self._fail(doc, state, PermanentSendError("the solution no longer exists"))
             return
-
-        decision = ctx.bucket.take(
-            self.sid,
-            solution.hlimit,
-            self.job.get("hlimit"),
-            once_key=ledger_key(self.sid, self.task_id),
-        )
-        if not decision.allowed:
-            self._limited(doc, state, decision.retry_after, decision.limit, solution.policy)
-            return
-
         try:
             relay = self._relay()
             connect_host = (
@@ -135,6 +136,20 @@ class Attempt:
             )
         except PostroomError as err:
             self._fail(doc, state, err)
+            return
+
+        # the token, and the ledger's note that this attempt is under way, in one step
+        attempt = int(doc["attempts"]) + 1
+        decision = ctx.bucket.take(
+            self.sid,
+            solution.hlimit,
+            self.job.get("hlimit"),
+            once_key=ledger_key(self.sid, self.task_id),
+            attempt=attempt,
+            ledger_ttl_s=ctx.ledger.ttl_s,
+        )
+        if not decision.allowed:
+            self._limited(doc, state, solution, decision.retry_after, decision.limit)
             return
 
         msg = self.job["message"]
@@ -147,8 +162,7 @@ class Attempt:
             html=msg.get("html"),
             message_id=self.job["message_id"],
         )
-        doc["attempts"] += 1
-        ctx.ledger.mark_sending(self.sid, self.task_id, doc["attempts"])
+        doc["attempts"] = attempt
         log.info(
             "sending",
             extra={**self.log_extra, "attempt": doc["attempts"], "recipients": len(pending)},
@@ -166,35 +180,49 @@ class Attempt:
             )
         except TransientSendError as err:
             # recipients refused for good in the same transaction are done
-            self._record({r: _rejected(*reply) for r, reply in err.rcpt_rejections.items()})
-            self._retry(doc, ctx.ledger.load(self.sid, self.task_id), err)
+            rejections = {r: _rejected(*reply) for r, reply in err.rcpt_rejections.items()}
+            self._retry(doc, self._note(state, rejections), err)
             return
         except SmtpRejected as err:
             # a 5xx to RCPT TO is that address's bounce; a 5xx to MAIL FROM or to the
             # message (a content filter, say) is no fault of the addresses: no code
             # is recorded for them, so they do not count toward suppression
             reply = err.extra.get("smtp_response")
-            self._record(
-                {r: _rejected(*err.rcpt_rejections.get(r, (None, reply))) for r in pending}
-            )
-            self._fail(doc, ctx.ledger.load(self.sid, self.task_id), err)
+            rejected = {r: _rejected(*err.rcpt_rejections.get(r, (None, reply))) for r in pending}
+            self._fail(doc, self._note(state, rejected), err)
             return
         except PermanentSendError as err:
-            self._record({})
-            self._fail(doc, state, err)
+            self._fail(doc, self._note(state, {}), err)
             return
-        self._delivered(doc, result)
+        self._delivered(doc, state, result)
 
-    def _record(self, outcomes: dict[str, dict[str, Any]], response: str | None = None) -> None:
-        self.ctx.ledger.record(self.sid, self.task_id, outcomes, response)
-        self.ctx.suppressions.record_bounces(self.sid, outcomes, self.task_id)
+    def _note(
+        self,
+        state: LedgerState,
+        outcomes: dict[str, dict[str, Any]],
+        response: str | None = None,
+    ) -> LedgerState:
+        """Keep what the relay answered for the ledger (written by the attempt's last step)
+        and for the bounce counts; returns the ledger's state once it is written."""
+        if self._unrecorded is None:
+            self._unrecorded = Outcomes()
+        self._unrecorded.add(outcomes, response)
+        self._bounces.update(outcomes)
+        return state.after(Outcomes(outcomes, response))
 
-    def _delivered(self, doc: dict[str, Any], result: DeliveryResult) -> None:
+    def _with_unrecorded(self, state: LedgerState) -> LedgerState:
+        return state if self._unrecorded is None else state.after(self._unrecorded)
+
+    def _count_bounces(self) -> None:
+        if self._bounces:
+            self.ctx.suppressions.record_bounces(self.sid, self._bounces, self.task_id)
+            self._bounces = {}
+
+    def _delivered(self, doc: dict[str, Any], state: LedgerState, result: DeliveryResult) -> None:
         outcomes = {r: {"status": "accepted", "code": 250, "reply": None} for r in result.accepted}
         for addr, code, reply in result.rejected:
             outcomes[addr] = _rejected(code, reply)
-        self._record(outcomes, result.response or None)
-        state = self.ctx.ledger.load(self.sid, self.task_id)
+        state = self._note(state, outcomes, result.response or None)
         if result.deferred:
             _, code, reply = result.deferred[0]
             deferred = TransientSendError(
@@ -275,8 +303,7 @@ class Attempt:
         pending = state.pending(self.recipients)
         if delay is None:
             spent = _rejected(err.extra.get("smtp_code"), "retry budget spent")
-            self._record({r: spent for r in pending})
-            state = ctx.ledger.load(self.sid, self.task_id)
+            state = self._note(state, {r: spent for r in pending})
             final = SmtpUnavailable(
                 f"gave up after {doc['attempts']} attempts: {err.message}",
                 **{k: v for k, v in err.extra.items() if k in ("smtp_code", "smtp_response")},
@@ -295,16 +322,15 @@ class Attempt:
             pending=pending,
             result=self._result(state) if state.done else None,
         )
-        self._write(doc, "retrying", delay=round(delay, 3))
-        ctx.schedule.add(self.job, due)
+        self._write(doc, "retrying", schedule_at=due, delay=round(delay, 3))
 
     def _limited(
         self,
         doc: dict[str, Any],
         state: LedgerState,
+        solution: Solution,
         retry_after: float | None,
         limit: int,
-        policy: str,
     ) -> None:
         """No token now. Under ``reject``, or for hLimit 0 whatever the policy: failed,
         ``RateLimited``. Under ``defer``: hold the next token in line for this message (a
@@ -317,13 +343,8 @@ class Attempt:
         """
         ctx = self.ctx
         message = "the hourly sending limit (hLimit) is used up"
-        if retry_after is None or policy != "defer":
+        if retry_after is None or solution.policy != "defer":
             self._fail(doc, state, RateLimited(message, retry_after=retry_after, hLimit=limit))
-            return
-        try:
-            solution = ctx.solutions.get(self.sid)
-        except NotFound:
-            self._fail(doc, state, PermanentSendError("the solution no longer exists"))
             return
         left = MAX_DEFER_S - (time.time() - float(self.job["created_at"]))
         key = ledger_key(self.sid, self.task_id)
@@ -336,17 +357,31 @@ class Attempt:
             err = RateLimited(message, retry_after=held.retry_after, hLimit=held.limit)
             self._fail(doc, state, err)
             return
-        ctx.state.expire(key, ctx.settings.result_ttl)  # the reservation is in the ledger
+        # the reservation is in the ledger, which gets the document's time to live below
         due = time.time() + held.retry_after
         doc.update(state="deferred", next_attempt_at=iso(due), error=None)
-        self._write(doc, "deferred", retry_after=round(held.retry_after, 3))
-        ctx.schedule.add(self.job, due)
+        self._write(doc, "deferred", schedule_at=due, retry_after=round(held.retry_after, 3))
 
-    def _write(self, doc: dict[str, Any], transition: str, **fields: Any) -> None:
-        pipe = self.ctx.results.pipeline(transaction=False)
-        self.ctx.documents.put(doc, pipe=pipe)
-        pipe.execute()
-        if doc["state"] in FINAL:
-            forget_accepted(self.ctx.state, self.job)
-        self.ctx.state.hincrby(stats_key(), transition, 1)
+    def _write(
+        self,
+        doc: dict[str, Any],
+        transition: str,
+        schedule_at: float | None = None,
+        **fields: Any,
+    ) -> None:
+        """The attempt's last step: the ledger (what the relay answered), the document, the
+        lease, and the job parked until ``schedule_at`` or, final, out of the accepted set."""
+        finish(
+            self.ctx,
+            self.job,
+            doc=doc,
+            transition=transition,
+            outcomes=self._unrecorded,
+            release=self._leased,
+            schedule_at=schedule_at,
+            forget=doc["state"] in FINAL,
+        )
+        self._leased = False
+        self._unrecorded = None
         log.info(transition, extra={**self.log_extra, **fields})
+        self._count_bounces()

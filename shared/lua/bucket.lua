@@ -12,6 +12,10 @@
 --          is free, hold the next one in line for this message: needs the ledger)
 -- ARGV[5]  "1" when a ledger key is given (take once per message, see below)
 -- ARGV[6]  reserve only: the longest wait, in microseconds, for which a slot may be held
+-- ARGV[7]  optional, with a ledger: the number N of the attempt about to talk SMTP, or "0".
+--          When the take is allowed, the ledger then records it (`sending` and `attempts`
+--          set to N) in the same step; a refused take records nothing.
+-- ARGV[8]  optional, with ARGV[7]: the ledger's time to live in seconds ("0": leave it)
 --
 -- Returns {allowed (0|1), remaining, limit, retry_after_us, reset_after_us, reserved (0|1)}
 -- for the tighter bucket (the one with the fewest whole tokens left); retry_after_us is -1
@@ -32,7 +36,9 @@
 -- and takes nothing), `token_due` and `token_at` (a reservation: the time its slot comes,
 -- and the time it was made). A take at or after token_due redeems the reservation (sets
 -- `token`); before it, it is refused with the time left. A reservation made before a bucket's
--- `since` (the bucket was recreated or its capacity lowered) is void.
+-- `since` (the bucket was recreated or its capacity lowered) is void. With ARGV[7], an allowed
+-- take also sets `sending` and `attempts` (see worker/ledger.py), so the worker marks the
+-- attempt it is about to make in the step that lets it make it.
 
 -- Older Redis needs effects replication before a writing script may call TIME; Redis 7
 -- keeps the function as a no-op and some emulators lack it, hence the guard.
@@ -45,6 +51,8 @@ local mode = ARGV[4]
 local writes = mode ~= "peek"
 local has_ledger = ARGV[5] == "1"
 local max_wait_us = tonumber(ARGV[6] or "0") or 0
+local attempt = tonumber(ARGV[7] or "0") or 0
+local ledger_ttl_s = tonumber(ARGV[8] or "0") or 0
 local EPSILON = 1e-9 -- float slack, so a caller who waits retry_after is not refused
 local TTL_SLACK_MS = 1000
 
@@ -115,9 +123,34 @@ local function answer(allowed, retry_us, reserved)
   }
 end
 
+-- an allowed take: the ledger says the message has paid (when `token` is true) and, when
+-- asked (ARGV[7]), that attempt N is under way
+local function paid(token)
+  if not (writes and has_ledger) then
+    return
+  end
+  local fields = {}
+  if token then
+    fields = { "token", 1 }
+  end
+  if attempt > 0 then
+    table.insert(fields, "sending")
+    table.insert(fields, attempt)
+    table.insert(fields, "attempts")
+    table.insert(fields, attempt)
+  end
+  if #fields > 0 then
+    redis.call("HSET", ledger, unpack(fields))
+  end
+  if attempt > 0 and ledger_ttl_s > 0 then
+    redis.call("EXPIRE", ledger, ledger_ttl_s)
+  end
+end
+
 if has_ledger then
   local held = redis.call("HMGET", ledger, "token", "token_due", "token_at")
   if held[1] then
+    paid(false)
     return answer(true, 0, false) -- paid before: allowed, takes nothing
   end
   local due, at = tonumber(held[2]), tonumber(held[3])
@@ -130,7 +163,7 @@ if has_ledger then
     end
     if valid and now_us >= due then
       if writes then
-        redis.call("HSET", ledger, "token", 1)
+        paid(true)
         redis.call("HDEL", ledger, "token_due", "token_at")
       end
       return answer(true, 0, false)
@@ -157,9 +190,7 @@ if allowed then
       b.tokens = math.max(0, b.tokens - 1)
     end
     save()
-    if has_ledger then
-      redis.call("HSET", ledger, "token", 1)
-    end
+    paid(true)
   end
   return answer(true, 0, false)
 end

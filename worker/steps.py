@@ -1,0 +1,196 @@
+"""The Redis side of one delivery attempt, in as few round trips as it allows.
+
+On the way of a message sent at its first try an attempt meets Redis three times:
+
+1. :func:`begin` — one script (``shared/lua/attempt_begin.lua``): take the message's lease,
+   read its ledger, its solution and, when the result backend is the same Redis, its task
+   document (otherwise that is one GET before);
+2. the hLimit take (``TokenBucket.take`` with ``attempt``), which also marks the attempt
+   ``sending`` in the ledger — in the step that lets it send, never for a refused take;
+3. :func:`finish` — one pipeline: a script (``shared/lua/attempt_finish.lua``) records the
+   outcomes in the ledger, writes the document, releases the lease; beside it, the job is
+   parked in the schedule or taken out of the accepted set, and the transition counted.
+   With a result backend of its own: the ledger first, then the document, then the rest.
+
+The scripts touch only keys of the solution's hash tag; the service-wide keys (schedule,
+accepted set, counters) are plain commands in the same pipeline. Scripts run by EVALSHA,
+and one that Redis forgot (a restart) is loaded again and run on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared import keys
+from shared.documents import FINAL
+from shared.queue import encode_job
+from shared.solutions import Solution
+from shared.text import as_str
+from worker.context import WorkerContext
+from worker.lease import dead_here, holder
+from worker.ledger import LedgerState, Outcomes
+
+Args = Sequence[str | int | float]
+
+
+class Lua:
+    """A script of ``shared/lua/``, run by EVALSHA alone or queued in a pipeline (redis-py's
+    own pipelined scripts would ask SCRIPT EXISTS before every pipeline)."""
+
+    def __init__(self, name: str) -> None:
+        self.source = (
+            resources.files("shared").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+        )
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+    def __call__(self, client: redis.Redis, script_keys: Args, args: Args) -> Any:
+        try:
+            return client.evalsha(self.sha, len(script_keys), *script_keys, *args)
+        except NoScriptError:
+            client.script_load(self.source)
+            return client.evalsha(self.sha, len(script_keys), *script_keys, *args)
+
+    def queue(self, pipe: Any, script_keys: Args, args: Args) -> None:
+        pipe.evalsha(self.sha, len(script_keys), *script_keys, *args)
+
+
+@cache
+def script(name: str) -> Lua:
+    return Lua(name)
+
+
+@dataclass(frozen=True)
+class Begun:
+    """What :func:`begin` found. ``leased`` false: another worker holds the message for
+    ``lease_left_s`` more seconds, or the document is final already (then nothing else was
+    looked at)."""
+
+    doc: dict[str, Any] | None
+    leased: bool
+    lease_left_s: float = 0.0
+    ledger: LedgerState = field(default_factory=LedgerState)
+    #: None: the solution was deleted
+    solution: Solution | None = None
+
+
+def begin(ctx: WorkerContext, sid: str, task_id: str, lease_s: float) -> Begun:
+    """Take the message's lease and read its document, ledger and solution."""
+    same = ctx.results is ctx.state
+    doc: dict[str, Any] | None = None
+    script_keys = [keys.ledger(sid, task_id), keys.lease(sid, task_id), keys.solution(sid)]
+    if same:
+        script_keys.append(keys.task(sid, task_id))
+    else:
+        doc = ctx.documents.get(sid, task_id)
+        if doc is not None and doc["state"] in FINAL:
+            return Begun(doc, leased=False)
+    me, ttl_ms = holder(), max(1, int(lease_s * 1000))
+    run = script("attempt_begin")
+    answer = run(ctx.state, script_keys, [me, ttl_ms, ""])
+    if not answer[0] and answer[1] is not None and dead_here(as_str(answer[1])):
+        answer = run(ctx.state, script_keys, [me, ttl_ms, as_str(answer[1])])
+    leased, _, lease_ms, raw_doc = answer[:4]
+    if same and raw_doc is not None:
+        doc = json.loads(raw_doc)
+    if not leased:
+        return Begun(doc, leased=False, lease_left_s=max(0.0, int(lease_ms) / 1000.0))
+    raw_solution, flat = answer[4], answer[5]
+    return Begun(
+        doc,
+        leased=True,
+        ledger=LedgerState.from_fields(dict(zip(flat[::2], flat[1::2], strict=True))),
+        solution=_solution(raw_solution),
+    )
+
+
+def finish(
+    ctx: WorkerContext,
+    job: dict[str, Any],
+    *,
+    doc: dict[str, Any] | None = None,
+    transition: str | None = None,
+    outcomes: Outcomes | None = None,
+    release: bool = False,
+    schedule_at: float | None = None,
+    forget: bool = False,
+) -> None:
+    """End an attempt: record ``outcomes`` (the attempt talked SMTP) in the ledger, write
+    ``doc``, release the lease (``release``), park the job until ``schedule_at``, take it
+    out of the accepted set (``forget``: its document is final), count ``transition``.
+
+    The ledger gets the document's time to live. When Redis does not answer, outcomes
+    already read from the relay are written on their own first, with patience
+    (:meth:`worker.ledger.Ledger.record`), and the error is raised."""
+    sid, task_id = job["solution_id"], job["task_id"]
+    same = ctx.results is ctx.state
+    if not same:
+        # the ledger before the document, the document before anything says it is done
+        if outcomes is not None:
+            ctx.ledger.record(sid, task_id, outcomes.recipients, outcomes.response)
+            outcomes = None
+        if doc is not None:
+            ctx.documents.put(doc)
+            doc = None
+    script_keys = [keys.ledger(sid, task_id), keys.lease(sid, task_id)]
+    doc_json, channel, state = "", "", ""
+    if doc is not None:
+        script_keys.append(keys.task(sid, task_id))
+        doc_json = ctx.documents.encode(doc)
+        if doc["state"] in FINAL:
+            channel, state = keys.task_done_channel(sid, task_id), doc["state"]
+    fields = [] if outcomes is None else [x for kv in outcomes.fields().items() for x in kv]
+    args: list[str | int] = [
+        holder() if release else "",
+        ctx.ledger.ttl_s,
+        "0" if outcomes is None else "1",
+        doc_json,
+        ctx.documents.ttl_s,
+        channel,
+        state,
+        *fields,
+    ]
+    # parking the job and releasing the lease are one atomic step: no moment when neither
+    # holds the job (the watcher would publish it again)
+    pipe = ctx.state.pipeline(transaction=schedule_at is not None)
+    run = script("attempt_finish")
+    scripted = release or outcomes is not None or doc is not None
+    if scripted:
+        run.queue(pipe, script_keys, args)
+    if schedule_at is not None:
+        pipe.zadd(ctx.schedule.key, {encode_job(job): schedule_at})
+    if transition is not None:
+        pipe.hincrby(keys.stats(), transition, 1)
+    if forget:
+        pipe.zrem(keys.accepted(), encode_job(job))
+    try:
+        replies = pipe.execute(raise_on_error=False)
+        if scripted and isinstance(replies[0], NoScriptError):
+            # Redis lost its scripts (a restart): the commands beside it ran (so they are
+            # not repeated; for that moment the job may be out of the accepted set before
+            # its document is final): load the script, run it
+            replies[0] = run(ctx.state, script_keys, args)
+    except (RedisConnectionError, RedisTimeoutError):
+        if outcomes is not None:
+            ctx.ledger.record(sid, task_id, outcomes.recipients, outcomes.response)
+        raise
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+
+
+def _solution(raw: bytes | None) -> Solution | None:
+    if raw is None:
+        return None
+    record = json.loads(raw)
+    return Solution(record["solution_id"], record["created_at"], record["config"])
