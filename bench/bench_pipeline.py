@@ -457,6 +457,7 @@ class Figures:
     intake: Load | None = None
     paced: Load | None = None
     paced_rate: float = 0.0
+    intake_alone: Load | None = None  # postroom: the API alone, its workers paused
     cpu_ms: dict[str, float] = field(default_factory=dict)  # per message, per part
     peak_rss: list[tuple[str, int, str]] = field(default_factory=list)  # (part, KiB, what)
     checks: list[str] = field(default_factory=list)
@@ -483,6 +484,12 @@ def print_figures(fig: Figures) -> None:
         load = fig.intake
         say(
             f"  intake, closed loop {load.rate:8.0f} req/s   p50 {ms(load.percentile(50))}"
+            f"   p99 {ms(load.percentile(99))}   statuses {load.statuses}"
+        )
+    if fig.intake_alone is not None:
+        load = fig.intake_alone
+        say(
+            f"  intake, workers paused {load.rate:5.0f} req/s   p50 {ms(load.percentile(50))}"
             f"   p99 {ms(load.percentile(99))}   statuses {load.statuses}"
         )
     if fig.paced is not None:
@@ -703,6 +710,20 @@ def run_postroom(sink: Sink, log_dir: Path, options: Options) -> Figures:
         docs = stack.wait_sent(fig.paced.answers, 60)
         sent_n = sum(1 for d in docs if d is not None and d["state"] == "sent")
         fig.checks.append(f"paced task documents: {sent_n}/{n} sent")
+
+        # the API's own capacity: the same burst with the workers paused (SIGSTOP), as
+        # when sends come faster than the workers drain and the queue absorbs them
+        sink.reset()
+        for worker in stack.workers:
+            os.killpg(worker.proc.pid, signal.SIGSTOP)
+        try:
+            fig.intake_alone = stack.post(first=m + n, count=m)
+        finally:
+            for worker in stack.workers:
+                os.killpg(worker.proc.pid, signal.SIGCONT)
+        sink.wait_count(m, drain_timeout(m))
+        line, _ = check_ids(sink, m, "workers-paused run")
+        fig.checks.append(line)
         fig.peak_rss = snapshot_rss(parts)
         return fig
     finally:
@@ -876,6 +897,9 @@ def main(argv: list[str] | None = None) -> int:
             say(f"  postroom e2e / naive e2e        {ratio(pr.e2e, naive.e2e)}")
             if pr.intake and naive.intake:
                 say(f"  postroom intake / naive intake  {ratio(pr.intake.rate, naive.intake.rate)}")
+            if pr.intake_alone and naive.intake:
+                say("  postroom intake, workers paused / naive intake  "
+                    f"{ratio(pr.intake_alone.rate, naive.intake.rate)}")
         if node is not None:
             say(f"  postroom e2e / nodemailer       {ratio(pr.e2e, node.e2e)}")
     failed = [line for f in results for line in f.checks if "FAILED" in line]
