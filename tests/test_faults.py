@@ -83,10 +83,10 @@ def embedded() -> Iterator[Callable[..., EmbeddedRedis]]:
 
 
 def restart(server: EmbeddedRedis) -> EmbeddedRedis:
-    """The same ``redis-server`` again: same port, same data directory, same options."""
-    again = EmbeddedRedis(port=server.port, data_dir=server.data_dir, appendonly=server.appendonly)
+    """The same ``redis-server`` again: same port, same data directory, same options (the
+    same object, so the fixture that started it also stops it)."""
     server.stop()
-    return again.start()
+    return server.start()
 
 
 def message_ids(smtp: ScriptedSmtpServer) -> Counter[str | None]:
