@@ -81,11 +81,6 @@ def accepted() -> str:
     return f"{NS}:accepted"
 
 
-def schedule_claim(member_hash: str) -> str:
-    """String: a short claim so only one scheduler re-enqueues a due payload."""
-    return f"{NS}:schedule:claim:{member_hash}"
-
-
 def stats() -> str:
     """Hash: service-wide counters of outcomes (sent, failed, retried, deferred)."""
     return f"{NS}:stats"

@@ -171,11 +171,6 @@ class JobSet:
         return int(self._r.zcard(self.key))
 
 
-def forget_accepted(client: redis.Redis, job: dict[str, Any]) -> None:
-    """``job`` is final: take it out of the accepted set."""
-    client.zrem(keys.accepted(), encode_job(job))
-
-
 def accepted_jobs(client: redis.Redis, settings: Settings) -> JobSet:
     """The accepted set: jobs not yet final, each checked a redelivery window after it was
     last published (by the watcher of :mod:`worker.schedule`)."""

@@ -23,10 +23,6 @@ class Relay:
     password: str | None = field(default=None, repr=False)
     caller_chosen: bool = True
 
-    def identity(self) -> tuple[str, int, str, str | None]:
-        """What makes two relays the same connection target (the password is not part)."""
-        return (self.host.lower(), self.port, self.scheme, self.user)
-
 
 def parse_relay_url(url: str) -> Relay:
     """``smtp://user:pass@host:587`` (STARTTLS), ``smtps://…:465``, ``smtp+plain://host:25``."""

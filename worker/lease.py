@@ -110,9 +110,5 @@ class Leases:
         """Whether some worker holds the message's lease now."""
         return bool(self._r.exists(keys.lease(sid, task_id)))
 
-    def remaining_s(self, sid: str, task_id: str) -> float:
-        ms = self._r.pttl(keys.lease(sid, task_id))
-        return max(0.0, ms / 1000.0)
-
     def release(self, sid: str, task_id: str) -> None:
         self._release(keys=[keys.lease(sid, task_id)], args=[holder()])
