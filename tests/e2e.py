@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from flask.testing import FlaskClient
 
 from api.app import create_app
 from shared.settings import Settings
-from tests.helpers import ADMIN, auth
+from tests.helpers import ADMIN, auth, make_settings
 from tests.smtp_server import ScriptedSmtpServer
 from tests.stack import WorkerProcess, wait_for
 
@@ -83,3 +85,28 @@ class Stack:
         deadline = time.monotonic() + timeout
         return [self.wait_final(t, sid, timeout=max(0.1, deadline - time.monotonic()))
                 for t in task_ids]
+
+
+@pytest.fixture
+def loopback_stack(
+    redis_url: str, smtp_server: ScriptedSmtpServer, tmp_path: Path
+) -> Iterator[Callable[..., Stack]]:
+    """Make stacks whose default relay is ``smtp_server`` (allowed as 127.0.0.1), on the
+    tests' Redis unless ``redis_url`` is among the overrides; each is stopped after the
+    test. Overrides win over these defaults."""
+    stacks: list[Stack] = []
+
+    def make(**overrides: Any) -> Stack:
+        url = overrides.pop("redis_url", redis_url)
+        options: dict[str, Any] = {
+            "default_smtp_url": f"smtp+plain://127.0.0.1:{smtp_server.port}",
+            "smtp_allow_hosts": ("127.0.0.1",),
+            **overrides,
+        }
+        stack = Stack(make_settings(url, **options), smtp_server, tmp_path)
+        stacks.append(stack)
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.stop()

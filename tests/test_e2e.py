@@ -3,7 +3,7 @@ server on loopback → the task document."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from email import message_from_bytes
 from email.policy import default as default_policy
 from pathlib import Path
@@ -12,26 +12,16 @@ import pytest
 import redis
 
 from tests.e2e import Stack
-from tests.helpers import make_settings
 from tests.smtp_server import Script, ScriptedSmtpServer
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def stack(real_redis: redis.Redis, redis_url: str, smtp_server: ScriptedSmtpServer,
-          tmp_path: Path) -> Iterator[Stack]:
-    settings = make_settings(
-        redis_url,
-        default_smtp_url=f"smtp+plain://127.0.0.1:{smtp_server.port}",
-        smtp_allow_hosts=("127.0.0.1",),
-    )
-    s = Stack(settings, smtp_server, tmp_path)
+def stack(real_redis: redis.Redis, loopback_stack: Callable[..., Stack]) -> Stack:
+    s = loopback_stack()
     s.solution("acme")
-    try:
-        yield s
-    finally:
-        s.stop()
+    return s
 
 
 def test_a_message_is_sent_and_its_document_tells_how(stack: Stack) -> None:

@@ -25,7 +25,7 @@ import requests
 from shared.crypto import generate_key
 from shared.embedded_redis import EmbeddedRedis
 from tests.e2e import Stack
-from tests.helpers import auth, make_settings
+from tests.helpers import auth
 from tests.smtp_server import Script, ScriptedSmtpServer, SilentServer, TlsFiles
 from tests.stack import ApiProcess, kill_pool_child, terminate_worker, wait_for
 
@@ -39,26 +39,16 @@ MakeStack = Callable[..., Stack]
 
 
 @pytest.fixture
-def make_stack(smtp_server: ScriptedSmtpServer, tmp_path: Path) -> Iterator[MakeStack]:
+def make_stack(loopback_stack: Callable[..., Stack]) -> MakeStack:
     """A stack whose default relay is ``smtp_server``, with settings overridden per test
     (``redis_url`` and friends included); solution ``acme`` with a generous hLimit."""
-    stacks: list[Stack] = []
 
     def make(redis_url: str, **overrides: Any) -> Stack:
-        options: dict[str, Any] = {
-            "default_smtp_url": f"smtp+plain://127.0.0.1:{smtp_server.port}",
-            "smtp_allow_hosts": ("127.0.0.1",),
-            **overrides,
-        }
-        settings = make_settings(redis_url, **options)
-        stack = Stack(settings, smtp_server, tmp_path)
+        stack = loopback_stack(redis_url=redis_url, **overrides)
         stack.solution("acme", hLimit=100000)
-        stacks.append(stack)
         return stack
 
-    yield make
-    for stack in stacks:
-        stack.stop()
+    return make
 
 
 @pytest.fixture

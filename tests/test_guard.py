@@ -7,8 +7,7 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 import pytest
 import redis
@@ -263,16 +262,11 @@ def test_closed_silent_and_non_smtp_ports_read_the_same(
 
 
 @pytest.fixture
-def stack(real_redis: redis.Redis, redis_url: str, smtp_server: ScriptedSmtpServer,
-          tmp_path: Path) -> Iterator[Stack]:
+def stack(real_redis: redis.Redis, loopback_stack: Callable[..., Stack]) -> Stack:
     # the intake API allows loopback by address and by name; the worker only by name
-    settings = make_settings(redis_url, smtp_allow_hosts=("127.0.0.1", "localhost"))
-    s = Stack(settings, smtp_server, tmp_path)
+    s = loopback_stack(default_smtp_url="", smtp_allow_hosts=("127.0.0.1", "localhost"))
     s.solution("acme")
-    try:
-        yield s
-    finally:
-        s.stop()
+    return s
 
 
 INTERNAL = [

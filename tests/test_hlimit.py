@@ -5,7 +5,7 @@ what gets through and when."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +13,7 @@ import pytest
 import redis
 
 from tests.e2e import Stack
-from tests.helpers import ADMIN, auth, make_settings
-from tests.smtp_server import ScriptedSmtpServer
+from tests.helpers import ADMIN, auth
 from tests.stack import wait_for
 
 pytestmark = pytest.mark.slow
@@ -24,25 +23,10 @@ HOUR = 3600
 
 @pytest.fixture
 def make_stack(
-    real_redis: redis.Redis, redis_url: str, smtp_server: ScriptedSmtpServer, tmp_path: Path
-) -> Iterator[Callable[..., Stack]]:
+    real_redis: redis.Redis, loopback_stack: Callable[..., Stack]
+) -> Callable[..., Stack]:
     """A stack whose API and workers share ``hlimit_period_s`` (and any other override)."""
-    stacks: list[Stack] = []
-
-    def make(**overrides: Any) -> Stack:
-        settings = make_settings(
-            redis_url,
-            default_smtp_url=f"smtp+plain://127.0.0.1:{smtp_server.port}",
-            smtp_allow_hosts=("127.0.0.1",),
-            **overrides,
-        )
-        stack = Stack(settings, smtp_server, tmp_path)
-        stacks.append(stack)
-        return stack
-
-    yield make
-    for stack in stacks:
-        stack.stop()
+    return loopback_stack
 
 
 def configure(stack: Stack, sid: str = "acme", **config: Any) -> None:

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -95,10 +94,8 @@ def leaks(blobs: list[bytes], needles: list[bytes]) -> list[bytes]:
 @pytest.mark.slow
 def test_a_send_leaves_no_password_behind(
     real_redis: redis.Redis,
-    redis_url: str,
-    smtp_server: ScriptedSmtpServer,
     make_smtp_server: Callable[..., ScriptedSmtpServer],
-    tmp_path: Path,
+    loopback_stack: Callable[..., Stack],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Three sends with passwords through a real worker — a request's relay (once
@@ -110,12 +107,7 @@ def test_a_send_leaves_no_password_behind(
     relay = make_smtp_server(auth=("relay-user", REQUEST_PW))
     cfg_relay = make_smtp_server(auth=("cfg-user", CONFIG_PW))
     relay.script.data_replies.append("451 4.3.0 try again")
-    settings = make_settings(
-        redis_url,
-        default_smtp_url=f"smtp+plain://127.0.0.1:{smtp_server.port}",
-        smtp_allow_hosts=("127.0.0.1",),
-    )
-    stack = Stack(settings, smtp_server, tmp_path)
+    stack = loopback_stack()
     stack.solution("acme")
     stack.solution("cfg", connection_server="127.0.0.1", connection_port=cfg_relay.port,
                    connection_scheme="", connection_user="cfg-user",

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import calendar
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -307,17 +306,14 @@ def test_only_the_admin_lifts_a_complaint(client: FlaskClient, token: str) -> No
 
 @pytest.mark.slow
 def test_three_hard_bounces_suppress_and_delete_lifts(
-    real_redis: redis.Redis, redis_url: str, smtp_server: ScriptedSmtpServer, tmp_path: Path
+    real_redis: redis.Redis,
+    smtp_server: ScriptedSmtpServer,
+    loopback_stack: Callable[..., Stack],
 ) -> None:
     """Three sends that the relay refuses with 550 for an address (one bounce each):
     the fourth send to it is 429 Blocked, listing it; DELETE lifts it and a send is
     accepted again."""
-    settings = make_settings(
-        redis_url,
-        default_smtp_url=f"smtp+plain://127.0.0.1:{smtp_server.port}",
-        smtp_allow_hosts=("127.0.0.1",),
-    )
-    stack = Stack(settings, smtp_server, tmp_path)
+    stack = loopback_stack()
     token = stack.solution("acme")
     smtp_server.script.rcpt_replies = {"gone@example.com": "550 5.1.1 no such user"}
     stack.start_worker()
