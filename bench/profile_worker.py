@@ -143,23 +143,28 @@ def settings_for(redis_url: str, sink_port: int, key: str) -> Settings:
     )
 
 
-def profile_intake(settings: Settings, meter: Meter, n: int) -> tuple[str, Any]:
+def app_with_solution(settings: Settings) -> tuple[Any, Any, str]:
+    """The API app (in process), its services, and the token of solution ``SID``."""
     from api.app import create_app
+
+    app = create_app(settings)
+    answer = app.test_client().post(
+        "/api/v1/solutions",
+        json={"solution_id": SID, "hLimit": 1_000_000_000},
+        headers={"Authorization": f"Bearer {ADMIN}"},
+    )
+    return app, app.extensions["postroom"], answer.get_json()["token"]
+
+
+def profile_intake(settings: Settings, meter: Meter, n: int) -> tuple[str, Any]:
     from api.intake import build_job
     from shared.documents import new_document
     from shared.queue import Enqueuer, make_producer
     from shared.schemas import load_or_raise
 
-    app = create_app(settings)
-    client = app.test_client()
-    answer = client.post(
-        "/api/v1/solutions",
-        json={"solution_id": SID, "hLimit": 1_000_000_000},
-        headers={"Authorization": f"Bearer {ADMIN}"},
-    )
-    token = answer.get_json()["token"]
+    app, svc, token = app_with_solution(settings)
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-    svc = app.extensions["postroom"]
+    client = app.test_client()
     path = f"/api/v1/solutions/{SID}/email"
 
     def post(i: int) -> None:
@@ -448,6 +453,9 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=2, help="drain worker's pool size")
     parser.add_argument("--cprofile", action="store_true", help="top functions of Attempt.run")
+    parser.add_argument("--drain", action="append", choices=sorted(DRAIN_SETUPS),
+                        help="only these drain measurements (repeatable); skips the in-process "
+                             "parts")  # fmt: skip
     args = parser.parse_args()
     n = args.messages
     print(f"profile_worker: {n} messages per measurement; before: {load_avg()}")
@@ -457,9 +465,12 @@ def main() -> int:
         settings = settings_for(server.url, sink.port, generate_key())
         admin = redis.Redis.from_url(server.url)
         meter = Meter(admin)
-        _, svc = profile_intake(settings, meter, n)
-        profile_attempt(settings, svc, sink, meter, n, args.cprofile)
-        for setup in DRAIN_SETUPS:
+        if args.drain:
+            svc = app_with_solution(settings)[1]
+        else:
+            _, svc = profile_intake(settings, meter, n)
+            profile_attempt(settings, svc, sink, meter, n, args.cprofile)
+        for setup in args.drain or DRAIN_SETUPS:
             profile_drain(settings, svc, sink, admin, n, args.concurrency, setup)
     finally:
         sink.stop()

@@ -78,6 +78,7 @@ class Settings:
     retry_max_attempts: int = 30
     retry_max_age_s: int = 86400
     visibility_timeout_s: int = 7200
+    worker_batch: int = 32
     result_ttl: int = 7 * 86400
     max_recipients: int = 50
     max_body_bytes: int = 10 * 1024 * 1024
@@ -96,6 +97,8 @@ class Settings:
             object.__setattr__(self, "result_backend", self.redis_url)
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"{PREFIX}LOG_FORMAT must be json or text, got {self.log_format!r}")
+        if self.worker_batch < 1:
+            raise ConfigError(f"{PREFIX}WORKER_BATCH must be >= 1, got {self.worker_batch}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], *, require_secrets: bool = True) -> Settings:

@@ -105,11 +105,11 @@ def test_a_redelivery_window_shorter_than_the_longest_send_is_refused() -> None:
 
 
 def test_the_broker_is_configured_for_at_least_once() -> None:
-    """Late acks, requeue of a lost pool process's message, one message reserved per
-    process, the redelivery window, and a sweep for overdue messages every few seconds."""
-    app = make_celery(Settings(visibility_timeout_s=7200))
+    """Late acks, requeue of a lost pool process's message, one batch reserved per process,
+    the redelivery window, and a sweep for overdue messages every few seconds."""
+    app = make_celery(Settings(visibility_timeout_s=7200, worker_batch=16))
     conf = app.conf
-    assert (True, True, 1) == (
+    assert (True, True, 16) == (
         conf.task_acks_late, conf.task_reject_on_worker_lost, conf.worker_prefetch_multiplier)
     transport = celery_config(Settings(visibility_timeout_s=7200))["broker_transport_options"]
     assert (7200, 10, 1) == (transport["visibility_timeout"],

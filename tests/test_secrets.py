@@ -150,9 +150,10 @@ def test_a_send_leaves_no_password_behind(
         assert {"retried": "sent", "auth failed": "failed", "stored": "sent"} == {
             name: doc["state"] for name, doc in docs.items()}
         assert "SmtpAuthFailed" == docs["auth failed"]["error"]["type"]
-        # two good logins (the retried send), failed ones (smtplib tries each mechanism)
-        assert (2, True) == (sum(ok for _, ok in relay.logins),
-                             any(not ok for _, ok in relay.logins))
+        # good logins for the retried send (two, or one when the retry runs in the pool
+        # process that kept the connection), failed ones (smtplib tries each mechanism)
+        good = sum(ok for _, ok in relay.logins)
+        assert (True, True) == (good in (1, 2), any(not ok for _, ok in relay.logins))
         assert [("cfg-user", True)] == cfg_relay.logins
     finally:
         stack.stop()

@@ -66,6 +66,7 @@ def test_valid_secrets_pass() -> None:
         ("POSTROOM_SMTP_TIMEOUT_S", "soon", "must be a number"),
         ("POSTROOM_CHECK_DNS", "maybe", "must be true or false"),
         ("POSTROOM_LOG_FORMAT", "xml", "must be json or text"),
+        ("POSTROOM_WORKER_BATCH", "0", "POSTROOM_WORKER_BATCH must be >= 1"),
         ("POSTROOM_REDIS_ULR", "redis://x", "unknown setting POSTROOM_REDIS_ULR"),
     ],
 )

@@ -1,8 +1,9 @@
 """``make_celery(settings)``: the worker's Celery app, built from settings alone.
 
 The delivery settings (see ``docs/delivery.md``): late acknowledgement, a lost pool child's
-message requeued at once, one message reserved per pool process, and a broker redelivery
-window longer than the longest send (checked here, at start-up).
+message requeued at once, queued messages handed to the pool in batches of at most
+``POSTROOM_WORKER_BATCH`` (:mod:`worker.batching`), and a broker redelivery window longer
+than the longest send (checked here, at start-up).
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery, bootsteps
-from celery.signals import worker_process_shutdown
+from celery.signals import worker_process_shutdown, worker_shutting_down
 
 from shared.queue import Enqueuer, accepted_jobs, celery_config
 from shared.settings import Settings
-from worker import tasks
+from worker import batching, tasks
+from worker.broker import transport_for
 from worker.context import WorkerContext
 from worker.lease import check_timeouts
 from worker.schedule import Mover, Watcher
@@ -49,10 +51,15 @@ def make_celery(settings: Settings) -> Celery:
     check_timeouts(settings)
     app = Celery("postroom-worker", set_as_current=False)
     app.conf.update(celery_config(settings))
+    transport = transport_for(settings.broker_url)
+    if transport is not None:  # postroom's cheaper Redis transport (worker.broker)
+        app.conf.broker_transport = transport
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
+        # each pool process may have a whole batch reserved (worker.batching)
+        worker_prefetch_multiplier=settings.worker_batch,
+        postroom_worker_batch=settings.worker_batch,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         task_track_started=False,
@@ -63,8 +70,9 @@ def make_celery(settings: Settings) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
     contexts = _Contexts(settings)
-    tasks.register(app, contexts)
+    tasks.register(app, contexts, settings)
     worker_process_shutdown.connect(contexts.close, weak=False)
+    worker_shutting_down.connect(batching.stop_soon, weak=False)
     app.conf.postroom_contexts = contexts
 
     class SchedulerStep(bootsteps.StartStopStep):

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from celery import Celery, Task
@@ -22,6 +24,9 @@ from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.names import SEND_TASK
+from shared.settings import Settings
+from worker import batching
+from worker.batching import Item, fits_window, install
 from worker.context import WorkerContext
 from worker.retrying import StorePatience
 from worker.sending import Attempt
@@ -32,9 +37,14 @@ log = logging.getLogger("postroom.worker")
 STORE_ERRORS = (RedisConnectionError, RedisTimeoutError, ReadOnlyError)
 
 
-def register(app: Celery, context: Any) -> Task:
+def register(app: Celery, context: Callable[[], WorkerContext], settings: Settings) -> Task:
     """Register ``postroom.send_email`` on ``app``; ``context()`` gives this process's
-    :class:`WorkerContext` (built lazily, after the pool has forked)."""
+    :class:`WorkerContext` (built lazily, after the pool has forked).
+
+    The worker consumes it through :class:`worker.batching.BatchStrategy`, which hands
+    the pool batches of queued jobs (:func:`run_batch`); the task body below is the same
+    attempt for one job, run when the task is applied directly."""
+    install(partial(run_batch_with, context, settings))
 
     @app.task(
         name=SEND_TASK,
@@ -42,28 +52,60 @@ def register(app: Celery, context: Any) -> Task:
         acks_late=True,
         reject_on_worker_lost=True,
         ignore_result=True,
+        Strategy="worker.batching:BatchStrategy",
     )
     def send_email(self: Task, job: dict[str, Any]) -> None:
-        run(context(), job)
+        if not run(context(), job):
+            raise Reject("Redis unavailable", requeue=True)
 
     return send_email
 
 
-def run(ctx: WorkerContext, job: dict[str, Any]) -> None:
-    """One delivery attempt of ``job``; running it again is always safe (ledger, lease)."""
+def run_batch_with(
+    context: Callable[[], WorkerContext], settings: Settings, items: list[Item]
+) -> list[bool]:
+    """Attempt each job of a batch in turn; for each, whether to acknowledge its message
+    (True) or put it back onto the queue (False): when postroom's Redis stays away, when
+    the worker is shutting down, or when an attempt started now might outlast the broker's
+    redelivery window."""
+    ctx = context()
+    verdicts: list[bool] = []
+    store_down = False
+    for item in items:
+        now = time.time()
+        if store_down or batching.stopping() or not fits_window(
+            item, now, settings.smtp_timeout_s, settings.visibility_timeout_s
+        ):
+            verdicts.append(False)
+            continue
+        done = run(ctx, item.job, close_idle=False)
+        verdicts.append(done)
+        store_down = not done
+    ctx.pool.close_idle()
+    return verdicts
+
+
+def run(ctx: WorkerContext, job: dict[str, Any], close_idle: bool = True) -> bool:
+    """One delivery attempt of ``job``; running it again is always safe (ledger, lease).
+
+    True when the job's fate is written down (its message may be acknowledged); False when
+    postroom's Redis stayed away past :class:`StorePatience` (the message goes back onto
+    the queue). An unexpected error marks the document ``failed`` and counts as written.
+    """
     attempt = Attempt(ctx, job)
     waits = StorePatience.from_settings(ctx.settings).waits()
     while True:
         try:
             attempt.run()
-            ctx.pool.close_idle()
-            return
-        except STORE_ERRORS as exc:
+            if close_idle:
+                ctx.pool.close_idle()
+            return True
+        except STORE_ERRORS:
             wait = next(waits, None)
             if wait is None:
                 log.warning("Redis still unavailable; the job goes back to the queue",
                             extra=attempt.log_extra)
-                raise Reject(type(exc).__name__, requeue=True) from exc
+                return False
             log.warning("Redis unavailable; waiting", extra=attempt.log_extra)
             time.sleep(wait)
         except Exception as exc:
@@ -72,5 +114,5 @@ def run(ctx: WorkerContext, job: dict[str, Any]) -> None:
             try:
                 attempt.crashed(exc)
             except STORE_ERRORS:
-                raise Reject(type(exc).__name__, requeue=True) from exc
-            raise
+                return False
+            return True

@@ -1,0 +1,226 @@
+"""Batches of queued messages (worker.batching): how the main process hands them out and
+settles them, the redelivery-window rule, and the stop flag.
+
+The strategy is driven here by a recording stand-in for Celery's pool, so that each
+hand-out and each answer can be ordered by the test; the same code runs in real workers
+in tests/test_batching_e2e.py and every end-to-end test.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from worker import batching
+from worker.batching import BatchStrategy, Item, decode_job, fits_window
+from worker.lease import attempt_bound_s
+
+
+class Pool:
+    """Records ``apply_async`` calls; the test answers them."""
+
+    def __init__(self, processes: int) -> None:
+        self.num_processes = processes
+        self.calls: list[tuple[list[Item], Any, Any]] = []
+
+    def apply_async(self, fn: Any, args: tuple[Any, ...], callback: Any,
+                    error_callback: Any) -> None:
+        assert fn is batching.run_batch
+        self.calls.append((args[0], callback, error_callback))
+
+
+class Channel:
+    def __init__(self, with_ack_many: bool = False) -> None:
+        self.closed = False
+        self.acked_together: list[list[str]] = []
+        if with_ack_many:
+            self.ack_many = lambda messages: self.acked_together.append(
+                [m.job_id for m in messages])
+
+
+class Message:
+    def __init__(self, job_id: str, channel: Channel, body: Any = None) -> None:
+        self.job_id = job_id
+        self.channel = channel
+        job = {"task_id": job_id, "solution_id": "acme", "message": {"to": ["a@example.com"]}}
+        self.body = json.dumps([[], {"job": job}, {}]).encode() if body is None else body
+
+
+class Consumer:
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.connection_errors = (ConnectionError,)
+
+
+class App:
+    def __init__(self, batch: int) -> None:
+        self.conf = {"postroom_worker_batch": batch}
+
+
+class Outcomes:
+    """What the strategy did with each message: acked, requeued, or dropped."""
+
+    def __init__(self) -> None:
+        self.acked: list[str] = []
+        self.requeued: list[str] = []
+        self.dropped: list[str] = []
+
+    def deliver(self, strategy: BatchStrategy, message: Message) -> None:
+        def ack(logger: Any, errors: Any) -> None:
+            self.acked.append(message.job_id)
+
+        def reject(logger: Any, errors: Any, requeue: bool) -> None:
+            (self.requeued if requeue else self.dropped).append(message.job_id)
+
+        strategy(message, None, ack, reject, set())
+
+
+@pytest.fixture(autouse=True)
+def fresh_flag() -> None:
+    batching.install(lambda items: [True] * len(items))
+
+
+def make(processes: int = 2, batch: int = 4) -> tuple[BatchStrategy, Pool, Outcomes]:
+    pool = Pool(processes)
+    strategy = BatchStrategy(task=None, app=App(batch), consumer=Consumer(pool))
+    return strategy, pool, Outcomes()
+
+
+def ids(items: list[Item]) -> list[str]:
+    return [i.job["task_id"] for i in items]
+
+
+def test_a_message_goes_to_a_free_process_at_once() -> None:
+    strategy, pool, out = make(processes=2)
+    channel = Channel()
+    out.deliver(strategy, Message("m1", channel))
+    out.deliver(strategy, Message("m2", channel))
+    assert [["m1"], ["m2"]] == [ids(items) for items, _, _ in pool.calls]
+
+
+def test_messages_wait_while_every_process_is_busy_then_go_together() -> None:
+    strategy, pool, out = make(processes=1, batch=4)
+    channel = Channel()
+    for n in range(7):
+        out.deliver(strategy, Message(f"m{n}", channel))
+    assert [["m0"]] == [ids(items) for items, _, _ in pool.calls]  # the rest wait
+    _, done, _ = pool.calls[0]
+    done([True])
+    assert ["m1", "m2", "m3", "m4"] == ids(pool.calls[1][0])  # at most the batch size
+    pool.calls[1][1]([True] * 4)
+    assert ["m5", "m6"] == ids(pool.calls[2][0])
+    assert (0, 1) == (len(strategy.waiting), strategy.busy)
+
+
+def test_each_message_is_acknowledged_or_requeued_by_its_own_verdict() -> None:
+    strategy, pool, out = make(processes=1)
+    channel = Channel()
+    for n in range(4):
+        out.deliver(strategy, Message(f"m{n}", channel))
+    pool.calls[0][1]([True])
+    pool.calls[1][1]([True, False, True])  # m2: Redis away, or past its window
+    assert (["m0", "m1", "m3"], ["m2"]) == (out.acked, out.requeued)
+
+
+def test_a_short_answer_requeues_the_messages_it_does_not_cover() -> None:
+    strategy, pool, out = make(processes=1)
+    channel = Channel()
+    for n in range(3):
+        out.deliver(strategy, Message(f"m{n}", channel))
+    pool.calls[0][1]([True])
+    pool.calls[1][1]([True])
+    assert (["m0", "m1"], ["m2"]) == (out.acked, out.requeued)
+
+
+def test_a_lost_batch_is_handed_out_again_one_message_at_a_time() -> None:
+    """m2 kills its pool process every time: alone, it takes no other message down with
+    it, and it goes back onto the queue as a lone lost message does."""
+    strategy, pool, out = make(processes=1, batch=8)
+    channel = Channel()
+    for n in range(4):
+        out.deliver(strategy, Message(f"m{n}", channel))
+    pool.calls[0][1]([True])
+    assert ["m1", "m2", "m3"] == ids(pool.calls[1][0])
+    out.deliver(strategy, Message("m4", channel))  # arrives while the batch runs
+    pool.calls[1][2](RuntimeError("WorkerLostError"))
+    assert ([], 3) == (out.requeued, len(pool.calls))  # nothing back to the broker
+    assert ["m1"] == ids(pool.calls[2][0])  # first in line, alone
+    pool.calls[2][1]([True])
+    assert ["m2"] == ids(pool.calls[3][0])
+    pool.calls[3][2](RuntimeError("WorkerLostError"))
+    assert ["m2"] == out.requeued
+    assert ["m3"] == ids(pool.calls[4][0])
+    pool.calls[4][1]([True])
+    assert ["m4"] == ids(pool.calls[5][0])  # then batches as before
+    pool.calls[5][1]([True])
+    assert (["m0", "m1", "m3", "m4"], 0) == (out.acked, strategy.busy)
+
+
+def test_a_batch_is_acknowledged_in_one_call_where_the_channel_allows() -> None:
+    strategy, pool, out = make(processes=1)
+    channel = Channel(with_ack_many=True)
+    for n in range(4):
+        out.deliver(strategy, Message(f"m{n}", channel))
+    pool.calls[0][1]([True])  # one message: the usual acknowledgement
+    pool.calls[1][1]([True, True, False])
+    assert (["m0"], [["m1", "m2"]], ["m3"]) == (
+        out.acked, channel.acked_together, out.requeued)
+
+
+def test_messages_of_a_lost_broker_connection_are_left_alone() -> None:
+    """kombu put them back when the connection dropped; acknowledging them on the dead
+    channel would fail (and once stopped the worker)."""
+    strategy, pool, out = make(processes=1)
+    old = Channel(with_ack_many=True)
+    for n in range(3):
+        out.deliver(strategy, Message(f"m{n}", old))
+    old.closed = True
+    pool.calls[0][1]([True])
+    pool.calls[1][1]([True, False])
+    assert ([], [], []) == (out.acked, out.requeued, old.acked_together)
+    assert 0 == strategy.busy
+
+
+def test_a_message_that_is_not_a_job_is_dropped_not_retried() -> None:
+    strategy, pool, out = make()
+    out.deliver(strategy, Message("junk", Channel(), body=b"[[], {}, {}]"))
+    out.deliver(strategy, Message("garbage", Channel(), body=b"\xff not json"))
+    assert (["junk", "garbage"], []) == (out.dropped, pool.calls)
+
+
+def test_after_a_shutdown_begins_nothing_more_is_handed_out() -> None:
+    strategy, pool, out = make(processes=1)
+    channel = Channel()
+    out.deliver(strategy, Message("m0", channel))
+    out.deliver(strategy, Message("m1", channel))
+    batching.stop_soon()
+    assert batching.stopping()
+    pool.calls[0][1]([True])
+    out.deliver(strategy, Message("m2", channel))
+    assert (1, 2) == (len(pool.calls), len(strategy.waiting))
+
+
+def test_the_stop_flag_is_new_for_each_install() -> None:
+    batching.stop_soon()
+    batching.install(lambda items: [])
+    assert not batching.stopping()
+
+
+def test_decode_job_reads_the_keyword_or_the_first_argument() -> None:
+    job = {"task_id": "t", "solution_id": "s"}
+    assert job == decode_job(json.dumps([[], {"job": job}, {}]))
+    assert job == decode_job(json.dumps([[job], {}, {}]).encode())
+    with pytest.raises(ValueError):
+        decode_job(json.dumps([[{"x": 1}], {}, {}]))
+
+
+def test_fits_window_leaves_room_for_the_longest_attempt() -> None:
+    job = {"message": {"to": ["a@x.org", "b@x.org"], "cc": [], "bcc": ["c@x.org"]}}
+    longest = attempt_bound_s(2.0, 3)
+    item = Item(job, delivered_at=1000.0)
+    window = longest + 10
+    assert fits_window(item, 1000.0, 2.0, window)
+    assert fits_window(item, 1009.9, 2.0, window)
+    assert not fits_window(item, 1010.0, 2.0, window)

@@ -1,0 +1,101 @@
+"""Batches on real parts: postroom's kombu transport against a real Redis, and a real worker
+process that takes queued messages in batches from a real broker and sends them to a real
+SMTP server."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+import redis
+from kombu import Connection
+
+from tests.e2e import Stack
+from tests.stack import wait_for
+from worker.broker import Channel, Transport, transport_for
+
+
+def test_a_redis_broker_gets_postroom_transport_and_others_keep_kombus() -> None:
+    assert Transport is transport_for("redis://127.0.0.1:6379/0")
+    assert transport_for("rediss://redis.example.com:6380/0") is None
+    assert transport_for("amqp://guest@127.0.0.1//") is None
+
+
+def test_ack_many_acknowledges_a_batch_in_redis_and_in_kombus_books(
+    real_redis: redis.Redis, redis_url: str
+) -> None:
+    with Connection(redis_url, transport=Transport) as conn:
+        queue = conn.SimpleQueue("batch-test")
+        for n in range(5):
+            queue.put({"n": n})
+        got = [queue.get(timeout=5) for _ in range(5)]
+        channel = got[0].channel
+        assert isinstance(channel, Channel)
+        assert 5 == real_redis.hlen("unacked") == real_redis.zcard("unacked_index")
+
+        channel.ack_many(got[:3])
+        assert 2 == real_redis.hlen("unacked") == real_redis.zcard("unacked_index")
+        assert [True, True, True, False, False] == [m.acknowledged for m in got]
+        qos = channel.qos  # kombu's prefetch accounting follows: 2 still held
+        assert 2 == len(qos._delivered) - len(qos._dirty)
+        for message in got[3:]:
+            message.ack()
+        assert 0 == real_redis.hlen("unacked") == real_redis.zcard("unacked_index")
+        queue.close()
+
+
+def test_the_channel_keeps_one_client_for_its_commands(redis_url: str) -> None:
+    with Connection(redis_url, transport=Transport) as conn:
+        channel = conn.default_channel
+        first = channel._create_client()
+        assert first is channel._create_client()
+        assert first is not channel._create_client(asynchronous=True)
+
+
+def test_a_worker_takes_queued_messages_in_batches_and_sends_each_once(
+    loopback_stack: Callable[..., Stack], real_redis: redis.Redis, redis_url: str
+) -> None:
+    """30 messages wait when a one-process worker starts (batch size 8, a relay taking
+    0.25 s per message, a redelivery window that leaves 1 s to start a message): the worker
+    hands them out in batches, puts back onto the queue those a batch could not start within
+    their window, and in the end every one is ``sent``, each Message-ID received once."""
+    stack = loopback_stack(smtp_timeout_s=1.5, max_recipients=1, visibility_timeout_s=21,
+                           worker_batch=8, log_level="DEBUG")
+    stack.solution("acme", hLimit=1000)
+    stack.smtp.script.rcpt_delay_s = 0.25
+    ids = [stack.send({"to": [f"r{n}@example.com"], "text": "x"}).get_json()["task_id"]
+           for n in range(30)]
+    worker = stack.start_worker(concurrency=1)
+
+    docs = stack.wait_all_final(ids, timeout=90)
+    assert ["sent"] * 30 == [d["state"] for d in docs]
+    received = Counter(m.message_id for m in stack.smtp.messages)
+    assert {d["result"]["messageId"]: 1 for d in docs} == received
+    wait_for(lambda: real_redis.hlen("unacked") == 0, 10, message="every message acknowledged")
+
+    assert worker.log_path is not None
+    log = worker.log_path.read_text()
+    sizes = [int(line.split("a batch of ")[1].split()[0])
+             for line in log.splitlines() if "a batch of " in line and "handed" in line]
+    assert max(sizes) > 1, sizes
+    assert sum(sizes) >= 30
+    assert "go back onto the queue" in log
+    assert "r1@example.com" not in log  # a batch is logged by task id, not by its content
+
+
+@pytest.mark.parametrize("batch", [1])
+def test_batch_size_one_sends_one_message_per_hand_out(
+    loopback_stack: Callable[..., Stack], real_redis: redis.Redis, batch: int
+) -> None:
+    stack = loopback_stack(worker_batch=batch, log_level="DEBUG")
+    stack.solution("acme", hLimit=1000)
+    ids = [stack.send({"to": [f"r{n}@example.com"], "text": "x"}).get_json()["task_id"]
+           for n in range(6)]
+    worker = stack.start_worker(concurrency=1)
+    docs = stack.wait_all_final(ids, timeout=60)
+    assert ["sent"] * 6 == [d["state"] for d in docs]
+    assert worker.log_path is not None
+    log = worker.log_path.read_text()
+    assert "a batch of 1 handed" in log
+    assert "a batch of 2" not in log
