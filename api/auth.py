@@ -45,11 +45,23 @@ def authorize(
     """The caller, allowed on solution ``sid``'s routes, and that solution, read together
     (one round trip). 401 for a bad token comes before 404 for an unknown solution."""
     token = bearer_token()
-    admin = bool(admin_token) and tokens_equal(token, admin_token)
+    admin = is_admin(token, admin_token)
     try:
         owner, solution = solutions.owner_and_get(None if admin else token, sid)
     except NotFound:
         owner, solution = (None if admin else solutions.by_token(token)), None
+    return allowed(admin, owner, solution, sid)
+
+
+def is_admin(token: str, admin_token: str) -> bool:
+    return bool(admin_token) and tokens_equal(token, admin_token)
+
+
+def allowed(
+    admin: bool, owner: str | None, solution: Solution | None, sid: str
+) -> tuple[Principal, Solution]:
+    """The verdict on what was read: the admin token, or the solution whose token it is
+    (``owner``), on solution ``sid`` (None: it does not exist). 401, then 404."""
     if not admin and owner is None:
         raise Unauthorized("invalid token")
     principal = Principal(admin=admin, solution_id=owner)

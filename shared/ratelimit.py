@@ -29,10 +29,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from typing import Any
 
 import redis
 
 from shared import keys
+from shared.scripts import Lua, script
 
 _NEVER = -1  # the script's retry_after for "never"
 
@@ -149,17 +151,45 @@ class TokenBucket:
             max(0, int(within_s * 1e6)),
             *marks,
         ]
-        answer = self._script(keys=script_keys, args=args)
-        allowed, remaining, limit, retry_us, reset_us, reserved = answer
-        retry = int(retry_us)
-        return Decision(
-            allowed=bool(allowed),
-            remaining=int(remaining),
-            limit=int(limit),
-            retry_after=None if retry == _NEVER else retry / 1e6,
-            reset_after=int(reset_us) / 1e6,
-            reserved=bool(reserved),
-        )
+        return decision_of(self._script(keys=script_keys, args=args))
+
+    def queue_intake_peek(
+        self, pipe: Any, sid: str, request_capacity: int | None, default_capacity: int
+    ) -> None:
+        """Queue on ``pipe`` a :meth:`peek` whose capacity is read from solution ``sid``'s
+        record in the same step (``shared/lua/intake_peek.lua``); its reply, for
+        :func:`decision_of`, is None when the solution does not exist. ``default_capacity``
+        is the capacity of a record that names none."""
+        script_keys = [keys.bucket(sid)]
+        request_arg = -1
+        if request_capacity is not None:
+            _check_capacity("request_capacity", request_capacity)
+            script_keys.append(keys.request_bucket(sid, request_capacity))
+            request_arg = request_capacity
+        script_keys.append(keys.solution(sid))
+        args: list[str | int] = [
+            repr(self._period_s), 0, request_arg, "peek", "0", 0, 0, 0, default_capacity
+        ]
+        intake_peek().queue(pipe, script_keys, args)
+
+
+def intake_peek() -> Lua:
+    """The script :meth:`TokenBucket.queue_intake_peek` queues (to load it after NOSCRIPT)."""
+    return script("intake_peek", "bucket")
+
+
+def decision_of(answer: Any) -> Decision:
+    """The :class:`Decision` in the bucket script's reply."""
+    allowed, remaining, limit, retry_us, reset_us, reserved = answer
+    retry = int(retry_us)
+    return Decision(
+        allowed=bool(allowed),
+        remaining=int(remaining),
+        limit=int(limit),
+        retry_after=None if retry == _NEVER else retry / 1e6,
+        reset_after=int(reset_us) / 1e6,
+        reserved=bool(reserved),
+    )
 
 
 def _check_capacity(name: str, value: int) -> None:

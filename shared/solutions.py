@@ -106,11 +106,28 @@ class SolutionStore:
         """In one round trip: whose ``token`` is (None when unknown, or when no token is
         given) and solution ``sid`` (NotFound when it does not exist)."""
         pipe = self._r.pipeline(transaction=False)
+        read = self.queue_owner_and_get(pipe, token, sid)
+        owner, solution = read(pipe.execute())
+        if solution is None:
+            raise NotFound(f"solution {sid!r} not found")
+        return owner, solution
+
+    def queue_owner_and_get(
+        self, pipe: Any, token: str | None, sid: str
+    ) -> Callable[[list[Any]], tuple[str | None, Solution | None]]:
+        """Queue :meth:`owner_and_get`'s reads on ``pipe`` (its first replies); returns
+        what turns the pipeline's replies into (owner, solution or None)."""
         if token is not None:
             pipe.get(keys.token(hash_token(token)))
         pipe.get(keys.solution(sid))
-        *owner, raw = pipe.execute()
-        return (as_str(owner[0]) if owner and owner[0] is not None else None), _solution(sid, raw)
+
+        def read(replies: list[Any]) -> tuple[str | None, Solution | None]:
+            owner = replies[0] if token is not None else None
+            raw = replies[1 if token is not None else 0]
+            solution = None if raw is None else _solution(sid, raw)
+            return (as_str(owner) if owner is not None else None), solution
+
+        return read
 
     def by_token(self, token: str) -> str | None:
         sid = self._r.get(keys.token(hash_token(token)))

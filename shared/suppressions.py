@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,16 +129,30 @@ class SuppressionStore:
 
     def blocked(self, sid: str, emails: Iterable[str], now: float | None = None) -> list[str]:
         """Those of ``emails`` (normalized addresses) on the list now, in order, once each."""
+        pipe = self._r.pipeline(transaction=False)
+        read = self.queue_blocked(pipe, sid, emails, now)
+        return read(pipe.execute()[0]) if len(pipe) else read(None)
+
+    def queue_blocked(
+        self, pipe: Any, sid: str, emails: Iterable[str], now: float | None = None
+    ) -> Callable[[Any], list[str]]:
+        """Queue on ``pipe`` the read :meth:`blocked` makes (nothing when ``emails`` is
+        empty); returns what turns its reply into :meth:`blocked`'s answer."""
         unique = list(dict.fromkeys(emails))
-        if not unique:
-            return []
-        raws = self._r.hmget(keys.suppressions(sid), [address_key(e) for e in unique])
-        moment = _now(now)
-        return [
-            email
-            for email, raw in zip(unique, raws, strict=True)
-            if raw is not None and not Suppression.from_json(raw).expired(moment)
-        ]
+        if unique:
+            pipe.hmget(keys.suppressions(sid), [address_key(e) for e in unique])
+
+        def read(raws: Any) -> list[str]:
+            if not unique:
+                return []
+            moment = _now(now)
+            return [
+                email
+                for email, raw in zip(unique, raws, strict=True)
+                if raw is not None and not Suppression.from_json(raw).expired(moment)
+            ]
+
+        return read
 
     def entries(self, sid: str, now: float | None = None) -> list[Suppression]:
         """Every entry in force, by address; expired ones are removed on the way."""

@@ -158,6 +158,16 @@ CASES: list[Bad] = [
     # who may send where
     send("no token", OK, 401, "Unauthorized", token="none"),
     send("wrong token", OK, 401, "Unauthorized", token="wrong"),
+    # the token and the solution are judged before the body, though the body is read first
+    send("wrong token, bad body", {"to": ["not an address"]}, 401, "Unauthorized",
+         token="wrong"),
+    send("wrong token, bad wait", OK, 401, "Unauthorized", token="wrong", query="?wait=0"),
+    send("wrong token, Idempotency-Key", OK, 401, "Unauthorized", token="wrong",
+         headers={"Idempotency-Key": "fresh"}),
+    send("another solution, bad body", {"to": []}, 404, "NotFound",
+         path="/api/v1/solutions/other/email"),
+    send("no such solution, bad body", {"text": "x"}, 404, "NotFound",
+         path="/api/v1/solutions/nope/email", token="admin"),
     send("another solution", OK, 404, "NotFound", path="/api/v1/solutions/other/email"),
     send("no such solution", OK, 404, "NotFound", path="/api/v1/solutions/nope/email",
          token="admin"),

@@ -19,15 +19,10 @@ and one that Redis forgot (a restart) is loaded again and run on its own.
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cache
-from importlib import resources
 from typing import Any
 
-import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -35,39 +30,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from shared import keys
 from shared.documents import FINAL
 from shared.queue import encode_job
+from shared.scripts import script
 from shared.solutions import Solution
 from shared.text import as_str
 from worker.context import WorkerContext
 from worker.lease import dead_here, holder
 from worker.ledger import LedgerState, Outcomes
-
-Args = Sequence[str | int | float]
-
-
-class Lua:
-    """A script of ``shared/lua/``, run by EVALSHA alone or queued in a pipeline (redis-py's
-    own pipelined scripts would ask SCRIPT EXISTS before every pipeline)."""
-
-    def __init__(self, name: str) -> None:
-        self.source = (
-            resources.files("shared").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
-        )
-        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
-
-    def __call__(self, client: redis.Redis, script_keys: Args, args: Args) -> Any:
-        try:
-            return client.evalsha(self.sha, len(script_keys), *script_keys, *args)
-        except NoScriptError:
-            client.script_load(self.source)
-            return client.evalsha(self.sha, len(script_keys), *script_keys, *args)
-
-    def queue(self, pipe: Any, script_keys: Args, args: Args) -> None:
-        pipe.evalsha(self.sha, len(script_keys), *script_keys, *args)
-
-
-@cache
-def script(name: str) -> Lua:
-    return Lua(name)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,11 @@ The checks, in order: token, solution, ``?wait``, the body (415/400), an
 (400), ``from`` (400), the caller's relay (400 ``InvalidRelay``), the suppression list
 (429 ``Blocked``), the hLimit bucket (429 ``RateLimited``). Nothing is enqueued unless
 every check passes.
+
+A send that passes reaches Redis twice: once for everything the checks read (the token,
+the solution, the suppressions, the bucket: :mod:`api.admission`), once to queue it. The
+body is read before the token is checked, but a bad token or an unknown solution is still
+the answer a bad body gets.
 """
 
 from __future__ import annotations
@@ -16,11 +21,19 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request, url_for
 
+from api.admission import admit
+from api.auth import Principal
 from api.body import json_object
 from api.intake import body_fingerprint, build_job
 from api.services import Services, services
 from shared.documents import new_document
-from shared.errors import Blocked, IdempotencyMismatch, RateLimited, ValidationError
+from shared.errors import (
+    Blocked,
+    IdempotencyMismatch,
+    PostroomError,
+    RateLimited,
+    ValidationError,
+)
 from shared.idempotency import Claim
 from shared.ratelimit import Decision
 from shared.relays import DEFAULT_PORTS
@@ -72,8 +85,7 @@ def _check_relay(svc: Services, data: dict[str, Any], solution: Solution) -> Non
         svc.check_relay(str(cfg["connection_server"]), int(port), scheme, None)
 
 
-def _check_suppressions(svc: Services, sid: str, data: dict[str, Any]) -> None:
-    blocked = svc.suppressions.blocked(sid, [*data["to"], *data["cc"], *data["bcc"]])
+def _check_suppressions(blocked: list[str]) -> None:
     if blocked:
         which = "a recipient is" if len(blocked) == 1 else f"{len(blocked)} recipients are"
         raise Blocked(f"{which} on the suppression list; nothing was sent", blocked=blocked)
@@ -111,24 +123,34 @@ def _replay(svc: Services, sid: str, claim: Claim, fingerprint: str) -> Response
 @bp.post("/solutions/<sid>/email")
 def send(sid: str) -> Response | tuple[Response, int]:
     svc = services()
-    _, solution = svc.authorize(sid)
-    wait = _wait_seconds()
-    body = json_object()
-    idem_key = _idempotency_key()
-    fingerprint = body_fingerprint(body) if idem_key else ""
-    if idem_key:
-        earlier = svc.idempotency.get(sid, idem_key)
-        if earlier is not None:
-            return _replay(svc, sid, earlier, fingerprint)
+    known: tuple[Principal, Solution] | None = None
+    try:
+        wait = _wait_seconds()
+        body = json_object()
+        idem_key = _idempotency_key()
+        fingerprint = body_fingerprint(body) if idem_key else ""
+        if idem_key:  # a replay is answered before the schema can refuse the body
+            known = svc.authorize(sid)
+            earlier = svc.idempotency.get(sid, idem_key)
+            if earlier is not None:
+                return _replay(svc, sid, earlier, fingerprint)
+        data: dict[str, Any] = load_or_raise(svc.schemas.send, body)
+    except PostroomError:
+        if known is None:
+            svc.authorize(sid)  # a bad token or an unknown solution is answered first
+        raise
 
-    data: dict[str, Any] = load_or_raise(svc.schemas.send, body)
+    # the caller, the solution, the suppressions and the bucket: one round trip
+    recipients = [*data["to"], *data["cc"], *data["bcc"]]
+    admission = admit(svc, sid, recipients, data.get("hLimit"), known)
+    solution = admission.solution
     check_sender(data, solution.config)
     _check_relay(svc, data, solution)
-    _check_suppressions(svc, sid, data)
+    _check_suppressions(admission.blocked)
 
     # an early answer when the bucket is empty now (a peek: the worker takes the token);
     # under "defer" an empty bucket is no refusal (the message waits in line), hLimit 0 is
-    decision = svc.bucket.peek(sid, solution.hlimit, data.get("hLimit"))
+    decision = admission.decision
     if not decision.allowed and (decision.retry_after is None or solution.policy == "reject"):
         raise RateLimited(
             "the hourly sending limit (hLimit) is used up",

@@ -1,0 +1,47 @@
+"""The Lua scripts of ``shared/lua/``, run by EVALSHA alone or queued in a pipeline.
+
+redis-py's own pipelined scripts ask ``SCRIPT EXISTS`` before every pipeline; these send
+the EVALSHA as it is, and the caller loads the script when Redis answers NOSCRIPT (after a
+restart: :meth:`Lua.__call__` does it for a script run alone, and a pipeline that met it
+runs the script again alone).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import redis
+from redis.exceptions import NoScriptError
+
+Args = Sequence[str | int | float]
+
+
+class Lua:
+    """One script, made of the files ``names`` of ``shared/lua/`` joined in that order (a
+    preamble can prepare the keys and arguments of the script it comes before)."""
+
+    def __init__(self, *names: str) -> None:
+        folder = resources.files("shared").joinpath("lua")
+        self.source = "\n".join(
+            folder.joinpath(f"{name}.lua").read_text(encoding="utf-8") for name in names
+        )
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+    def __call__(self, client: redis.Redis, script_keys: Args, args: Args) -> Any:
+        try:
+            return client.evalsha(self.sha, len(script_keys), *script_keys, *args)
+        except NoScriptError:
+            client.script_load(self.source)
+            return client.evalsha(self.sha, len(script_keys), *script_keys, *args)
+
+    def queue(self, pipe: Any, script_keys: Args, args: Args) -> None:
+        pipe.evalsha(self.sha, len(script_keys), *script_keys, *args)
+
+
+@cache
+def script(*names: str) -> Lua:
+    return Lua(*names)

@@ -1,0 +1,120 @@
+"""The intake's reads in one round trip (api.admission), on a real Redis."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from flask.testing import FlaskClient
+from redis.connection import Connection
+
+from api.app import create_app
+from shared import keys
+from tests.helpers import ADMIN, auth, make_settings, queue_length
+
+SEND = "/api/v1/solutions/acme/email"
+OK = {"to": ["ann@example.com"], "text": "hello"}
+
+
+@pytest.fixture
+def client(real_redis: redis.Redis, redis_url: str) -> Iterator[FlaskClient]:
+    app = create_app(make_settings(redis_url, hlimit_default=7))
+    yield app.test_client()
+
+
+def create(client: FlaskClient, sid: str = "acme", **config: Any) -> str:
+    r = client.post("/api/v1/solutions", json={"solution_id": sid, **config},
+                    headers=auth(ADMIN))
+    assert 201 == r.status_code, r.get_json()
+    token: str = r.get_json()["token"]
+    return token
+
+
+class RoundTrips:
+    """Counts what the client writes to Redis sockets: one write is one round trip (a
+    pipeline is written at once)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        original = Connection.send_packed_command
+
+        def counting(conn: Connection, command: Any, check_health: bool = True) -> None:
+            self.count += 1
+            original(conn, command, check_health)
+
+        monkeypatch.setattr(Connection, "send_packed_command", counting)
+
+
+def test_a_send_reaches_redis_twice(client: FlaskClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Token, solution, suppressions and bucket in one round trip; the job in another."""
+    token = create(client, hLimit=50)
+    client.post(SEND, json=OK, headers=auth(token))  # connections opened, scripts loaded
+    trips = RoundTrips(monkeypatch)
+    r = client.post(SEND, json={**OK, "cc": ["bob@example.com"], "hLimit": 20},
+                    headers=auth(token))
+    assert (202, 2) == (r.status_code, trips.count)
+
+
+def test_the_bucket_capacity_is_the_solutions_unless_the_request_asks_less(
+    client: FlaskClient,
+) -> None:
+    token = create(client, hLimit=50)
+    headers = auth(token)
+    assert "50" == client.post(SEND, json=OK, headers=headers).headers["RateLimit-Limit"]
+    tighter = client.post(SEND, json={**OK, "hLimit": 5}, headers=headers)
+    assert "5" == tighter.headers["RateLimit-Limit"]
+    looser = client.post(SEND, json={**OK, "hLimit": 500}, headers=headers)
+    assert "50" == looser.headers["RateLimit-Limit"]
+
+
+def test_a_record_that_names_no_hlimit_takes_the_default(
+    client: FlaskClient, real_redis: redis.Redis
+) -> None:
+    token = create(client)
+    record = json.loads(real_redis.get(keys.solution("acme")) or b"{}")
+    del record["config"]["hLimit"]
+    real_redis.set(keys.solution("acme"), json.dumps(record))
+    r = client.post(SEND, json=OK, headers=auth(token))
+    assert (202, "7") == (r.status_code, r.headers["RateLimit-Limit"])
+
+
+def test_a_limit_change_is_seen_by_the_next_send(client: FlaskClient) -> None:
+    token = create(client, hLimit=3)
+    headers = auth(token)
+    assert "3" == client.post(SEND, json=OK, headers=headers).headers["RateLimit-Limit"]
+    for hlimit, expected in ((1, (202, "1")), (0, (429, None))):
+        r = client.patch("/api/v1/solutions/acme/config", json={"hLimit": hlimit},
+                         headers=auth(ADMIN))
+        assert 200 == r.status_code, r.get_json()
+        sent = client.post(SEND, json=OK, headers=headers)
+        assert expected == (sent.status_code, sent.headers.get("RateLimit-Limit"))
+
+
+def test_scripts_redis_forgot_are_loaded_again(
+    client: FlaskClient, real_redis: redis.Redis
+) -> None:
+    token = create(client, hLimit=50)
+    assert 202 == client.post(SEND, json=OK, headers=auth(token)).status_code
+    real_redis.script_flush()
+    before = queue_length(real_redis)
+    r = client.post(SEND, json=OK, headers=auth(token))
+    assert (202, "50", before + 1) == (
+        r.status_code, r.headers["RateLimit-Limit"], queue_length(real_redis))
+
+
+def test_a_suppressed_recipient_among_others_is_named(client: FlaskClient) -> None:
+    token = create(client)
+    assert 201 == client.put("/api/v1/solutions/acme/suppressions/bob@example.com",
+                             headers=auth(token)).status_code
+    r = client.post(SEND, json={"to": ["ann@example.com"], "bcc": ["Bob@Example.com"],
+                                "text": "x"}, headers=auth(token))
+    assert (429, "Blocked", ["Bob@example.com"]) == (
+        r.status_code, r.get_json()["type"], r.get_json()["blocked"])
+
+
+def test_the_admin_token_may_send_for_a_solution(client: FlaskClient) -> None:
+    create(client)
+    assert 202 == client.post(SEND, json=OK, headers=auth(ADMIN)).status_code
