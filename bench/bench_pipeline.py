@@ -458,6 +458,8 @@ class Figures:
     paced: Load | None = None
     paced_rate: float = 0.0
     intake_alone: Load | None = None  # postroom: the API alone, its workers paused
+    drain: float = 0.0  # postroom: messages/s as the resumed workers drain that backlog
+    drain_cpu_ms: float = 0.0  # the workers' CPU per message meanwhile
     cpu_ms: dict[str, float] = field(default_factory=dict)  # per message, per part
     peak_rss: list[tuple[str, int, str]] = field(default_factory=list)  # (part, KiB, what)
     checks: list[str] = field(default_factory=list)
@@ -492,6 +494,9 @@ def print_figures(fig: Figures) -> None:
             f"  intake, workers paused {load.rate:5.0f} req/s   p50 {ms(load.percentile(50))}"
             f"   p99 {ms(load.percentile(99))}   statuses {load.statuses}"
         )
+    if fig.drain:
+        say(f"  backlog drained     {fig.drain:8.0f} msg/s   (workers' CPU "
+            f"{fig.drain_cpu_ms:.2f} ms per message)")
     if fig.paced is not None:
         load = fig.paced
         say(
@@ -719,9 +724,16 @@ def run_postroom(sink: Sink, log_dir: Path, options: Options) -> Figures:
         try:
             fig.intake_alone = stack.post(first=m + n, count=m)
         finally:
+            # the backlog those requests left: how fast the workers drain it, as a batch
+            # consumer sees it (every pool process busy, messages waiting)
+            workers = [p for p in parts if p.name.startswith("worker")]
+            before_drain = sum(p.cpu() for p in workers)
+            resumed = time.time()
             for worker in stack.workers:
                 os.killpg(worker.proc.pid, signal.SIGCONT)
-        sink.wait_count(m, drain_timeout(m))
+        drained, _, last = sink.wait_count(m, drain_timeout(m))
+        fig.drain = drained / max(last - resumed, 1e-9)
+        fig.drain_cpu_ms = (sum(p.cpu() for p in workers) - before_drain) * 1000 / max(drained, 1)
         line, _ = check_ids(sink, m, "workers-paused run")
         fig.checks.append(line)
         fig.peak_rss = snapshot_rss(parts)

@@ -326,6 +326,7 @@ DRAIN_SETUPS = {
     "prefork": ("prefork -c{c}, 1 process (as `postroom worker`)", None),
     "prefork+smtppool": ("prefork -c{c}, with SmtpPool swapped in for deliver()", None),
     "prefork+info": ("prefork -c{c}, POSTROOM_LOG_LEVEL=INFO (the default; JSON lines)", None),
+    "prefork+batch1": ("prefork -c{c}, POSTROOM_WORKER_BATCH=1 (no batches)", None),
     "solo": ("solo pool, {c} processes (`postroom worker --pool solo`)", "solo"),
     "solo+cprofile": ("solo pool, 1 process under cProfile (where a worker's time goes)", "solo"),
 }
@@ -353,6 +354,8 @@ def profile_drain(
         POSTROOM_LOG_LEVEL="INFO" if setup == "prefork+info" else "WARNING",
         PYTHONPATH=str(BENCH.parent),
     )
+    if setup == "prefork+batch1":
+        env["POSTROOM_WORKER_BATCH"] = "1"
     title, pool = DRAIN_SETUPS[setup]
     log_dir = Path(tempfile.mkdtemp(prefix="postroom-profile-"))
     cli = [sys.executable, "-m", "shared.cli", "worker"]
@@ -378,7 +381,9 @@ def profile_drain(
         time.sleep(1.0)
         sink.reset()
         pids = [p for w in workers for p in process_tree(w.proc.pid)]
+        mains = {w.proc.pid for w in workers}
         before = sum(cpu_seconds(p) for p in pids)
+        before_main = sum(cpu_seconds(p) for p in pids if p in mains)
         commands = commandstats(admin)
         started = time.perf_counter()
         for job in jobs:  # enqueued faster than drained: the workers are never idle
@@ -386,6 +391,7 @@ def profile_drain(
         count = sink.wait_count(n, 60 + n / 20)[0]
         elapsed = time.perf_counter() - started
         cpu = sum(cpu_seconds(p) for p in pids) - before
+        cpu_main = sum(cpu_seconds(p) for p in pids if p in mains) - before_main
         delta = +(commandstats(admin) - commands)
     finally:
         for worker in workers:
@@ -393,7 +399,8 @@ def profile_drain(
     per_message = cpu * 1000 / n
     print(f"\n== real workers draining {n} queued jobs: {title.format(c=concurrency)}")
     print(f"  {count} sent in {elapsed:.2f} s = {count / elapsed:.0f} msg/s; "
-          f"worker CPU {per_message:.2f} ms per message (all its processes)")  # fmt: skip
+          f"worker CPU {per_message:.2f} ms per message (all its processes; "
+          f"main process {cpu_main * 1000 / n:.2f})")  # fmt: skip
     total = sum(delta.values()) / n
     top = ", ".join(f"{k} {v / n:.1f}" for k, v in delta.most_common(14))
     print(f"  Redis commands per message, broker and publishing included: {total:.1f}")
