@@ -9,6 +9,7 @@ in tests/test_batching_e2e.py and every end-to-end test.
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import pytest
@@ -48,10 +49,21 @@ class Message:
         self.body = json.dumps([[], {"job": job}, {}]).encode() if body is None else body
 
 
+class Hub:
+    """Records what is handed to the event loop; the test runs it."""
+
+    def __init__(self) -> None:
+        self.ready: list[tuple[Any, tuple[Any, ...]]] = []
+
+    def call_soon(self, fn: Any, *args: Any) -> None:
+        self.ready.append((fn, args))
+
+
 class Consumer:
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, hub: Hub | None = None) -> None:
         self.pool = pool
         self.connection_errors = (ConnectionError,)
+        self.hub = hub
 
 
 class App:
@@ -82,9 +94,10 @@ def fresh_flag() -> None:
     batching.install(lambda items: [True] * len(items))
 
 
-def make(processes: int = 2, batch: int = 4) -> tuple[BatchStrategy, Pool, Outcomes]:
+def make(processes: int = 2, batch: int = 4,
+         hub: Hub | None = None) -> tuple[BatchStrategy, Pool, Outcomes]:
     pool = Pool(processes)
-    strategy = BatchStrategy(task=None, app=App(batch), consumer=Consumer(pool))
+    strategy = BatchStrategy(task=None, app=App(batch), consumer=Consumer(pool, hub))
     return strategy, pool, Outcomes()
 
 
@@ -224,3 +237,21 @@ def test_fits_window_leaves_room_for_the_longest_attempt() -> None:
     assert fits_window(item, 1000.0, 2.0, window)
     assert fits_window(item, 1009.9, 2.0, window)
     assert not fits_window(item, 1010.0, 2.0, window)
+
+
+def test_an_answer_from_another_thread_is_settled_in_the_event_loop() -> None:
+    """A thread pool calls back in its own threads: the verdicts wait for the loop."""
+    hub = Hub()
+    strategy, pool, out = make(processes=1, hub=hub)
+    channel = Channel()
+    out.deliver(strategy, Message("m0", channel))
+    out.deliver(strategy, Message("m1", channel))
+    answer = threading.Thread(target=pool.calls[0][1], args=([True],))
+    answer.start()
+    answer.join()
+    assert ([], 1, 1) == (out.acked, len(hub.ready), strategy.busy)
+    fn, args = hub.ready.pop()
+    fn(*args)
+    assert (["m0"], ["m1"]) == (out.acked, ids(pool.calls[1][0]))
+    pool.calls[1][1]([True])  # from the loop's own thread: at once
+    assert (["m0", "m1"], []) == (out.acked, hub.ready)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -143,6 +144,8 @@ class BatchStrategy:
     def __init__(self, task: Any, app: Any, consumer: Any, **_: Any) -> None:
         self.pool = consumer.pool
         self.connection_errors = consumer.connection_errors
+        # the worker's event loop: the buffer and the broker channel are touched only there
+        self.hub = getattr(consumer, "hub", None)
         self.slots = max(1, int(getattr(self.pool, "num_processes", None) or 1))
         self.batch_max = max(1, int(app.conf.get("postroom_worker_batch", 1)))
         self.waiting: deque[_Waiting] = deque()
@@ -182,14 +185,29 @@ class BatchStrategy:
                 error_callback=partial(self._lost, batch),
             )
 
+    def _in_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn`` in the worker's event loop: at once from the loop's own thread (the
+        prefork pool calls back there), else handed to it (a thread pool's callbacks run
+        in its threads; kombu's channel and this buffer are not for them)."""
+        if self.hub is not None and threading.current_thread() is not threading.main_thread():
+            self.hub.call_soon(fn, *args)
+        else:
+            fn(*args)
+
     def _done(self, batch: list[_Waiting], verdicts: Any) -> None:
+        self._in_loop(self._done_now, batch, verdicts)
+
+    def _lost(self, batch: list[_Waiting], exc_info: Any) -> None:
+        self._in_loop(self._lost_now, batch, exc_info)
+
+    def _done_now(self, batch: list[_Waiting], verdicts: Any) -> None:
         self.busy -= 1
         ok = verdicts if isinstance(verdicts, list) else []
         done = [w for i, w in enumerate(batch) if i < len(ok) and ok[i]]
         back = [w for i, w in enumerate(batch) if not (i < len(ok) and ok[i])]
         self._settle(done, back)
 
-    def _lost(self, batch: list[_Waiting], exc_info: Any) -> None:
+    def _lost_now(self, batch: list[_Waiting], exc_info: Any) -> None:
         """The pool process died or the batch raised. A single message goes back onto the
         queue (as Celery's ``reject_on_worker_lost`` would). The messages of a larger
         batch are handed out again here, each on its own and first in line: one that
