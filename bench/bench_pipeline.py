@@ -16,16 +16,21 @@ its own (asyncio, raw HTTP/1.1) posts the messages.
 For postroom it prints: end-to-end messages/s (first request to the sink's last message),
 intake requests/s with p50/p99 latency (closed loop, ``--concurrency`` requests in flight),
 intake latency p50/p99 at half that rate (an open-loop paced run: latency counts from each
-request's scheduled time), CPU per message of each part, and peak RSS (``VmHWM``) of every
-process. The same figures follow for (a) a naive Flask endpoint that sends synchronously
-with smtplib under gunicorn -w 4 (``bench/baseline_naive_app.py``) and (b) nodemailer's
-pooled transport with one connection (``bench/baseline_nodemailer.js``, installed with npm
-into a temporary folder), then the ratios. Every run checks that the sink received exactly
+request's scheduled time), intake with the workers paused and how fast they drain the
+backlog it leaves (with their CPU per message meanwhile), CPU per message of each part, and
+peak RSS (``VmHWM``) of every process. ``--api-args`` passes options to ``postroom api``
+(``--api-args '--worker-class gthread --threads 1'``). The same figures follow for (a) a
+naive Flask endpoint that sends synchronously with smtplib under gunicorn -w 4
+(``bench/baseline_naive_app.py``) and (b) nodemailer's pooled transport with one
+connection (``bench/baseline_nodemailer.js``, installed with npm into a temporary folder),
+then the ratios. Every run checks that the sink received exactly
 the messages sent, each once (distinct Message-IDs), and that every postroom task document
 says ``sent`` with the Message-ID the sink saw.
 
 The machine's load average is printed before and after: other work on the machine changes
-every figure here.
+every figure here. ``--repeat N`` runs N rounds, each starting with another system, and
+prints the median of each ratio (a shared machine's speed drifts from one minute to the
+next; a single round can favour either side).
 """
 
 from __future__ import annotations
@@ -37,8 +42,10 @@ import json
 import multiprocessing as mp
 import os
 import re
+import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -543,16 +550,8 @@ class Options:
     api_workers: int | None
     paced_seconds: float
     baselines: bool
-    smtp_pool: bool = False
-
-
-# `postroom worker` with worker.sending.deliver replaced by one SmtpPool's deliver (each
-# prefork child forgets the parent's connections and keeps its own): what wiring the pool
-# in gives, measured before it is wired in (a no-op once the worker uses the pool itself).
-WITH_POOL = (
-    "import sys, worker.sending as s; from worker.pool import SmtpPool; "
-    "s.deliver = SmtpPool().deliver; from shared.cli import main; sys.exit(main(sys.argv[1:]))"
-)
+    api_args: tuple[str, ...] = ()
+    repeat: int = 1
 
 
 class PostroomStack:
@@ -592,11 +591,10 @@ class PostroomStack:
         api_argv = [*cli, "api", "--bind", f"{HOST}:{self.api_port}"]
         if self.options.api_workers:
             api_argv += ["--workers", str(self.options.api_workers)]
+        api_argv += self.options.api_args
         self.api = spawn("api", api_argv, self.env, self.log_dir)
         wait_http(f"http://{HOST}:{self.api_port}/api/v1/solution/health", self.api)
         self.token = self._create_solution()
-        if self.options.smtp_pool:
-            cli = [sys.executable, "-c", WITH_POOL]
         for n in range(self.options.workers):
             argv = [*cli, "worker", "--concurrency", str(self.options.worker_concurrency),
                     "--hostname", f"bench{n + 1}@%h"]  # fmt: skip
@@ -689,8 +687,8 @@ def run_postroom(sink: Sink, log_dir: Path, options: Options) -> Figures:
         cpu = cpu_per_message(parts, before, m)
         e2e = count / max(last - intake.started, 1e-9)
         name = "postroom (Flask + Celery + Redis, durable)"
-        if options.smtp_pool:
-            name = "postroom (Flask + Celery + Redis, durable; SmtpPool swapped in)"
+        if options.api_args:
+            name = f"postroom (Flask + Celery + Redis, durable; api {' '.join(options.api_args)})"
         fig = Figures(name, e2e, intake=intake, cpu_ms=cpu)
         fig.checks.append(f"HTTP answers: {intake.statuses} (expected {m} x 202)")
         line, seen = check_ids(sink, m, "closed-loop run")
@@ -855,18 +853,19 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--paced-seconds", type=float, default=None,
                         help="length of the paced run (default 10 s)")  # fmt: skip
     parser.add_argument("--no-baselines", action="store_true", help="postroom only")
-    parser.add_argument(
-        "--smtp-pool",
-        action="store_true",
-        help="run the workers with worker.pool.SmtpPool swapped in for worker.sending.deliver "
-        "(until the worker uses the pool itself)",
-    )
+    parser.add_argument("--api-args", default="",
+                        help="more options for `postroom api`, e.g. '--worker-class gthread "
+                             "--threads 4' (gunicorn's own pass through)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="500 messages, 3 s paced runs")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of all systems, each starting with another; the median "
+                             "of each ratio is printed at the end")  # fmt: skip
     args = parser.parse_args(argv)
     messages = args.messages or (500 if args.quick else 5000)
     paced = args.paced_seconds or (3.0 if args.quick else 10.0)
     return Options(messages, args.concurrency, args.workers, args.worker_concurrency,
-                   args.api_workers, paced, not args.no_baselines, args.smtp_pool)  # fmt: skip
+                   args.api_workers, paced, not args.no_baselines,
+                   tuple(shlex.split(args.api_args)), max(1, args.repeat))  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -878,8 +877,23 @@ def running_sink() -> Iterator[Sink]:
         sink.stop()
 
 
-def ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}" if b else "n/a"
+def ratios_of(results: list[Figures]) -> dict[str, float]:
+    """The run's ratios, by name (those whose systems ran)."""
+    by_name = {f.name.split()[0].rstrip(","): f for f in results}
+    pr, naive, node = by_name.get("postroom"), by_name.get("naive"), by_name.get("nodemailer")
+    out: dict[str, float] = {}
+    if pr is None:
+        return out
+    if naive is not None:
+        out["postroom e2e / naive e2e"] = pr.e2e / naive.e2e
+        if pr.intake and naive.intake:
+            out["postroom intake / naive intake"] = pr.intake.rate / naive.intake.rate
+        if pr.intake_alone and naive.intake:
+            out["postroom intake, workers paused / naive intake"] = (
+                pr.intake_alone.rate / naive.intake.rate)
+    if node is not None:
+        out["postroom e2e / nodemailer"] = pr.e2e / node.e2e
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -887,33 +901,40 @@ def main(argv: list[str] | None = None) -> int:
     say(
         f"bench_pipeline: {options.messages} messages per system, {options.concurrency} "
         f"requests in flight, {options.workers} worker(s) x {options.worker_concurrency}"
+        + (f", {options.repeat} rounds" if options.repeat > 1 else "")
     )
     say(f"before: {load_avg()}")
     log_dir = Path(tempfile.mkdtemp(prefix="postroom-bench-"))
     results: list[Figures] = []
+    rounds: list[dict[str, float]] = []
     runners: list[Callable[[Sink, Path, Options], Figures | None]] = [run_postroom]
     if options.baselines:
         runners += [run_naive, run_nodemailer]
     with running_sink() as sink:
-        for runner in runners:
-            fig = runner(sink, log_dir, options)
-            if fig is not None:
-                results.append(fig)
-                print_figures(fig)
+        for n in range(options.repeat):
+            if options.repeat > 1:
+                say(f"\n#### round {n + 1} of {options.repeat}")
+            # each round starts with a different system, so that a slow spell of the
+            # machine does not always fall on the same one
+            shift = n % len(runners)
+            figures: list[Figures] = []
+            for runner in runners[shift:] + runners[:shift]:
+                fig = runner(sink, log_dir, options)
+                if fig is not None:
+                    figures.append(fig)
+                    print_figures(fig)
+            results += figures
+            rounds.append(ratios_of(figures))
+            say("\n== ratios" + (f" (round {n + 1})" if options.repeat > 1 else ""))
+            for name, value in rounds[-1].items():
+                say(f"  {name:<48} {value:.2f}")
     say(f"\nafter: {load_avg()}")
-    by_name = {f.name.split()[0].rstrip(","): f for f in results}
-    pr, naive, node = by_name.get("postroom"), by_name.get("naive"), by_name.get("nodemailer")
-    if pr is not None:
-        say("\n== ratios")
-        if naive is not None:
-            say(f"  postroom e2e / naive e2e        {ratio(pr.e2e, naive.e2e)}")
-            if pr.intake and naive.intake:
-                say(f"  postroom intake / naive intake  {ratio(pr.intake.rate, naive.intake.rate)}")
-            if pr.intake_alone and naive.intake:
-                say("  postroom intake, workers paused / naive intake  "
-                    f"{ratio(pr.intake_alone.rate, naive.intake.rate)}")
-        if node is not None:
-            say(f"  postroom e2e / nodemailer       {ratio(pr.e2e, node.e2e)}")
+    if options.repeat > 1 and rounds:
+        say(f"\n== ratios over {len(rounds)} rounds: median (lowest - highest)")
+        for name in rounds[0]:
+            values = sorted(r[name] for r in rounds if name in r)
+            say(f"  {name:<48} {statistics.median(values):.2f} "
+                f"({values[0]:.2f} - {values[-1]:.2f})")
     failed = [line for f in results for line in f.checks if "FAILED" in line]
     if not failed:
         shutil.rmtree(log_dir, ignore_errors=True)

@@ -14,7 +14,7 @@ It starts an embedded ``redis-server`` and the counting SMTP sink of ``bench_pip
    (document read, the attempt's first Redis step, the bucket script, MIME, SMTP, the last
    Redis step);
 3. Celery's share: real ``postroom worker`` processes drain a burst of jobs, as shipped
-   (prefork), with ``SmtpPool`` swapped in, at log level INFO (the default), as solo-pool
+   (prefork), without batches, at log level INFO (the default), as solo-pool
    processes, and as one solo process under cProfile, whose own time is summed per library
    (postroom, celery, kombu, redis-py, smtplib, socket I/O); their CPU per message is set
    beside the in-process Attempt's.
@@ -48,7 +48,6 @@ sys.path.insert(0, str(BENCH))
 import redis  # noqa: E402
 import redis.connection  # noqa: E402
 from bench_pipeline import (  # noqa: E402
-    WITH_POOL,
     Sink,
     cpu_seconds,
     load_avg,
@@ -324,7 +323,6 @@ def profile_attempt(
 
 DRAIN_SETUPS = {
     "prefork": ("prefork -c{c}, 1 process (as `postroom worker`)", None),
-    "prefork+smtppool": ("prefork -c{c}, with SmtpPool swapped in for deliver()", None),
     "prefork+info": ("prefork -c{c}, POSTROOM_LOG_LEVEL=INFO (the default; JSON lines)", None),
     "prefork+batch1": ("prefork -c{c}, POSTROOM_WORKER_BATCH=1 (no batches)", None),
     "solo": ("solo pool, {c} processes (`postroom worker --pool solo`)", "solo"),
@@ -360,9 +358,7 @@ def profile_drain(
     log_dir = Path(tempfile.mkdtemp(prefix="postroom-profile-"))
     cli = [sys.executable, "-m", "shared.cli", "worker"]
     profile_out = log_dir / "worker.pstats"
-    if setup == "prefork+smtppool":
-        argvs = [[sys.executable, "-c", WITH_POOL, "worker", "--concurrency", str(concurrency)]]
-    elif setup == "solo+cprofile":
+    if setup == "solo+cprofile":
         argvs = [[sys.executable, "-m", "cProfile", "-o", str(profile_out), "-m", "shared.cli",
                   "worker", "--pool", "solo"]]  # fmt: skip
     elif pool is None:

@@ -1,12 +1,12 @@
-"""The Celery task: thin wiring around :class:`worker.sending.Attempt`.
+"""The Celery task and the batch runner: thin wiring around :class:`worker.sending.Attempt`.
 
-Delivery from the broker is at least once: the message is acknowledged only when the task
-returns (``acks_late``), a pool child that dies puts it back at once
-(``reject_on_worker_lost``), and a whole worker that dies leaves it in Redis's unacked
-table, from which it returns after ``POSTROOM_VISIBILITY_TIMEOUT_S``. The task therefore
-returns only once the job's fate is written down: its document final, or the job parked in
-the schedule. While postroom's own Redis does not answer, it waits in place
-(:class:`~worker.retrying.StorePatience`) and then hands the job back to the queue.
+Delivery from the broker is at least once: a message is acknowledged only when its attempt
+has written the job's fate down (its document final, or the job parked in the schedule);
+a pool process that dies loses none of its batch (:mod:`worker.batching`), and a whole
+worker that dies leaves its messages in Redis's unacked table, from which they return after
+``POSTROOM_VISIBILITY_TIMEOUT_S``. While postroom's own Redis does not answer, an attempt
+waits in place (:class:`~worker.retrying.StorePatience`) and then hands the job back to
+the queue.
 """
 
 from __future__ import annotations
