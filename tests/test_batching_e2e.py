@@ -17,7 +17,9 @@ from worker.broker import Channel, Transport, transport_for
 
 
 def test_a_redis_broker_gets_postroom_transport_and_others_keep_kombus() -> None:
-    assert Transport is transport_for("redis://127.0.0.1:6379/0")
+    assert "worker.broker:Transport" == transport_for("redis://127.0.0.1:6379/0")
+    with Connection("redis://127.0.0.1:6379/0", transport=transport_for("redis://")) as conn:
+        assert isinstance(conn.transport, Transport)
     assert transport_for("rediss://redis.example.com:6380/0") is None
     assert transport_for("amqp://guest@127.0.0.1//") is None
 

@@ -60,8 +60,9 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
-def transport_for(broker_url: str) -> type[Transport] | None:
-    """This transport for a Redis broker URL, else None (kombu picks by the scheme)."""
+def transport_for(broker_url: str) -> str | None:
+    """This transport (by name, as Celery's ``broker_transport`` takes it and as the worker's
+    banner shows it) for a Redis broker URL, else None (kombu picks by the scheme)."""
     if broker_url.startswith("redis://"):
-        return Transport
+        return f"{__name__}:Transport"
     return None
