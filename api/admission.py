@@ -18,7 +18,7 @@ from redis.exceptions import NoScriptError
 from api.auth import Principal, allowed, bearer_token, is_admin
 from api.services import Services
 from shared.errors import NotFound
-from shared.ratelimit import Decision, decision_of, intake_peek
+from shared.ratelimit import Decision, decision_of
 from shared.solutions import Solution
 
 
@@ -51,8 +51,15 @@ def admit(
     before = len(pipe)
     read_blocked = svc.suppressions.queue_blocked(pipe, sid, recipients)
     blocked_at = before if len(pipe) > before else None
-    svc.bucket.queue_intake_peek(pipe, sid, request_hlimit, svc.settings.hlimit_default)
-    replies = _execute(svc, pipe)
+    peek_alone = svc.bucket.queue_intake_peek(
+        pipe, sid, request_hlimit, svc.settings.hlimit_default
+    )
+    replies: list[Any] = pipe.execute(raise_on_error=False)
+    if isinstance(replies[-1], NoScriptError):  # Redis restarted: load the script, run it
+        replies[-1] = peek_alone()
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
 
     if known is None:
         principal, solution = allowed(admin, *read_caller(replies), sid)
@@ -63,18 +70,3 @@ def admit(
     if peek is None:  # the solution was deleted since a known caller was authorized
         raise NotFound(f"solution {sid!r} not found")
     return Admission(principal, solution, blocked, decision_of(peek))
-
-
-def _execute(svc: Services, pipe: Any) -> list[Any]:
-    """Run the pipeline; a peek script Redis forgot (a restart) is loaded and run again."""
-    commands = [(args, options) for args, options in pipe.command_stack]
-    replies: list[Any] = pipe.execute(raise_on_error=False)
-    if isinstance(replies[-1], NoScriptError):
-        args, _ = commands[-1]
-        _, _, numkeys, *rest = args
-        script_keys, script_args = rest[: int(numkeys)], rest[int(numkeys):]
-        replies[-1] = intake_peek()(svc.state, script_keys, script_args)
-    for reply in replies:
-        if isinstance(reply, Exception):
-            raise reply
-    return replies

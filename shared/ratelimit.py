@@ -26,6 +26,7 @@ Semantics worth knowing:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -34,7 +35,7 @@ from typing import Any
 import redis
 
 from shared import keys
-from shared.scripts import Lua, script
+from shared.scripts import script
 
 _NEVER = -1  # the script's retry_after for "never"
 
@@ -155,11 +156,12 @@ class TokenBucket:
 
     def queue_intake_peek(
         self, pipe: Any, sid: str, request_capacity: int | None, default_capacity: int
-    ) -> None:
+    ) -> Callable[[], Any]:
         """Queue on ``pipe`` a :meth:`peek` whose capacity is read from solution ``sid``'s
         record in the same step (``shared/lua/intake_peek.lua``); its reply, for
         :func:`decision_of`, is None when the solution does not exist. ``default_capacity``
-        is the capacity of a record that names none."""
+        is the capacity of a record that names none. Returns what runs the same peek alone,
+        loading the script first, for a pipeline that met NOSCRIPT (Redis restarted)."""
         script_keys = [keys.bucket(sid)]
         request_arg = -1
         if request_capacity is not None:
@@ -170,12 +172,9 @@ class TokenBucket:
         args: list[str | int] = [
             repr(self._period_s), 0, request_arg, "peek", "0", 0, 0, 0, default_capacity
         ]
-        intake_peek().queue(pipe, script_keys, args)
-
-
-def intake_peek() -> Lua:
-    """The script :meth:`TokenBucket.queue_intake_peek` queues (to load it after NOSCRIPT)."""
-    return script("intake_peek", "bucket")
+        run = script("intake_peek", "bucket")
+        run.queue(pipe, script_keys, args)
+        return lambda: run(self._client, script_keys, args)
 
 
 def decision_of(answer: Any) -> Decision:

@@ -150,9 +150,6 @@ class BatchStrategy:
         self.batch_max = max(1, int(app.conf.get("postroom_worker_batch", 1)))
         self.waiting: deque[_Waiting] = deque()
         self.busy = 0
-        # figures a test or an operator can read: batches handed out, messages in them
-        self.batches = 0
-        self.messages = 0
 
     def __call__(self, message: Any, payload: Any, ack: Any, reject: Any,
                  callbacks: Any = None, **_: Any) -> None:
@@ -173,11 +170,8 @@ class BatchStrategy:
             while (not batch[0].alone and self.waiting and len(batch) < self.batch_max
                    and not self.waiting[0].alone):
                 batch.append(self.waiting.popleft())
-            take = len(batch)
             self.busy += 1
-            self.batches += 1
-            self.messages += take
-            log.debug("a batch of %d handed to the pool", take)
+            log.debug("a batch of %d handed to the pool", len(batch))
             self.pool.apply_async(
                 run_batch,
                 ([w.item for w in batch],),
@@ -203,8 +197,10 @@ class BatchStrategy:
     def _done_now(self, batch: list[_Waiting], verdicts: Any) -> None:
         self.busy -= 1
         ok = verdicts if isinstance(verdicts, list) else []
-        done = [w for i, w in enumerate(batch) if i < len(ok) and ok[i]]
-        back = [w for i, w in enumerate(batch) if not (i < len(ok) and ok[i])]
+        done: list[_Waiting] = []
+        back: list[_Waiting] = []
+        for i, waiting in enumerate(batch):  # no verdict (a short answer): back
+            (done if i < len(ok) and ok[i] else back).append(waiting)
         self._settle(done, back)
 
     def _lost_now(self, batch: list[_Waiting], exc_info: Any) -> None:
