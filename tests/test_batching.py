@@ -255,3 +255,15 @@ def test_an_answer_from_another_thread_is_settled_in_the_event_loop() -> None:
     assert (["m0"], ["m1"]) == (out.acked, ids(pool.calls[1][0]))
     pool.calls[1][1]([True])  # from the loop's own thread: at once
     assert (["m0", "m1"], []) == (out.acked, hub.ready)
+
+
+def test_a_pool_that_grows_gets_more_batches_at_once() -> None:
+    """``--autoscale`` changes the number of pool processes while the worker runs."""
+    strategy, pool, out = make(processes=1)
+    channel = Channel()
+    for n in range(3):
+        out.deliver(strategy, Message(f"m{n}", channel))
+    assert 1 == len(pool.calls)
+    pool.num_processes = 2
+    out.deliver(strategy, Message("m3", channel))
+    assert [["m0"], ["m1", "m2", "m3"]] == [ids(items) for items, _, _ in pool.calls]

@@ -146,7 +146,6 @@ class BatchStrategy:
         self.connection_errors = consumer.connection_errors
         # the worker's event loop: the buffer and the broker channel are touched only there
         self.hub = getattr(consumer, "hub", None)
-        self.slots = max(1, int(getattr(self.pool, "num_processes", None) or 1))
         self.batch_max = max(1, int(app.conf.get("postroom_worker_batch", 1)))
         self.waiting: deque[_Waiting] = deque()
         self.busy = 0
@@ -165,7 +164,7 @@ class BatchStrategy:
 
     def dispatch(self) -> None:
         """Hand what waits to free pool processes, at most ``batch_max`` messages each."""
-        while self.waiting and self.busy < self.slots and not stopping():
+        while self.waiting and self.busy < self._slots() and not stopping():
             batch = [self.waiting.popleft()]
             while (not batch[0].alone and self.waiting and len(batch) < self.batch_max
                    and not self.waiting[0].alone):
@@ -178,6 +177,10 @@ class BatchStrategy:
                 callback=partial(self._done, batch),
                 error_callback=partial(self._lost, batch),
             )
+
+    def _slots(self) -> int:
+        """Pool processes now (``--autoscale`` changes their number)."""
+        return max(1, int(getattr(self.pool, "num_processes", None) or 1))
 
     def _in_loop(self, fn: Callable[..., None], *args: Any) -> None:
         """Run ``fn`` in the worker's event loop: at once from the loop's own thread (the
