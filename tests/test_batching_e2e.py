@@ -4,12 +4,14 @@ SMTP server."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import redis
-from kombu import Connection
+from kombu import Connection, Consumer, Exchange, Queue
 
 from tests.e2e import Stack
 from tests.stack import wait_for
@@ -45,6 +47,95 @@ def test_ack_many_acknowledges_a_batch_in_redis_and_in_kombus_books(
             message.ack()
         assert 0 == real_redis.hlen("unacked") == real_redis.zcard("unacked_index")
         queue.close()
+
+
+def consume_once(redis_url: str, queue: str, prefetch: int) -> list[Any]:
+    """One delivery round of a kombu consumer on postroom's transport: a BRPOP and what
+    the channel takes after it. Returns the messages delivered (not acknowledged)."""
+    got: list[Any] = []
+    with Connection(redis_url, transport=Transport) as conn:
+        q = Queue(queue, Exchange(queue), routing_key=queue)
+        with Consumer(conn, [q], callbacks=[lambda body, message: got.append(message)],
+                      accept=["json"]) as consumer:
+            consumer.qos(prefetch_count=prefetch)
+            conn.drain_events(timeout=5)
+            # kombu's own delivery of the first, then the channel's take of the rest
+            assert isinstance(consumer.channel, Channel)
+            assert len(consumer.channel.qos._delivered) == len(got)
+    return got
+
+
+def publish(redis_url: str, queue: str, n: int) -> None:
+    with Connection(redis_url, transport=Transport) as conn:
+        producer = conn.Producer(serializer="json")
+        for i in range(n):
+            producer.publish({"n": i}, exchange=Exchange(queue), routing_key=queue,
+                             declare=[Queue(queue, Exchange(queue), routing_key=queue)])
+
+
+def test_after_a_brpop_the_channel_takes_what_the_prefetch_allows_recorded_unacked(
+    real_redis: redis.Redis, redis_url: str
+) -> None:
+    publish(redis_url, "take-test", 6)
+    got = consume_once(redis_url, "take-test", prefetch=4)
+    assert [0, 1, 2, 3] == [m.payload["n"] for m in got]
+    # each recorded unacknowledged, as kombu records one (the channel closed with them
+    # unacknowledged, so kombu restored them to the queue: all six are there again)
+    assert 6 == real_redis.llen("take-test")
+    assert 0 == real_redis.hlen("unacked")
+
+
+def test_what_the_take_records_is_what_kombu_restores(
+    real_redis: redis.Redis, redis_url: str
+) -> None:
+    """Recorded by the script, restored by kombu's own sweep: the same message back."""
+    publish(redis_url, "take-test", 3)
+    with Connection(redis_url, transport=Transport) as conn:
+        q = Queue("take-test", Exchange("take-test"), routing_key="take-test")
+        got: list[Any] = []
+        consumer = Consumer(conn, [q], callbacks=[lambda body, m: got.append(m)],
+                            accept=["json"])
+        consumer.consume()
+        consumer.qos(prefetch_count=10)
+        conn.drain_events(timeout=5)
+        assert (3, 3, 0) == (len(got), real_redis.hlen("unacked"), real_redis.llen("take-test"))
+        channel = consumer.channel
+        for message in got:  # what the restore sweep would do for each
+            channel.qos.restore_by_tag(message.delivery_tag)
+        assert (0, 3) == (real_redis.hlen("unacked"), real_redis.llen("take-test"))
+        restored = sorted(json.loads(raw)["body"] for raw in real_redis.lrange("take-test", 0, -1))
+        assert restored == sorted(m._raw["body"] for m in got)
+        got.clear()
+        channel.qos._delivered.clear()
+        channel.qos._dirty.clear()
+        conn.drain_events(timeout=5)
+        assert [0, 1, 2] == sorted(m.payload["n"] for m in got)
+        for message in got:
+            message.ack()
+        consumer.cancel()
+    assert (0, 0) == (real_redis.hlen("unacked"), real_redis.llen("take-test"))
+
+
+def test_a_foreign_message_behind_the_first_is_put_back_not_lost(
+    real_redis: redis.Redis, redis_url: str
+) -> None:
+    publish(redis_url, "take-test", 1)
+    real_redis.lpush("take-test", b"not a kombu message")
+    publish(redis_url, "take-test", 1)
+    with Connection(redis_url, transport=Transport) as conn:
+        q = Queue("take-test", Exchange("take-test"), routing_key="take-test")
+        got: list[Any] = []
+        consumer = Consumer(conn, [q], callbacks=[lambda body, m: got.append(m)],
+                            accept=["json"])
+        consumer.consume()
+        consumer.qos(prefetch_count=10)
+        conn.drain_events(timeout=5)
+        assert [0] == [m.payload["n"] for m in got]
+        assert [b"not a kombu message"] == real_redis.lrange("take-test", -1, -1)
+        assert 2 == real_redis.llen("take-test")
+        for message in got:
+            message.ack()
+        consumer.cancel()
 
 
 def test_the_channel_keeps_one_client_for_its_commands(redis_url: str) -> None:

@@ -1,11 +1,15 @@
-"""kombu's Redis transport, with two costs of the worker's main process taken out.
+"""kombu's Redis transport, with three costs of the worker's main process taken out.
 
-Per message, kombu's Redis channel builds a new ``redis.Redis`` client (a table of about
-170 reply callbacks) each time it records a delivery as unacknowledged and each time it
-acknowledges one, and every acknowledgement is a round trip of its own. Here the channel
-keeps one client for those commands, and :meth:`Channel.ack_many` acknowledges a whole
-batch (:mod:`worker.batching`) in one pipeline. What is stored, and when, is unchanged:
-the same unacked hash and index, the same keys, the same restore rules.
+Per message, kombu's Redis channel takes one job per BRPOP and records it as unacknowledged
+in a second round trip, builds a new ``redis.Redis`` client (a table of about 170 reply
+callbacks) for that record and again for the acknowledgement, and acknowledges each
+message in a round trip of its own. Here, after a BRPOP brought one job, the channel takes
+what else waits (as many as the prefetch allows) and records each unacknowledged in the
+same atomic script (:meth:`Channel._take_more`: jobs taken this way have no moment in
+which they are in neither the queue nor the unacked table); it keeps one client for its
+commands; and :meth:`Channel.ack_many` acknowledges a whole batch (:mod:`worker.batching`)
+in one pipeline. What is stored is unchanged: the same unacked hash and index, the same
+keys, the same restore rules.
 
 Only the worker uses it, and only on a ``redis://`` broker (:func:`transport_for`); other
 brokers (``rediss://`` included, whose TLS checks kombu makes by the scheme's name) keep
@@ -14,14 +18,31 @@ kombu's own transport.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import base as virtual
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
+
+from shared.scripts import script
 
 
 class QoS(kombu_redis.QoS):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # delivery tags that Channel._take_more recorded as unacknowledged already
+        self.recorded: set[str] = set()
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        if delivery_tag in self.recorded:
+            self.recorded.discard(delivery_tag)
+            virtual.QoS.append(self, message, delivery_tag)  # the in-process books only
+            return
+        super().append(message, delivery_tag)
+
     def ack_many(self, delivery_tags: Sequence[str]) -> None:
         """Acknowledge ``delivery_tags`` in one pipeline (one round trip)."""
         with self.pipe_or_acquire() as pipe:
@@ -36,6 +57,8 @@ class Channel(kombu_redis.Channel):
     QoS = QoS
 
     _kept_client: Any = None
+    #: the most jobs one take adds to the one BRPOP brought
+    take_max = 32
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         # the asynchronous client serves BRPOP and is already kept by the channel
@@ -44,6 +67,31 @@ class Channel(kombu_redis.Channel):
         if self._kept_client is None:
             self._kept_client = super()._create_client()
         return self._kept_client
+
+    def _brpop_read(self, **options: Any) -> Any:
+        delivered = super()._brpop_read(**options)
+        if delivered:
+            self._take_more()
+        return delivered
+
+    def _take_more(self) -> None:
+        """After a BRPOP brought one job: take what else waits in the queue, as many as the
+        prefetch allows, each recorded unacknowledged in the same atomic step
+        (``shared/lua/broker_take.lua``), and deliver them as kombu delivers one."""
+        room = self.qos.can_consume_max_estimate()
+        room = self.take_max if room is None else min(room, self.take_max)
+        if room <= 0 or self.global_keyprefix or len(self.active_queues) != 1:
+            return
+        [queue] = self.active_queues
+        script_keys = [self._q_for_pri(queue, 0), self.unacked_key, self.unacked_index_key]
+        try:
+            taken = script("broker_take")(self._create_client(), script_keys, [room, time.time()])
+        except self.connection_errors:
+            return  # BRPOP's own path notices the lost connection and reconnects
+        for raw in taken:
+            payload = loads(bytes_to_str(raw))
+            self.qos.recorded.add(payload["properties"]["delivery_tag"])
+            self.connection._deliver(payload, queue)
 
     def ack_many(self, messages: Sequence[Any]) -> None:
         """Acknowledge kombu ``messages`` of this channel together."""
