@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -49,20 +51,30 @@ def test_ack_many_acknowledges_a_batch_in_redis_and_in_kombus_books(
         queue.close()
 
 
-def consume_once(redis_url: str, queue: str, prefetch: int) -> list[Any]:
-    """One delivery round of a kombu consumer on postroom's transport: a BRPOP and what
-    the channel takes after it. Returns the messages delivered (not acknowledged)."""
-    got: list[Any] = []
+@contextmanager
+def consuming(redis_url: str, queue: str, prefetch: int) -> Iterator[Consuming]:
+    """A kombu consumer of ``queue`` on postroom's transport; ``round()`` is one delivery
+    round (a BRPOP and what the channel takes after it) and returns what it delivered."""
     with Connection(redis_url, transport=Transport) as conn:
+        got: list[Any] = []
         q = Queue(queue, Exchange(queue), routing_key=queue)
         with Consumer(conn, [q], callbacks=[lambda body, message: got.append(message)],
                       accept=["json"]) as consumer:
             consumer.qos(prefetch_count=prefetch)
-            conn.drain_events(timeout=5)
-            # kombu's own delivery of the first, then the channel's take of the rest
             assert isinstance(consumer.channel, Channel)
-            assert len(consumer.channel.qos._delivered) == len(got)
-    return got
+            yield Consuming(conn, consumer.channel, got)
+
+
+@dataclass
+class Consuming:
+    conn: Connection
+    channel: Channel
+    got: list[Any]
+
+    def round(self) -> list[Any]:
+        self.got.clear()
+        self.conn.drain_events(timeout=5)
+        return list(self.got)
 
 
 def publish(redis_url: str, queue: str, n: int) -> None:
@@ -77,12 +89,13 @@ def test_after_a_brpop_the_channel_takes_what_the_prefetch_allows_recorded_unack
     real_redis: redis.Redis, redis_url: str
 ) -> None:
     publish(redis_url, "take-test", 6)
-    got = consume_once(redis_url, "take-test", prefetch=4)
-    assert [0, 1, 2, 3] == [m.payload["n"] for m in got]
-    # each recorded unacknowledged, as kombu records one (the channel closed with them
-    # unacknowledged, so kombu restored them to the queue: all six are there again)
-    assert 6 == real_redis.llen("take-test")
-    assert 0 == real_redis.hlen("unacked")
+    with consuming(redis_url, "take-test", prefetch=4) as consumer:
+        got = consumer.round()  # kombu's delivery of the first, the channel's take of 3
+        assert [0, 1, 2, 3] == [m.payload["n"] for m in got]
+        assert (4, 2) == (real_redis.hlen("unacked"), real_redis.llen("take-test"))
+        assert 4 == len(consumer.channel.qos._delivered)
+    # closed with them unacknowledged: kombu put them back, as it does its own
+    assert (0, 6) == (real_redis.hlen("unacked"), real_redis.llen("take-test"))
 
 
 def test_what_the_take_records_is_what_kombu_restores(
@@ -90,29 +103,21 @@ def test_what_the_take_records_is_what_kombu_restores(
 ) -> None:
     """Recorded by the script, restored by kombu's own sweep: the same message back."""
     publish(redis_url, "take-test", 3)
-    with Connection(redis_url, transport=Transport) as conn:
-        q = Queue("take-test", Exchange("take-test"), routing_key="take-test")
-        got: list[Any] = []
-        consumer = Consumer(conn, [q], callbacks=[lambda body, m: got.append(m)],
-                            accept=["json"])
-        consumer.consume()
-        consumer.qos(prefetch_count=10)
-        conn.drain_events(timeout=5)
+    with consuming(redis_url, "take-test", prefetch=10) as consumer:
+        got = consumer.round()
         assert (3, 3, 0) == (len(got), real_redis.hlen("unacked"), real_redis.llen("take-test"))
-        channel = consumer.channel
-        for message in got:  # what the restore sweep would do for each
-            channel.qos.restore_by_tag(message.delivery_tag)
+        qos = consumer.channel.qos
+        for message in got:  # what the restore sweep does for each overdue one
+            qos.restore_by_tag(message.delivery_tag)
         assert (0, 3) == (real_redis.hlen("unacked"), real_redis.llen("take-test"))
         restored = sorted(json.loads(raw)["body"] for raw in real_redis.lrange("take-test", 0, -1))
         assert restored == sorted(m._raw["body"] for m in got)
-        got.clear()
-        channel.qos._delivered.clear()
-        channel.qos._dirty.clear()
-        conn.drain_events(timeout=5)
-        assert [0, 1, 2] == sorted(m.payload["n"] for m in got)
-        for message in got:
+        qos._delivered.clear()  # the restored ones are no longer this consumer's
+        qos._dirty.clear()
+        again = consumer.round()
+        assert [0, 1, 2] == sorted(m.payload["n"] for m in again)
+        for message in again:
             message.ack()
-        consumer.cancel()
     assert (0, 0) == (real_redis.hlen("unacked"), real_redis.llen("take-test"))
 
 
@@ -122,20 +127,13 @@ def test_a_foreign_message_behind_the_first_is_put_back_not_lost(
     publish(redis_url, "take-test", 1)
     real_redis.lpush("take-test", b"not a kombu message")
     publish(redis_url, "take-test", 1)
-    with Connection(redis_url, transport=Transport) as conn:
-        q = Queue("take-test", Exchange("take-test"), routing_key="take-test")
-        got: list[Any] = []
-        consumer = Consumer(conn, [q], callbacks=[lambda body, m: got.append(m)],
-                            accept=["json"])
-        consumer.consume()
-        consumer.qos(prefetch_count=10)
-        conn.drain_events(timeout=5)
+    with consuming(redis_url, "take-test", prefetch=10) as consumer:
+        got = consumer.round()
         assert [0] == [m.payload["n"] for m in got]
         assert [b"not a kombu message"] == real_redis.lrange("take-test", -1, -1)
         assert 2 == real_redis.llen("take-test")
         for message in got:
             message.ack()
-        consumer.cancel()
 
 
 def test_the_channel_keeps_one_client_for_its_commands(redis_url: str) -> None:
