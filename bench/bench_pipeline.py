@@ -486,21 +486,22 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms"
 
 
+def intake_line(label: str, load: Load) -> str:
+    """``label``, rate and latency of a closed-loop load, the rate in a fixed column."""
+    return (
+        f"  {label} {load.rate:{27 - len(label)}.0f} req/s   p50 {ms(load.percentile(50))}"
+        f"   p99 {ms(load.percentile(99))}   statuses {load.statuses}"
+    )
+
+
 def print_figures(fig: Figures) -> None:
     say(f"\n== {fig.name}")
     say(f"  end to end          {fig.e2e:8.0f} msg/s")
     if fig.intake is not None:
         load = fig.intake
-        say(
-            f"  intake, closed loop {load.rate:8.0f} req/s   p50 {ms(load.percentile(50))}"
-            f"   p99 {ms(load.percentile(99))}   statuses {load.statuses}"
-        )
+        say(intake_line("intake, closed loop", load))
     if fig.intake_alone is not None:
-        load = fig.intake_alone
-        say(
-            f"  intake, workers paused {load.rate:5.0f} req/s   p50 {ms(load.percentile(50))}"
-            f"   p99 {ms(load.percentile(99))}   statuses {load.statuses}"
-        )
+        say(intake_line("intake, workers paused", fig.intake_alone))
     if fig.drain:
         say(f"  backlog drained     {fig.drain:8.0f} msg/s   (workers' CPU "
             f"{fig.drain_cpu_ms:.2f} ms per message)")
