@@ -10,6 +10,7 @@ import redis
 from flask import current_app
 
 from api.auth import Principal, authenticate, authorize
+from api.express import Express
 from shared.connections import redis_clients
 from shared.crypto import SecretBox
 from shared.documents import DocumentStore
@@ -44,24 +45,29 @@ class Services:
     schemas: Any
     suppressions: SuppressionStore
     guard: RelayGuard
+    #: the one-round-trip send, when the queue and the documents share postroom's Redis
+    express: Express | None
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
         state, results = redis_clients(settings, socket_timeout=5.0)
         box = SecretBox(settings.secret_key)
+        documents = DocumentStore(results, settings.result_ttl)
+        enqueuer = make_enqueuer(settings, state)
         return cls(
             settings=settings,
             state=state,
             results=results,
             box=box,
             solutions=SolutionStore(state, box, settings.hlimit_default),
-            documents=DocumentStore(results, settings.result_ttl),
+            documents=documents,
             idempotency=IdempotencyStore(state),
             bucket=TokenBucket(state, settings.hlimit_period_s),
-            enqueuer=make_enqueuer(settings, state),
+            enqueuer=enqueuer,
             schemas=make_schemas(settings),
             suppressions=SuppressionStore(state, settings.bounce_threshold),
             guard=RelayGuard(settings.smtp_allow_hosts, settings.smtp_allow_ports),
+            express=Express.build(settings, state, results, documents, enqueuer),
         )
 
     def principal(self) -> Principal:

@@ -191,9 +191,25 @@ class DirectBroker:
     shares_state: bool
 
 
-def _unavailable(exc: BaseException) -> ServiceUnavailable:
+def unavailable(exc: BaseException) -> ServiceUnavailable:
+    """The 503 a send gets when the broker (or the Redis that holds its job) fails it."""
     log.warning("broker unavailable: %s", type(exc).__name__)
     return ServiceUnavailable("the queue is unavailable; nothing was accepted, please retry")
+
+
+@dataclass(frozen=True)
+class OneStep:
+    """What a script needs to queue a job itself, in the same atomic step as other writes
+    (the broker is postroom's own Redis): the queue's list, the job framed as the broker
+    holds it, and its accepted-set entry. See ``api/express.py``."""
+
+    queue: str
+    framing: TaskFraming
+    accepted: JobSet
+
+    def entry(self, job: dict[str, Any]) -> tuple[str, float]:
+        """The accepted-set member and score of ``job``, as :meth:`Enqueuer.enqueue` adds it."""
+        return encode_job(job), time.time() + self.accepted.claim_s
 
 
 class Enqueuer:
@@ -215,6 +231,14 @@ class Enqueuer:
         self._accepted = accepted
         self._direct = direct
 
+    def one_step(self) -> OneStep | None:
+        """The parts for queueing a job inside a script, when the broker's queue and the
+        accepted set are in the same Redis (None otherwise)."""
+        direct, accepted = self._direct, self._accepted
+        if direct is None or not direct.shares_state or accepted is None:
+            return None
+        return OneStep(direct.framing.queue, direct.framing, accepted)
+
     def enqueue(
         self,
         job: dict[str, Any],
@@ -235,7 +259,7 @@ class Enqueuer:
             try:
                 accepted.add(job, time.time() + accepted.claim_s, with_writes)
             except (RedisError, OSError) as exc:
-                raise _unavailable(exc) from None
+                raise unavailable(exc) from None
         try:
             if direct is not None:
                 self._push(job, direct)
@@ -264,13 +288,13 @@ class Enqueuer:
         try:
             pipe.execute()
         except (RedisError, OSError) as exc:
-            raise _unavailable(exc) from None
+            raise unavailable(exc) from None
 
     def _push(self, job: dict[str, Any], direct: DirectBroker) -> None:
         try:
             direct.client.lpush(direct.framing.queue, direct.framing.frame(job))
         except (RedisError, OSError) as exc:
-            raise _unavailable(exc) from None
+            raise unavailable(exc) from None
 
     def _publish(self, job: dict[str, Any], countdown: float | None) -> None:
         try:
@@ -286,7 +310,7 @@ class Enqueuer:
                 countdown=countdown,
             )
         except (OperationalError, KombuError, RedisError, OSError) as exc:
-            raise _unavailable(exc) from None
+            raise unavailable(exc) from None
 
     def ping(self) -> bool:
         """Whether the broker answers now."""

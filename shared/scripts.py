@@ -22,13 +22,20 @@ Args = Sequence[str | int | float]
 
 class Lua:
     """One script, made of the files ``names`` of ``shared/lua/`` joined in that order (a
-    preamble can prepare the keys and arguments of the script it comes before)."""
+    preamble can prepare the keys and arguments of the script it comes before).
 
-    def __init__(self, *names: str) -> None:
+    Each file of ``functions`` comes first, as a local function of that name taking
+    ``(KEYS, ARGV)``: a whole script, callable from the others with keys and arguments of
+    their choosing (its ``return`` returns from the function)."""
+
+    def __init__(self, *names: str, functions: Sequence[str] = ()) -> None:
         folder = resources.files("shared").joinpath("lua")
-        self.source = "\n".join(
-            folder.joinpath(f"{name}.lua").read_text(encoding="utf-8") for name in names
-        )
+
+        def text(name: str) -> str:
+            return folder.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+
+        parts = [f"local function {name}(KEYS, ARGV)\n{text(name)}\nend" for name in functions]
+        self.source = "\n".join([*parts, *(text(name) for name in names)])
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
     def __call__(self, client: redis.Redis, script_keys: Args, args: Args) -> Any:
@@ -43,5 +50,5 @@ class Lua:
 
 
 @cache
-def script(*names: str) -> Lua:
-    return Lua(*names)
+def script(*names: str, functions: tuple[str, ...] = ()) -> Lua:
+    return Lua(*names, functions=functions)

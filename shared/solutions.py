@@ -6,10 +6,11 @@ token only as a SHA-256 (a token is shown once, at creation or rotation).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -36,6 +37,9 @@ class Solution:
     solution_id: str
     created_at: float
     config: dict[str, Any]  # password encrypted under "connection_password"
+    #: SHA-1 of the record as stored, when it was read from Redis ("" otherwise): which
+    #: version of the record this is (see api/express.py)
+    digest: str = field(default="", compare=False, repr=False)
 
     @property
     def hlimit(self) -> int:
@@ -87,7 +91,9 @@ def _solution(sid: str, raw: bytes | str | None) -> Solution:
     if raw is None:
         raise NotFound(f"solution {sid!r} not found")
     doc = json.loads(raw)
-    return Solution(doc["solution_id"], doc["created_at"], doc["config"])
+    data = raw if isinstance(raw, bytes) else raw.encode()
+    digest = hashlib.sha1(data, usedforsecurity=False).hexdigest()
+    return Solution(doc["solution_id"], doc["created_at"], doc["config"], digest)
 
 
 class SolutionStore:

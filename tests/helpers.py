@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import redis
+from redis.connection import Connection
 
 from shared.crypto import generate_key
 from shared.settings import Settings
@@ -51,3 +53,18 @@ def queue_length(client: redis.Redis, queue: str = "email") -> int:
 
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+class RoundTrips:
+    """Counts what the client writes to Redis sockets: one write is one round trip (a
+    pipeline is written at once)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        original = Connection.send_packed_command
+
+        def counting(conn: Connection, command: Any, check_health: bool = True) -> None:
+            self.count += 1
+            original(conn, command, check_health)
+
+        monkeypatch.setattr(Connection, "send_packed_command", counting)

@@ -1,0 +1,147 @@
+"""A send that passes every check, checked and queued in one round trip.
+
+The intake's usual path reads what its checks need in one round trip (:mod:`api.admission`)
+and queues the job in a second. Once an API process has seen a solution pass, it keeps a copy
+of the solution's record. The next send for that solution is judged on the copy (sender,
+relay), built from it, and handed to one script (``shared/lua/intake_send.lua``). The
+script checks, in Redis and in one atomic step:
+
+- the token is the solution's (or the admin's, judged here);
+- the record is still the one the job was built from (its SHA-1);
+- no recipient has a suppression entry;
+- the bucket has a token for the message.
+
+Only then does it write the task document, the accepted-set entry and the queued message.
+Any other finding writes nothing, the copy is dropped, and the route takes its usual path,
+which gives the answer it always gives. A stale copy costs a round trip, never a wrong verdict.
+
+The one-step path needs the broker's queue, the accepted set and the task documents in one
+Redis (the default: ``POSTROOM_BROKER_URL`` and ``POSTROOM_RESULT_BACKEND`` unset), and it is
+not taken by a send with an ``Idempotency-Key``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from api.auth import bearer_token, is_admin
+from shared import keys
+from shared.crypto import hash_token
+from shared.documents import DocumentStore
+from shared.errors import Unauthorized
+from shared.queue import Enqueuer, OneStep, unavailable
+from shared.ratelimit import Decision, decision_of
+from shared.schemas.addresses import address_key
+from shared.scripts import script
+from shared.settings import Settings
+from shared.solutions import Solution
+
+#: solutions whose record a process keeps (the oldest is dropped first)
+MAX_KNOWN = 1024
+
+
+class Express:
+    """The one-step send of one API process, with the records it has seen pass."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        settings: Settings,
+        documents: DocumentStore,
+        one_step: OneStep,
+    ) -> None:
+        self._client = client
+        self._settings = settings
+        self._documents = documents
+        self._one_step = one_step
+        self._known: dict[str, Solution] = {}
+        self._script = script("intake_send", functions=("bucket",))
+
+    @classmethod
+    def build(
+        cls,
+        settings: Settings,
+        state: redis.Redis,
+        results: redis.Redis,
+        documents: DocumentStore,
+        enqueuer: Enqueuer,
+    ) -> Express | None:
+        """The one-step path, or None when the job and its document live elsewhere."""
+        one_step = enqueuer.one_step()
+        if one_step is None or results is not state:
+            return None
+        return cls(state, settings, documents, one_step)
+
+    def known(self, sid: str) -> Solution | None:
+        """The record of ``sid`` as last seen passing, if any."""
+        return self._known.get(sid)
+
+    def remember(self, solution: Solution) -> None:
+        """Keep ``solution`` (read from Redis just now) for the next send."""
+        sid = solution.solution_id
+        if not solution.digest:
+            return
+        if sid not in self._known and len(self._known) >= MAX_KNOWN:
+            self._known.pop(next(iter(self._known)))
+        self._known[sid] = solution
+
+    def send(
+        self,
+        job: dict[str, Any],
+        doc: dict[str, Any],
+        recipients: Iterable[str],
+        request_hlimit: int | None,
+        solution: Solution,
+    ) -> Decision | None:
+        """Queue ``job`` (built from ``solution``) with its first document ``doc`` if every
+        check passes in Redis; the bucket's answer, or None when nothing was written."""
+        sid = solution.solution_id
+        try:
+            token = bearer_token()
+        except Unauthorized:
+            return None
+        admin = is_admin(token, self._settings.admin_token)
+        capacity = solution.config.get("hLimit")
+        capacity = self._settings.hlimit_default if capacity is None else int(capacity)
+        request = -1 if request_hlimit is None or request_hlimit >= capacity else request_hlimit
+        member, due = self._one_step.entry(job)
+        script_keys = [
+            keys.solution(sid) if admin else keys.token(hash_token(token)),
+            keys.solution(sid),
+            keys.suppressions(sid),
+            keys.task(sid, job["task_id"]),
+            self._one_step.accepted.key,
+            self._one_step.queue,
+            keys.bucket(sid),
+        ]
+        if request >= 0:
+            script_keys.append(keys.request_bucket(sid, request))
+        args: list[str | int | float] = [
+            "" if admin else sid,
+            solution.digest,
+            repr(self._settings.hlimit_period_s),
+            capacity,
+            request,
+            self._documents.encode(doc),
+            self._documents.ttl_s,
+            member,
+            repr(due),
+            self._one_step.framing.frame(job),
+            *dict.fromkeys(address_key(r) for r in recipients),
+        ]
+        try:
+            answer = self._script(self._client, script_keys, args)
+        except (RedisConnectionError, RedisTimeoutError):
+            raise  # the store is away: the 503 every route gives then
+        except RedisError as exc:
+            raise unavailable(exc) from None
+        if answer is None:
+            self._known.pop(sid, None)
+            return None
+        return decision_of(answer)
