@@ -1,6 +1,6 @@
 """The Redis side of a delivery attempt (``worker/steps.py``, ``shared/lua/attempt_*.lua``,
 the bucket's attempt mark): what each step reads and writes, on real Redis and fakeredis,
-and whole attempts in process against a real SMTP server — sent in three round trips, the
+and whole attempts in process against a real SMTP server — sent in two round trips, the
 lease and the accepted set left as the watcher expects, a relay's reply kept through a
 Redis error."""
 
@@ -180,6 +180,52 @@ def test_begin_with_a_result_backend_of_its_own(any_redis: redis.Redis) -> None:
     assert 0 == any_redis.exists(keys.lease(SID, "task-1"))
 
 
+def first_take(ctx: WorkerContext, request_capacity: int | None = None) -> steps.FirstTake:
+    return steps.FirstTake(ctx.settings.hlimit_period_s, request_capacity, ctx.ledger.ttl_s)
+
+
+def test_begin_takes_the_token_of_a_first_attempt(any_redis: redis.Redis) -> None:
+    """Asked to, begin takes the token of a message as the intake left it, and marks
+    attempt 1 in its ledger, as ``TokenBucket.take`` would: from the solution's bucket and
+    from the request's when it is tighter. Begun again, it takes nothing more."""
+    ctx = make_context(any_redis)
+    queued(ctx, {**make_job(), "hlimit": 5}, hlimit=50)
+
+    begun = steps.begin(ctx, SID, "task-1", 30.0, first_take(ctx, 5))
+
+    assert begun.take is not None
+    assert (True, 5, 4) == (begun.take.allowed, begun.take.limit, begun.take.remaining)
+    assert {"token": "1", "sending": "1", "attempts": "1"} == ledger_of(any_redis)
+    assert 0 < any_redis.ttl(keys.ledger(SID, "task-1")) <= ctx.ledger.ttl_s
+    bucket = TokenBucket(any_redis, ctx.settings.hlimit_period_s)
+    assert (49, 4) == (bucket.peek(SID, 50).remaining, bucket.peek(SID, 50, 5).remaining)
+    assert None is steps.begin(ctx, SID, "task-1", 30.0, first_take(ctx, 5)).take
+    assert 49 == bucket.peek(SID, 50).remaining
+
+
+def test_begin_takes_no_token_but_a_first_attempts(any_redis: redis.Redis) -> None:
+    """No first take for a later attempt (its ledger or its document says so), a final
+    document, a solution deleted, or when not asked; a refused one writes no ledger."""
+    ctx = make_context(any_redis)
+    bucket = TokenBucket(any_redis, ctx.settings.hlimit_period_s)
+    for n in range(1, 6):
+        queued(ctx, make_job(n), hlimit=50)
+    any_redis.hset(keys.ledger(SID, "task-1"), "attempts", 1)
+    ctx.documents.put({**new_document("task-2", SID, 0.0), "attempts": 1})
+    ctx.documents.put({**new_document("task-3", SID, 0.0), "state": "sent"})
+    assert None is steps.begin(ctx, SID, "task-4", 30.0).take
+    for n in (1, 2, 3):
+        assert None is steps.begin(ctx, SID, f"task-{n}", 30.0, first_take(ctx)).take
+    SolutionStore(ctx.state, SecretBox(SECRET_KEY)).delete(SID)
+    assert None is steps.begin(ctx, SID, "task-5", 30.0, first_take(ctx)).take
+    assert 50 == bucket.peek(SID, 50).remaining
+
+    queued(ctx, make_job(6), hlimit=0)
+    refused = steps.begin(ctx, SID, "task-6", 30.0, first_take(ctx))
+    assert refused.take is not None and not refused.take.allowed
+    assert {} == ledger_of(any_redis, 6)
+
+
 # -- the take marks the attempt -----------------------------------------------------------
 
 
@@ -281,10 +327,10 @@ def test_finish_loads_a_script_redis_forgot(fake_redis: redis.Redis) -> None:
 # -- whole attempts ---------------------------------------------------------------------
 
 
-def test_a_message_sent_at_its_first_try_costs_three_round_trips(
+def test_a_message_sent_at_its_first_try_costs_two_round_trips(
     real_redis: redis.Redis, smtp_server: ScriptedSmtpServer, trips: list[int]
 ) -> None:
-    """begin, take, finish: three requests to Redis for a message sent at once; afterwards
+    """begin (with the token), finish: two requests to Redis for a message sent at once; afterwards
     the document is ``sent``, the ledger says so, no lease is left and the job is out of
     the accepted set."""
     ctx = make_context(real_redis, smtp_port=smtp_server.port)
@@ -294,7 +340,7 @@ def test_a_message_sent_at_its_first_try_costs_three_round_trips(
 
     trips[0] = 0
     Attempt(ctx, job).run()
-    assert 3 == trips[0]
+    assert 2 == trips[0]
 
     doc = document(real_redis)
     assert ("sent", 1, ["a@example.com", "b@example.com"]) == (
@@ -305,6 +351,22 @@ def test_a_message_sent_at_its_first_try_costs_three_round_trips(
     assert None is real_redis.zscore(keys.accepted(), encode_job(job))
     assert [job["message_id"]] == [m.message_id for m in smtp_server.messages]
     ctx.pool.close_all()
+
+
+def test_a_relay_the_guard_refuses_takes_no_token(real_redis: redis.Redis) -> None:
+    """The relay is judged before the first attempt's begin: one refused fails the message
+    (InvalidRelay) with no token taken and no attempt marked."""
+    ctx = make_context(real_redis)
+    job = {**make_job(), "relay": {"host": "10.1.2.3", "port": 25, "scheme": "smtp",
+                                   "user": None, "password": None}}  # fmt: skip
+    queued(ctx, job, hlimit=50)
+
+    Attempt(ctx, job).run()
+
+    doc = document(real_redis)
+    assert ("failed", "InvalidRelay") == (doc["state"], doc["error"]["type"])
+    assert 50 == TokenBucket(real_redis, ctx.settings.hlimit_period_s).peek(SID, 50).remaining
+    assert "sending" not in ledger_of(real_redis) and "token" not in ledger_of(real_redis)
 
 
 def test_a_result_backend_of_its_own_gets_the_document(

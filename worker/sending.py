@@ -27,6 +27,7 @@ from shared.errors import (
     TransientSendError,
 )
 from shared.keys import ledger as ledger_key
+from shared.ratelimit import Decision
 from shared.relays import Relay
 from shared.solutions import Solution, iso
 from worker.context import WorkerContext
@@ -35,7 +36,7 @@ from worker.ledger import LedgerState, Outcomes
 from worker.message import build_message
 from worker.outcomes import retry_hint
 from worker.smtp import DeliveryResult
-from worker.steps import begin, finish
+from worker.steps import FirstTake, begin, finish
 
 log = logging.getLogger("postroom.worker")
 
@@ -76,7 +77,15 @@ class Attempt:
 
     def run(self) -> None:
         ctx = self.ctx
-        begun = begin(ctx, self.sid, self.task_id, self._lease_seconds())
+        # the relay is judged before the lease is taken, so that a first attempt may take
+        # its token in the same step (a refused relay takes none: the message fails below)
+        relay = self._judged_relay()
+        first_take = None
+        if not isinstance(relay, PostroomError) and self.recipients:
+            first_take = FirstTake(
+                ctx.settings.hlimit_period_s, self.job.get("hlimit"), ctx.ledger.ttl_s
+            )
+        begun = begin(ctx, self.sid, self.task_id, self._lease_seconds(), first_take)
         self._leased = begun.leased
         doc = begun.doc
         if doc is None:  # expired, or lost with the result backend: start it again
@@ -93,7 +102,8 @@ class Attempt:
             log.info("held by another worker; rescheduled", extra=self.log_extra)
             return
         try:
-            self._attempt(doc, self._with_unrecorded(begun.ledger), begun.solution)
+            state = self._with_unrecorded(begun.ledger)
+            self._attempt(doc, state, begun.solution, relay, begun.take)
         finally:
             if self._leased:  # finish releases it; not reached, or it failed
                 ctx.leases.release(self.sid, self.task_id)
@@ -115,7 +125,12 @@ class Attempt:
         self._fail(doc, state, err)
 
     def _attempt(
-        self, doc: dict[str, Any], state: LedgerState, solution: Solution | None
+        self,
+        doc: dict[str, Any],
+        state: LedgerState,
+        solution: Solution | None,
+        judged: tuple[Relay, str | None] | PostroomError,
+        taken: Decision | None,
     ) -> None:
         ctx = self.ctx
         # the ledger keeps the count when the document was lost with the result backend
@@ -127,20 +142,15 @@ class Attempt:
         if solution is None:
             self._fail(doc, state, PermanentSendError("the solution no longer exists"))
             return
-        try:
-            relay = self._relay()
-            connect_host = (
-                ctx.guard.check(relay.host, relay.port, relay.scheme)
-                if relay.caller_chosen
-                else None
-            )
-        except PostroomError as err:
-            self._fail(doc, state, err)
+        if isinstance(judged, PostroomError):
+            self._fail(doc, state, judged)
             return
+        relay, connect_host = judged
 
         # the token, and the ledger's note that this attempt is under way, in one step
+        # (made by begin already for a first attempt: then attempt is 1)
         attempt = int(doc["attempts"]) + 1
-        decision = ctx.bucket.take(
+        decision = taken if taken is not None else ctx.bucket.take(
             self.sid,
             solution.hlimit,
             self.job.get("hlimit"),
@@ -236,6 +246,17 @@ class Attempt:
         self._finish(doc, state)
 
     # -- outcomes ---------------------------------------------------------------------
+
+    def _judged_relay(self) -> tuple[Relay, str | None] | PostroomError:
+        """The relay and, for a caller-chosen one, the address the guard allows connecting
+        to (:class:`~shared.guard.RelayGuard`), or the error that refuses it."""
+        try:
+            relay = self._relay()
+            if not relay.caller_chosen:
+                return relay, None
+            return relay, self.ctx.guard.check(relay.host, relay.port, relay.scheme)
+        except PostroomError as err:
+            return err
 
     def _relay(self) -> Relay:
         spec = self.job.get("relay")

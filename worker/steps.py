@@ -1,12 +1,16 @@
 """The Redis side of one delivery attempt, in as few round trips as it allows.
 
-On the way of a message sent at its first try an attempt meets Redis three times:
+On the way of a message sent at its first try an attempt meets Redis twice (three times
+for a later attempt, or with a result backend of its own):
 
 1. :func:`begin` — one script (``shared/lua/attempt_begin.lua``): take the message's lease,
    read its ledger, its solution and, when the result backend is the same Redis, its task
    document (otherwise that is one GET before);
 2. the hLimit take (``TokenBucket.take`` with ``attempt``), which also marks the attempt
-   ``sending`` in the ledger — in the step that lets it send, never for a refused take;
+   ``sending`` in the ledger — in the step that lets it send, never for a refused take.
+   For a message at its first attempt (its document as the intake wrote it, its ledger
+   empty) :func:`begin` makes this take itself, in the same script, when asked
+   (:class:`FirstTake`): the same bucket script, keys and arguments, one round trip less;
 3. :func:`finish` — one pipeline: a script (``shared/lua/attempt_finish.lua``) records the
    outcomes in the ledger, writes the document, releases the lease; beside it, the job is
    parked in the schedule or taken out of the accepted set, and the transition counted.
@@ -30,8 +34,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from shared import keys
 from shared.documents import FINAL
 from shared.queue import encode_job
+from shared.ratelimit import Decision, decision_of
 from shared.scripts import script
-from shared.solutions import Solution
+from shared.solutions import CONFIG_DEFAULTS, Solution
 from shared.text import as_str
 from worker.context import WorkerContext
 from worker.lease import dead_here, holder
@@ -50,35 +55,70 @@ class Begun:
     ledger: LedgerState = field(default_factory=LedgerState)
     #: None: the solution was deleted
     solution: Solution | None = None
+    #: the first attempt's hLimit take, when :func:`begin` made it (see :class:`FirstTake`)
+    take: Decision | None = None
 
 
-def begin(ctx: WorkerContext, sid: str, task_id: str, lease_s: float) -> Begun:
-    """Take the message's lease and read its document, ledger and solution."""
+@dataclass(frozen=True)
+class FirstTake:
+    """Asks :func:`begin` to take the hLimit token of a message at its first attempt, as
+    ``TokenBucket.take(sid, solution.hlimit, request_capacity, once_key=ledger, attempt=1,
+    ledger_ttl_s=...)`` would, with the capacity read from the solution's record in the
+    same step. Only when the result backend is postroom's Redis."""
+
+    period_s: float
+    request_capacity: int | None
+    ledger_ttl_s: int
+
+
+def begin(
+    ctx: WorkerContext,
+    sid: str,
+    task_id: str,
+    lease_s: float,
+    first_take: FirstTake | None = None,
+) -> Begun:
+    """Take the message's lease and read its document, ledger and solution; with
+    ``first_take``, take the token of a message at its first attempt too."""
     same = ctx.results is ctx.state
     doc: dict[str, Any] | None = None
     script_keys = [keys.ledger(sid, task_id), keys.lease(sid, task_id), keys.solution(sid)]
+    me, ttl_ms = holder(), max(1, int(lease_s * 1000))
+    args: list[str | int] = [me, ttl_ms, ""]
     if same:
         script_keys.append(keys.task(sid, task_id))
+        if first_take is not None:
+            request = first_take.request_capacity
+            script_keys.append(keys.bucket(sid))
+            if request is not None:
+                script_keys.append(keys.request_bucket(sid, request))
+            args += [
+                repr(first_take.period_s),
+                int(CONFIG_DEFAULTS["hLimit"]),  # as Solution.hlimit reads a record
+                -1 if request is None else request,
+                first_take.ledger_ttl_s,
+            ]
     else:
         doc = ctx.documents.get(sid, task_id)
         if doc is not None and doc["state"] in FINAL:
             return Begun(doc, leased=False)
-    me, ttl_ms = holder(), max(1, int(lease_s * 1000))
-    run = script("attempt_begin")
-    answer = run(ctx.state, script_keys, [me, ttl_ms, ""])
+    run = script("attempt_begin", functions=("bucket",))
+    answer = run(ctx.state, script_keys, args)
     if not answer[0] and answer[1] is not None and dead_here(as_str(answer[1])):
-        answer = run(ctx.state, script_keys, [me, ttl_ms, as_str(answer[1])])
+        args[2] = as_str(answer[1])
+        answer = run(ctx.state, script_keys, args)
     leased, _, lease_ms, raw_doc = answer[:4]
     if same and raw_doc is not None:
         doc = json.loads(raw_doc)
     if not leased:
         return Begun(doc, leased=False, lease_left_s=max(0.0, int(lease_ms) / 1000.0))
-    raw_solution, flat = answer[4], answer[5]
+    raw_solution, flat, take = answer[4], answer[5], answer[6]
     return Begun(
         doc,
         leased=True,
         ledger=LedgerState.from_fields(dict(zip(flat[::2], flat[1::2], strict=True))),
         solution=_solution(raw_solution),
+        take=None if take is None else decision_of(take),
     )
 
 

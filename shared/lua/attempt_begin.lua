@@ -1,22 +1,37 @@
 -- postroom: the start of one delivery attempt, in one step: take the message's lease and
--- read what the attempt needs (worker/steps.py, begin).
+-- read what the attempt needs (worker/steps.py, begin); for a message at its first attempt,
+-- also its hLimit token. bucket(KEYS, ARGV) is bucket.lua, joined before this file as a
+-- function.
 --
 -- KEYS[1]  the message's ledger, a hash                            (keys.ledger(sid, id))
 -- KEYS[2]  the message's lease, a string naming its holder         (keys.lease(sid, id))
 -- KEYS[3]  the solution's record, JSON                             (keys.solution(sid))
 -- KEYS[4]  the task document, JSON; only when the result backend is this Redis
 --                                                                  (keys.task(sid, id))
+-- KEYS[5]  the solution's bucket; only with ARGV[4]                (keys.bucket(sid))
+-- KEYS[6]  the request's bucket; only when ARGV[6] >= 0    (keys.request_bucket(sid, cap))
 --
 -- ARGV[1]  this worker, "host:pid"
 -- ARGV[2]  the lease's length in milliseconds
 -- ARGV[3]  a holder whose lease may be taken over (a dead process on this host), or ""
+-- ARGV[4]  optional, with KEYS[4]: the bucket period in seconds; asks for the first take
+-- ARGV[5]  the capacity of a record that names no hLimit
+-- ARGV[6]  the request's capacity (the job's hLimit), or -1
+-- ARGV[7]  the ledger's time to live in seconds
 --
--- Returns {leased (0|1), holder, lease_ms, document, solution, ledger}:
+-- The first take: when ARGV[4] is given, the lease is taken, the document is as the intake
+-- wrote it (state "queued", attempts 0), the ledger is empty and the solution exists, the
+-- message's token is taken as the worker's later take would (bucket.lua, mode "take", once
+-- per message, marking attempt 1 `sending` in the ledger when allowed), with the capacity
+-- read from the record, and the request's bucket only when below it.
+--
+-- Returns {leased (0|1), holder, lease_ms, document, solution, ledger, take}:
 -- leased 1: the lease is this worker's for ARGV[2] ms; solution (nil: deleted) and ledger
 --   (HGETALL, flat) are read; holder and lease_ms are nil and 0.
 -- leased 0: another holds it: holder names it, lease_ms is its PTTL; nothing else is read
 --   (solution and ledger are absent).
 -- document is the task document (nil: missing, or KEYS[4] not given), whatever the lease.
+-- take is bucket.lua's answer to the first take, or nil when none was made.
 --
 -- The lease is taken when it is free, when this worker holds it already (the same attempt
 -- run again after an error), or when ARGV[3] holds it. The caller decides whether a holder
@@ -36,4 +51,23 @@ if not redis.call("SET", KEYS[2], ARGV[1], "NX", "PX", ARGV[2]) then
   end
 end
 
-return { 1, false, 0, doc, redis.call("GET", KEYS[3]), redis.call("HGETALL", KEYS[1]) }
+local record = redis.call("GET", KEYS[3])
+local ledger = redis.call("HGETALL", KEYS[1])
+local take = false
+if ARGV[4] and doc and record and #ledger == 0 then
+  local fresh = cjson.decode(doc)
+  if fresh["state"] == "queued" and (tonumber(fresh["attempts"]) or 0) == 0 then
+    local cap = tonumber((cjson.decode(record)["config"] or {})["hLimit"]) or tonumber(ARGV[5])
+    local request = tonumber(ARGV[6])
+    local bucket_keys = { KEYS[5] }
+    if request >= 0 and request < cap then
+      bucket_keys[2] = KEYS[6]
+    else
+      request = -1
+    end
+    bucket_keys[#bucket_keys + 1] = KEYS[1]
+    take = bucket(bucket_keys, { ARGV[4], tostring(cap), tostring(request), "take", "1", "0", "1",
+      ARGV[7] })
+  end
+end
+return { 1, false, 0, doc, record, ledger, take }
