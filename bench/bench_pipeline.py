@@ -465,6 +465,7 @@ class Figures:
     paced: Load | None = None
     paced_rate: float = 0.0
     intake_alone: Load | None = None  # postroom: the API alone, its workers paused
+    intake_alone_cpu_ms: float = 0.0  # the API's (and Redis's) CPU per request meanwhile
     drain: float = 0.0  # postroom: messages/s as the resumed workers drain that backlog
     drain_cpu_ms: float = 0.0  # the workers' CPU per message meanwhile
     cpu_ms: dict[str, float] = field(default_factory=dict)  # per message, per part
@@ -501,7 +502,8 @@ def print_figures(fig: Figures) -> None:
         load = fig.intake
         say(intake_line("intake, closed loop", load))
     if fig.intake_alone is not None:
-        say(intake_line("intake, workers paused", fig.intake_alone))
+        say(intake_line("intake, workers paused", fig.intake_alone)
+            + f"   (API and Redis CPU {fig.intake_alone_cpu_ms:.2f} ms per request)")
     if fig.drain:
         say(f"  backlog drained     {fig.drain:8.0f} msg/s   (workers' CPU "
             f"{fig.drain_cpu_ms:.2f} ms per message)")
@@ -720,8 +722,11 @@ def run_postroom(sink: Sink, log_dir: Path, options: Options) -> Figures:
         sink.reset()
         for worker in stack.workers:
             os.killpg(worker.proc.pid, signal.SIGSTOP)
+        serving = [p for p in parts if p.name in ("api", "redis")]
+        before_alone = sum(p.cpu() for p in serving)
         try:
             fig.intake_alone = stack.post(first=m + n, count=m)
+            fig.intake_alone_cpu_ms = (sum(p.cpu() for p in serving) - before_alone) * 1000 / m
         finally:
             # the backlog those requests left: how fast the workers drain it, as a batch
             # consumer sees it (every pool process busy, messages waiting)
