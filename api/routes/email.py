@@ -23,23 +23,19 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request, url_for
 
-from api.admission import admit
+from api import sends
 from api.auth import Principal
 from api.body import json_object
 from api.intake import body_fingerprint, build_job
 from api.services import Services, services
-from shared.documents import new_document
 from shared.errors import (
-    Blocked,
     IdempotencyMismatch,
     PostroomError,
-    RateLimited,
     ValidationError,
 )
 from shared.idempotency import Claim
 from shared.ratelimit import Decision
-from shared.relays import DEFAULT_PORTS
-from shared.schemas import check_sender, load_or_raise
+from shared.schemas import load_or_raise
 from shared.schemas.text import CONTROL
 from shared.solutions import Solution
 
@@ -73,24 +69,6 @@ def _idempotency_key() -> str | None:
             fields={"Idempotency-Key": ["Must be 1 to 255 characters, no control characters."]},
         )
     return key
-
-
-def _check_relay(svc: Services, data: dict[str, Any], solution: Solution) -> None:
-    """The caller's own relay (the request's, else the solution's) may not point inside."""
-    conn = data.get("connection")
-    if conn:
-        svc.check_relay(conn["server"], conn["port"], conn["scheme"], ["connection", "scheme"])
-    elif solution.has_own_relay:
-        cfg = solution.config
-        scheme = cfg.get("connection_scheme") or ""
-        port = cfg.get("connection_port") or DEFAULT_PORTS[scheme]
-        svc.check_relay(str(cfg["connection_server"]), int(port), scheme, None)
-
-
-def _check_suppressions(blocked: list[str]) -> None:
-    if blocked:
-        which = "a recipient is" if len(blocked) == 1 else f"{len(blocked)} recipients are"
-        raise Blocked(f"{which} on the suppression list; nothing was sent", blocked=blocked)
 
 
 def _accepted(sid: str, task_id: str, decision: Decision | None) -> Response:
@@ -142,28 +120,13 @@ def send(sid: str) -> Response | tuple[Response, int]:
             svc.authorize(sid)  # a bad token or an unknown solution is answered first
         raise
 
-    recipients = [*data["to"], *data["cc"], *data["bcc"]]
     if idem_key is None:
-        queued = _send_in_one_step(svc, sid, data, recipients)
+        queued = sends.in_one_step(svc, sid, data)
         if queued is not None:
             return _queued(svc, sid, *queued, wait)
 
     # the caller, the solution, the suppressions and the bucket: one round trip
-    admission = admit(svc, sid, recipients, data.get("hLimit"), known)
-    solution = admission.solution
-    check_sender(data, solution.config)
-    _check_relay(svc, data, solution)
-    _check_suppressions(admission.blocked)
-
-    # an early answer when the bucket is empty now (a peek: the worker takes the token);
-    # under "defer" an empty bucket is no refusal (the message waits in line), hLimit 0 is
-    decision = admission.decision
-    if not decision.allowed and (decision.retry_after is None or solution.policy == "reject"):
-        raise RateLimited(
-            "the hourly sending limit (hLimit) is used up",
-            retry_after=decision.retry_after,
-            hLimit=decision.limit,
-        )
+    solution, decision = sends.judge(svc, sid, data, known)
     if svc.express is not None and idem_key is None:
         svc.express.remember(solution)
 
@@ -173,42 +136,15 @@ def send(sid: str) -> Response | tuple[Response, int]:
         earlier = svc.idempotency.claim(sid, idem_key, Claim(fingerprint, task_id))
         if earlier is not None:
             return _replay(svc, sid, earlier, fingerprint)
-
-    doc = new_document(task_id, sid, job["created_at"])
     try:
-        if svc.results is svc.state:  # the first document rides with the accepted entry
-            svc.enqueuer.enqueue(job, with_writes=lambda pipe: svc.documents.put(doc, pipe=pipe))
-        else:
-            svc.documents.put(doc)
-            svc.enqueuer.enqueue(job)
+        sends.queue(svc, job)
     except Exception:
-        svc.documents.delete(sid, task_id)
         if idem_key:
             svc.idempotency.release(sid, idem_key, task_id)
         raise
     if idem_key:
         svc.idempotency.confirm(sid, idem_key, Claim(fingerprint, task_id))
     return _queued(svc, sid, task_id, decision, wait)
-
-
-def _send_in_one_step(
-    svc: Services, sid: str, data: dict[str, Any], recipients: list[str]
-) -> tuple[str, Decision] | None:
-    """Judge the send on this process's copy of the solution and queue it in one round
-    trip (:mod:`api.express`); None when that path does not apply or did not queue it."""
-    express = svc.express
-    solution = express.known(sid) if express is not None else None
-    if express is None or solution is None:
-        return None
-    try:
-        check_sender(data, solution.config)
-        _check_relay(svc, data, solution)
-    except PostroomError:
-        return None  # judged again, on the record as it is now
-    job = build_job(data, solution, svc.settings, svc.box)
-    doc = new_document(job["task_id"], sid, job["created_at"])
-    decision = express.send(job, doc, recipients, data.get("hLimit"), solution)
-    return None if decision is None else (job["task_id"], decision)
 
 
 def _queued(

@@ -1,0 +1,115 @@
+"""What a validated send goes through before it is queued, for the one-message route and
+the batch route alike.
+
+- :func:`in_one_step`: judged on this process's copy of the solution and queued by one
+  script (:mod:`api.express`), or None when that path does not apply or did not queue it;
+- :func:`judge`: the usual checks, read from Redis in one round trip
+  (:mod:`api.admission`): 401/404, ``from``, the relay, 429 ``Blocked``, 429
+  ``RateLimited``;
+- :func:`queue`: the job, its first document and its accepted-set entry written, and the
+  job published (503 when the broker or Redis does not take it, nothing left behind).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from api.admission import admit
+from api.auth import Principal
+from api.intake import build_job
+from api.services import Services
+from shared.documents import new_document
+from shared.errors import Blocked, PostroomError, RateLimited
+from shared.ratelimit import Decision
+from shared.relays import DEFAULT_PORTS
+from shared.schemas import check_sender
+from shared.solutions import Solution
+
+
+def recipients_of(data: dict[str, Any]) -> list[str]:
+    return [*data["to"], *data["cc"], *data["bcc"]]
+
+
+def check_relay(svc: Services, data: dict[str, Any], solution: Solution) -> None:
+    """The caller's own relay (the request's, else the solution's) may not point inside."""
+    conn = data.get("connection")
+    if conn:
+        svc.check_relay(conn["server"], conn["port"], conn["scheme"], ["connection", "scheme"])
+    elif solution.has_own_relay:
+        cfg = solution.config
+        scheme = cfg.get("connection_scheme") or ""
+        port = cfg.get("connection_port") or DEFAULT_PORTS[scheme]
+        svc.check_relay(str(cfg["connection_server"]), int(port), scheme, None)
+
+
+def check_suppressions(blocked: list[str]) -> None:
+    if blocked:
+        which = "a recipient is" if len(blocked) == 1 else f"{len(blocked)} recipients are"
+        raise Blocked(f"{which} on the suppression list; nothing was sent", blocked=blocked)
+
+
+def judge(
+    svc: Services,
+    sid: str,
+    data: dict[str, Any],
+    known: tuple[Principal, Solution] | None = None,
+) -> tuple[Solution, Decision]:
+    """The usual checks of one send, in the route's order; the solution and the bucket's
+    answer, or the refusal raised. ``known``: the caller was authorized already."""
+    admission = admit(svc, sid, recipients_of(data), data.get("hLimit"), known)
+    solution = admission.solution
+    check_sender(data, solution.config)
+    check_relay(svc, data, solution)
+    check_suppressions(admission.blocked)
+    # an early answer when the bucket is empty now (a peek: the worker takes the token);
+    # under "defer" an empty bucket is no refusal (the message waits in line), hLimit 0 is
+    decision = admission.decision
+    if not decision.allowed and (decision.retry_after is None or solution.policy == "reject"):
+        raise RateLimited(
+            "the hourly sending limit (hLimit) is used up",
+            retry_after=decision.retry_after,
+            hLimit=decision.limit,
+        )
+    return solution, decision
+
+
+def queue(svc: Services, job: dict[str, Any]) -> None:
+    """Write ``job``'s first document and publish the job; on failure, take the document
+    back and raise (503)."""
+    sid, task_id = job["solution_id"], job["task_id"]
+    doc = new_document(task_id, sid, job["created_at"])
+    try:
+        if svc.results is svc.state:  # the first document rides with the accepted entry
+            svc.enqueuer.enqueue(job, with_writes=lambda pipe: svc.documents.put(doc, pipe=pipe))
+        else:
+            svc.documents.put(doc)
+            svc.enqueuer.enqueue(job)
+    except Exception:
+        svc.documents.delete(sid, task_id)
+        raise
+
+
+def prepared(svc: Services, data: dict[str, Any], solution: Solution) -> dict[str, Any] | None:
+    """``data``'s job built from ``solution`` when ``from`` and the relay pass on it, else
+    None (the usual path judges the send again, on the record as it is now)."""
+    try:
+        check_sender(data, solution.config)
+        check_relay(svc, data, solution)
+    except PostroomError:
+        return None
+    return build_job(data, solution, svc.settings, svc.box)
+
+
+def in_one_step(svc: Services, sid: str, data: dict[str, Any]) -> tuple[str, Decision] | None:
+    """Judge the send on this process's copy of the solution and queue it in one round
+    trip (:mod:`api.express`); None when that path does not apply or did not queue it."""
+    express = svc.express
+    solution = express.known(sid) if express is not None else None
+    if express is None or solution is None:
+        return None
+    job = prepared(svc, data, solution)
+    if job is None:
+        return None
+    doc = new_document(job["task_id"], sid, job["created_at"])
+    decision = express.send(job, doc, recipients_of(data), data.get("hLimit"), solution)
+    return None if decision is None else (job["task_id"], decision)
