@@ -22,12 +22,12 @@ not taken by a send with an ``Idempotency-Key``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.auth import bearer_token, is_admin
@@ -101,18 +101,64 @@ class Express:
     ) -> Decision | None:
         """Queue ``job`` (built from ``solution``) with its first document ``doc`` if every
         check passes in Redis; the bucket's answer, or None when nothing was written."""
+        return self.send_many([(job, doc, recipients, request_hlimit)], solution)[0]
+
+    def send_many(
+        self,
+        sends: Sequence[tuple[dict[str, Any], dict[str, Any], Iterable[str], int | None]],
+        solution: Solution,
+    ) -> list[Decision | None]:
+        """:meth:`send` for each ``(job, doc, recipients, request_hlimit)`` of one solution,
+        all in one round trip and one transaction (one script call each: every send is
+        judged and queued on its own). When one finds something else, the copy of the
+        record is dropped."""
         sid = solution.solution_id
         try:
             token = bearer_token()
         except Unauthorized:
-            return None
+            return [None] * len(sends)
         admin = is_admin(token, self._settings.admin_token)
+        caller = keys.solution(sid) if admin else keys.token(hash_token(token))
+        calls = [self._call(caller, admin, solution, *send) for send in sends]
+        # several sends: all of them or none run (a lost connection leaves no batch half
+        # queued); one script alone is atomic already
+        pipe = self._client.pipeline(transaction=len(calls) > 1)
+        for script_keys, args in calls:
+            self._script.queue(pipe, script_keys, args)
+        try:
+            replies = pipe.execute(raise_on_error=False)
+            for n, reply in enumerate(replies):
+                if isinstance(reply, NoScriptError):  # Redis restarted: that call ran not
+                    replies[n] = self._script(self._client, *calls[n])
+        except (RedisConnectionError, RedisTimeoutError):
+            raise  # the store is away: the 503 every route gives then
+        except RedisError as exc:
+            raise unavailable(exc) from None
+        for reply in replies:
+            if isinstance(reply, RedisError):
+                raise unavailable(reply)
+        if any(reply is None for reply in replies):
+            self._known.pop(sid, None)
+        return [None if reply is None else decision_of(reply) for reply in replies]
+
+    def _call(
+        self,
+        caller: str,
+        admin: bool,
+        solution: Solution,
+        job: dict[str, Any],
+        doc: dict[str, Any],
+        recipients: Iterable[str],
+        request_hlimit: int | None,
+    ) -> tuple[list[str], list[str | int | float]]:
+        """The keys and arguments of ``intake_send.lua`` for one send."""
+        sid = solution.solution_id
         capacity = solution.config.get("hLimit")
         capacity = self._settings.hlimit_default if capacity is None else int(capacity)
         request = -1 if request_hlimit is None or request_hlimit >= capacity else request_hlimit
         member, due = self._one_step.entry(job)
         script_keys = [
-            keys.solution(sid) if admin else keys.token(hash_token(token)),
+            caller,
             keys.solution(sid),
             keys.suppressions(sid),
             keys.task(sid, job["task_id"]),
@@ -135,13 +181,4 @@ class Express:
             self._one_step.framing.frame(job),
             *dict.fromkeys(address_key(r) for r in recipients),
         ]
-        try:
-            answer = self._script(self._client, script_keys, args)
-        except (RedisConnectionError, RedisTimeoutError):
-            raise  # the store is away: the 503 every route gives then
-        except RedisError as exc:
-            raise unavailable(exc) from None
-        if answer is None:
-            self._known.pop(sid, None)
-            return None
-        return decision_of(answer)
+        return script_keys, args

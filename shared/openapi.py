@@ -52,10 +52,15 @@ def build_spec(settings: Settings) -> dict[str, Any]:
             "A new solution: its id (lower-case letters, digits, '_' and '-') and its "
             "configuration, omitted fields at their defaults.",
         ),
+        "BatchRequest": _ref("BatchRequest"),
         "SuppressionPut": conv.ref(schemas.suppression, "SuppressionPut"),
         "Event": conv.ref(schemas.event, "Event"),
     }
-    components = {**conv.components, **_response_schemas(conv.components["SolutionConfig"])}
+    components = {
+        **conv.components,
+        "BatchRequest": _batch_request(settings.max_batch),
+        **_response_schemas(conv.components["SolutionConfig"]),
+    }
     return {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -175,6 +180,22 @@ def _paths(bodies: dict[str, Schema]) -> dict[str, Any]:
                 },
                 body=bodies["SendRequest"],
                 parameters=[_param("IdempotencyKey"), _param("wait")],
+            ),
+        },
+        "/solutions/{sid}/email/batch": {
+            "parameters": sid,
+            "post": _op(
+                "sendEmailBatch",
+                "email",
+                "Queue up to POSTROOM_MAX_BATCH messages. 200 with an answer per message, in "
+                "order: queued (status 202, its task) or refused (the error a single send "
+                "would get). The request is refused whole only for the token, the solution "
+                "and the body's shape; ?wait and Idempotency-Key are not taken (400).",
+                {
+                    "200": _json("Each message's answer.", _ref("BatchResult")),
+                    **_err(400, 401, 404, 503),
+                },
+                body=bodies["BatchRequest"],
             ),
         },
         "/solutions/{sid}/tasks/{task_id}": {
@@ -390,6 +411,7 @@ def _response_schemas(config: Schema) -> dict[str, Schema]:
             token=_s("string", description="The solution's bearer token; shown once."),
             config=_ref("SolutionConfigView"),
         ),
+        "BatchResult": _batch_result(),
         "Accepted": _obj(
             task_id=_s("string"),
             state=_s("string", enum=["queued"]),
@@ -434,6 +456,48 @@ def _response_schemas(config: Schema) -> dict[str, Schema]:
         ),
         "SuppressionList": _obj(suppressions={"type": "array", "items": _ref("Suppression")}),
     }
+
+
+def _batch_request(max_batch: int) -> Schema:
+    return {
+        "type": "object",
+        "description": "Messages to send, each a send request judged on its own.",
+        "required": ["messages"],
+        "additionalProperties": False,
+        "properties": {
+            "messages": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": max_batch,
+                "items": _ref("SendRequest"),
+            }
+        },
+    }
+
+
+def _batch_result() -> Schema:
+    item = {
+        "type": "object",
+        "description": "One message's answer: status 202 with its task, or an error body "
+        "(type, error, status and the fields its type adds).",
+        "required": ["index", "status"],
+        "properties": {
+            "index": _s("integer", minimum=0, description="The message's place in messages."),
+            "status": _s("integer"),
+            "task_id": _s("string"),
+            "state": _s("string", enum=["queued"]),
+            "links": _obj(self=_s("string", description="The task document's URL.")),
+            "type": _s("string"),
+            "error": _s("string"),
+            "fields": {"type": "object"},
+            "blocked": {"type": "array", "items": _s("string")},
+        },
+    }
+    return _obj(
+        queued=_s("integer", minimum=0),
+        refused=_s("integer", minimum=0),
+        results={"type": "array", "items": item},
+    )
 
 
 def _obj(**properties: Schema) -> Schema:

@@ -81,6 +81,7 @@ class Settings:
     worker_batch: int = 32
     result_ttl: int = 7 * 86400
     max_recipients: int = 50
+    max_batch: int = 500
     max_body_bytes: int = 10 * 1024 * 1024
     bounce_threshold: int = 3
     queue: str = "email"
@@ -99,6 +100,8 @@ class Settings:
             raise ConfigError(f"{PREFIX}LOG_FORMAT must be json or text, got {self.log_format!r}")
         if self.worker_batch < 1:
             raise ConfigError(f"{PREFIX}WORKER_BATCH must be >= 1, got {self.worker_batch}")
+        if self.max_batch < 1:
+            raise ConfigError(f"{PREFIX}MAX_BATCH must be >= 1, got {self.max_batch}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], *, require_secrets: bool = True) -> Settings:

@@ -40,6 +40,7 @@ API_ROUTES = {
     "/solutions/{sid}": {"get"},
     "/solutions/{sid}/config": {"put", "patch"},
     "/solutions/{sid}/email": {"post"},
+    "/solutions/{sid}/email/batch": {"post"},
     "/solutions/{sid}/tasks/{task_id}": {"get"},
     "/solutions/{sid}/quota": {"get"},
     "/solutions/{sid}/suppressions": {"get"},
@@ -106,6 +107,19 @@ def test_send_email_operation(spec: dict[str, Any]) -> None:
     expected = {"200", "202", "400", "401", "404", "413", "415", "422", "429", "503"}
     assert set(op["responses"]) == expected
     assert "Location" in op["responses"]["202"]["headers"]
+
+
+def test_send_batch_operation(spec: dict[str, Any]) -> None:
+    """POST …/email/batch: a list of send requests up to POSTROOM_MAX_BATCH, 200 with an
+    answer per message."""
+    op = spec["paths"]["/solutions/{sid}/email/batch"]["post"]
+    body = spec["components"]["schemas"]["BatchRequest"]
+    messages = body["properties"]["messages"]
+    assert (1, 500) == (messages["minItems"], messages["maxItems"])
+    assert {"$ref": "#/components/schemas/SendRequest"} == messages["items"]
+    assert {"200", "400", "401", "404", "413", "415", "503"} == set(op["responses"])
+    result = spec["components"]["schemas"]["BatchResult"]
+    assert {"queued", "refused", "results"} == set(result["required"])
 
 
 def test_admin_route_lists_403_and_201(spec: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from shared.schemas.batch import BatchRequestSchema, make_batch_schema
 from shared.schemas.send import SendRequestSchema, make_send_schema
 from shared.schemas.solutions import (
     SolutionConfigSchema,
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Schemas:
     send: SendRequestSchema
+    batch: BatchRequestSchema
     create: SolutionCreateSchema
     config_put: SolutionConfigSchema
     config_patch: SolutionConfigSchema
@@ -35,6 +37,7 @@ class Schemas:
 def make_schemas(settings: Settings) -> Schemas:
     return Schemas(
         send=make_send_schema(settings),
+        batch=make_batch_schema(settings),
         create=make_create_schema(settings),
         config_put=make_config_schema(settings),
         config_patch=make_config_schema(settings, partial=True),

@@ -1,0 +1,144 @@
+"""``POST /solutions/{sid}/email/batch``: up to ``POSTROOM_MAX_BATCH`` sends in one request.
+
+Each message is judged as ``POST /solutions/{sid}/email`` judges one — the schema, ``from``,
+the relay, the suppression list, the hLimit bucket — and gets its own answer in ``results``,
+in the order of ``messages``: queued (``status`` 202, its ``task_id``; poll it as any task)
+or refused (the error body that route would give it, ``status`` included). The request as
+a whole is refused only for what concerns all of it: the token (401), the solution (404),
+the body (413, 415, 400 for no ``messages`` list or more than ``POSTROOM_MAX_BATCH``), and
+the options the batch does not take (``?wait``, ``Idempotency-Key``: 400 naming them).
+
+The messages that pass queue together: one round trip reads the caller and the solution,
+one more judges and queues every message by the one-step script (:mod:`api.express`) in a
+single transaction. A message that script does not queue (a recipient suppressed, an empty
+bucket, the record changed meanwhile) takes the usual path on its own and gets that path's
+answer. Like single sends, the batch only peeks at the bucket: the worker takes each
+message's token, so a batch larger than the tokens left is accepted and its surplus ends
+``RateLimited`` (or waits, under ``defer``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request, url_for
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from api import sends
+from api.auth import Principal
+from api.body import json_object
+from api.intake import build_job
+from api.services import Services, services
+from shared.documents import new_document
+from shared.errors import PostroomError, ServiceUnavailable, ValidationError
+from shared.ratelimit import Decision
+from shared.schemas import load_or_raise
+from shared.solutions import Solution
+
+bp = Blueprint("batch", __name__)
+log = logging.getLogger("postroom.api")
+
+STORE_AWAY = "the service's store is unavailable; this message was not accepted, retry it"
+
+
+def _single_send_options() -> None:
+    """``?wait`` and ``Idempotency-Key`` belong to the one-message route."""
+    if request.args.get("wait") is not None:
+        raise ValidationError(
+            "wait is not taken by the batch route",
+            fields={"wait": ["Not taken here: poll each task, or send alone with ?wait=N."]},
+        )
+    if request.headers.get("Idempotency-Key") is not None:
+        raise ValidationError(
+            "Idempotency-Key is not taken by the batch route",
+            fields={"Idempotency-Key": ["Not taken here: send alone to send idempotently."]},
+        )
+
+
+def _queued(index: int, sid: str, task_id: str) -> dict[str, Any]:
+    link = url_for("tasks.show", sid=sid, task_id=task_id)
+    return {"index": index, "status": 202, "task_id": task_id, "state": "queued",
+            "links": {"self": link}}  # fmt: skip
+
+
+def _refused(index: int, err: PostroomError) -> dict[str, Any]:
+    return {"index": index, **err.body()}
+
+
+@bp.post("/solutions/<sid>/email/batch")
+def send_batch(sid: str) -> tuple[Response, int]:
+    svc = services()
+    try:
+        _single_send_options()
+        messages: list[Any] = load_or_raise(svc.schemas.batch, json_object())["messages"]
+    except PostroomError:
+        svc.authorize(sid)  # a bad token or an unknown solution is answered first
+        raise
+    known = svc.authorize(sid)
+    solution = known[1]
+
+    results: list[dict[str, Any]] = [{} for _ in messages]
+    ready: list[tuple[int, dict[str, Any], dict[str, Any]]] = []  # index, data, job
+    for index, raw in enumerate(messages):
+        try:
+            data = load_or_raise(svc.schemas.send, raw)
+        except PostroomError as err:
+            results[index] = _refused(index, err)
+            continue
+        job = sends.prepared(svc, data, solution)
+        if job is None:  # `from` or the relay refused: the usual path says how
+            ready.append((index, data, {}))
+        else:
+            ready.append((index, data, job))
+
+    decisions = _in_one_step(svc, solution, ready)
+    for (index, data, job), decision in zip(ready, decisions, strict=True):
+        if decision is None:
+            results[index] = _alone(svc, sid, index, data, known)
+        else:
+            results[index] = _queued(index, sid, job["task_id"])
+    queued = sum(1 for r in results if r["status"] == 202)
+    log.info("batch queued", extra={"solution_id": sid, "queued": queued,
+                                    "refused": len(results) - queued})  # fmt: skip
+    body = {"queued": queued, "refused": len(results) - queued, "results": results}
+    return jsonify(body), 200
+
+
+def _in_one_step(
+    svc: Services, solution: Solution, ready: list[tuple[int, dict[str, Any], dict[str, Any]]]
+) -> list[Decision | None]:
+    """Each built job judged and queued by the one-step script, all in one round trip;
+    None for a message it did not queue (and for every one where that path is not open)."""
+    express = svc.express
+    built = [(data, job) for _, data, job in ready if job]
+    if express is None or not built:
+        return [None] * len(ready)
+    express.remember(solution)  # read just now
+    calls = [
+        (job, new_document(job["task_id"], solution.solution_id, job["created_at"]),
+         sends.recipients_of(data), data.get("hLimit"))
+        for data, job in built
+    ]  # fmt: skip
+    answers = iter(express.send_many(calls, solution))
+    return [next(answers) if job else None for _, _, job in ready]
+
+
+def _alone(
+    svc: Services,
+    sid: str,
+    index: int,
+    data: dict[str, Any],
+    known: tuple[Principal, Solution],
+) -> dict[str, Any]:
+    """One message on the usual path: its queued entry or its refusal."""
+    try:
+        solution, _ = sends.judge(svc, sid, data, known)
+        job = build_job(data, solution, svc.settings, svc.box)
+        sends.queue(svc, job)
+    except PostroomError as err:
+        return _refused(index, err)
+    except (RedisConnectionError, RedisTimeoutError):
+        return _refused(index, ServiceUnavailable(STORE_AWAY))
+    return _queued(index, sid, job["task_id"])
