@@ -27,6 +27,10 @@ then the ratios. Every run checks that the sink received exactly
 the messages sent, each once (distinct Message-IDs), and that every postroom task document
 says ``sent`` with the Message-ID the sink saw.
 
+``--batch N`` posts postroom's messages N per request on the batch route
+(``POST /solutions/{sid}/email/batch``), as a client holding several messages would; the
+baselines still send one message per request (nodemailer's client has no HTTP leg at all).
+
 The machine's load average is printed before and after: other work on the machine changes
 every figure here. ``--repeat N`` runs N rounds, each starting with another system, and
 prints the median of each ratio (a shared machine's speed drifts from one minute to the
@@ -226,6 +230,15 @@ def message_body(n: int) -> bytes:
     ).encode()
 
 
+def batch_body(first: int, request: int, batch: int, count: int) -> bytes:
+    """Request ``request`` of a batched load: messages ``first + request * batch`` on, at
+    most ``batch`` of them and none past ``count``."""
+    start = request * batch
+    numbers = range(first + start, first + min(count, start + batch))
+    messages = ",".join(message_body(n).decode() for n in numbers)
+    return f'{{"messages":[{messages}]}}'.encode()
+
+
 def _request(path: str, token: str, body: bytes) -> bytes:
     head = (
         f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {token}\r\n"
@@ -259,12 +272,13 @@ async def _load(
     concurrency: int,
     rate: float | None,
     answer_field: str,
+    batch: int = 0,
 ) -> Load:
     loop = asyncio.get_running_loop()
     latencies: list[float] = []
     statuses: Counter[int] = Counter()
     answers: list[str] = []
-    index = iter(range(count))
+    index = iter(range(-(-count // batch) if batch else count))
     start_mono = loop.time() + 0.05
     started = time.time() + 0.05
 
@@ -281,7 +295,8 @@ async def _load(
                 if writer is None:
                     reader, writer = await asyncio.open_connection(HOST, port)
                 assert reader is not None
-                writer.write(_request(path, token, message_body(first + i)))
+                body = batch_body(first, i, batch, count) if batch else message_body(first + i)
+                writer.write(_request(path, token, body))
                 status, body, close = await _read_response(reader)
             except (OSError, asyncio.IncompleteReadError, ValueError):
                 statuses[0] += 1
@@ -291,7 +306,10 @@ async def _load(
                 continue
             latencies.append(loop.time() - begin)
             statuses[status] += 1
-            if 200 <= status < 300:
+            if 200 <= status < 300 and batch:
+                results = json.loads(body)["results"]
+                answers.extend(str(x[answer_field]) for x in results if x["status"] == 202)
+            elif 200 <= status < 300:
                 answers.append(str(json.loads(body)[answer_field]))
             if close:
                 writer.close()
@@ -317,10 +335,12 @@ def run_load(
     concurrency: int,
     rate: float | None = None,
     answer_field: str = "task_id",
+    batch: int = 0,
 ) -> Load:
-    """Post ``count`` messages from a client process: closed loop, or paced at ``rate``/s."""
+    """Post ``count`` messages from a client process: closed loop, or paced at ``rate``
+    requests/s; with ``batch``, ``batch`` messages per request (the batch route)."""
     parent, child = mp.Pipe()
-    args = (port, path, token, first, count, concurrency, rate, answer_field)
+    args = (port, path, token, first, count, concurrency, rate, answer_field, batch)
     proc = mp.Process(target=_client_main, args=(child, args))
     proc.start()
     load: Load = parent.recv()
@@ -466,6 +486,7 @@ class Figures:
     paced_rate: float = 0.0
     intake_alone: Load | None = None  # postroom: the API alone, its workers paused
     intake_alone_cpu_ms: float = 0.0  # the API's (and Redis's) CPU per request meanwhile
+    batch: int = 0  # postroom: messages per request (the batch route), 0: one
     drain: float = 0.0  # postroom: messages/s as the resumed workers drain that backlog
     drain_cpu_ms: float = 0.0  # the workers' CPU per message meanwhile
     cpu_ms: dict[str, float] = field(default_factory=dict)  # per message, per part
@@ -498,11 +519,15 @@ def intake_line(label: str, load: Load) -> str:
 def print_figures(fig: Figures) -> None:
     say(f"\n== {fig.name}")
     say(f"  end to end          {fig.e2e:8.0f} msg/s")
+    per = f"{fig.batch} messages per request: " if fig.batch else ""
     if fig.intake is not None:
         load = fig.intake
-        say(intake_line("intake, closed loop", load))
+        line = intake_line("intake, closed loop", load)
+        say(line + (f"   ({per}{load.rate * fig.batch:.0f} msg/s)" if fig.batch else ""))
     if fig.intake_alone is not None:
-        say(intake_line("intake, workers paused", fig.intake_alone)
+        alone = fig.intake_alone
+        say(intake_line("intake, workers paused", alone)
+            + (f"   ({per}{alone.rate * fig.batch:.0f} msg/s)" if fig.batch else "")
             + f"   (API and Redis CPU {fig.intake_alone_cpu_ms:.2f} ms per request)")
     if fig.drain:
         say(f"  backlog drained     {fig.drain:8.0f} msg/s   (workers' CPU "
@@ -555,6 +580,7 @@ class Options:
     baselines: bool
     api_args: tuple[str, ...] = ()
     repeat: int = 1
+    batch: int = 0  # messages per request on the batch route; 0: one per request
 
 
 class PostroomStack:
@@ -624,14 +650,16 @@ class PostroomStack:
         return parts
 
     def post(self, first: int, count: int, rate: float | None = None) -> Load:
+        batch = self.options.batch
         return run_load(
             self.api_port,
-            f"/api/v1/solutions/{SID}/email",
+            f"/api/v1/solutions/{SID}/email" + ("/batch" if batch else ""),
             self.token,
             first=first,
             count=count,
             concurrency=self.options.concurrency,
             rate=rate,
+            batch=batch,
         )
 
     def documents(self, task_ids: list[str]) -> list[dict[str, Any] | None]:
@@ -692,8 +720,11 @@ def run_postroom(sink: Sink, log_dir: Path, options: Options) -> Figures:
         name = "postroom (Flask + Celery + Redis, durable)"
         if options.api_args:
             name = f"postroom (Flask + Celery + Redis, durable; api {' '.join(options.api_args)})"
-        fig = Figures(name, e2e, intake=intake, cpu_ms=cpu)
-        fig.checks.append(f"HTTP answers: {intake.statuses} (expected {m} x 202)")
+        if options.batch:
+            name = name[:-1] + f"; batches of {options.batch})"
+        fig = Figures(name, e2e, intake=intake, cpu_ms=cpu, batch=options.batch)
+        expected = f"{-(-m // options.batch)} x 200" if options.batch else f"{m} x 202"
+        fig.checks.append(f"HTTP answers: {intake.statuses} (expected {expected})")
         line, seen = check_ids(sink, m, "closed-loop run")
         docs = stack.wait_sent(intake.answers, 60)
         sent = [d for d in docs if d is not None and d["state"] == "sent"]
@@ -708,7 +739,7 @@ def run_postroom(sink: Sink, log_dir: Path, options: Options) -> Figures:
         # half the measured intake capacity, paced
         sink.reset()
         fig.paced_rate = intake.rate / 2
-        n = max(50, min(m, int(fig.paced_rate * options.paced_seconds)))
+        n = max(50, min(m, int(fig.paced_rate * options.paced_seconds) * max(1, options.batch)))
         fig.paced = stack.post(first=m, count=n, rate=fig.paced_rate)
         sink.wait_count(n, drain_timeout(n))
         line, _ = check_ids(sink, n, "paced run")
@@ -726,7 +757,8 @@ def run_postroom(sink: Sink, log_dir: Path, options: Options) -> Figures:
         before_alone = sum(p.cpu() for p in serving)
         try:
             fig.intake_alone = stack.post(first=m + n, count=m)
-            fig.intake_alone_cpu_ms = (sum(p.cpu() for p in serving) - before_alone) * 1000 / m
+            spent = sum(p.cpu() for p in serving) - before_alone
+            fig.intake_alone_cpu_ms = spent * 1000 / fig.intake_alone.count
         finally:
             # the backlog those requests left: how fast the workers drain it, as a batch
             # consumer sees it (every pool process busy, messages waiting)
@@ -862,6 +894,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--api-args", default="",
                         help="more options for `postroom api`, e.g. '--worker-class gthread "
                              "--threads 4' (gunicorn's own pass through)")  # fmt: skip
+    parser.add_argument("--batch", type=int, default=0, metavar="N",
+                        help="postroom: N messages per request on the batch route "
+                             "(POST .../email/batch); the baselines send one each")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="500 messages, 3 s paced runs")
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds of all systems, each starting with another; the median "
@@ -871,7 +906,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
     paced = args.paced_seconds or (3.0 if args.quick else 10.0)
     return Options(messages, args.concurrency, args.workers, args.worker_concurrency,
                    args.api_workers, paced, not args.no_baselines,
-                   tuple(shlex.split(args.api_args)), max(1, args.repeat))  # fmt: skip
+                   tuple(shlex.split(args.api_args)), max(1, args.repeat),
+                   max(0, args.batch))  # fmt: skip
 
 
 @contextlib.contextmanager
