@@ -928,11 +928,12 @@ def ratios_of(results: list[Figures]) -> dict[str, float]:
         return out
     if naive is not None:
         out["postroom e2e / naive e2e"] = pr.e2e / naive.e2e
+        per = max(1, pr.batch)  # messages per request: the ratios are of messages/s
         if pr.intake and naive.intake:
-            out["postroom intake / naive intake"] = pr.intake.rate / naive.intake.rate
+            out["postroom intake / naive intake"] = pr.intake.rate * per / naive.intake.rate
         if pr.intake_alone and naive.intake:
             out["postroom intake, workers paused / naive intake"] = (
-                pr.intake_alone.rate / naive.intake.rate)
+                pr.intake_alone.rate * per / naive.intake.rate)
     if node is not None:
         out["postroom e2e / nodemailer"] = pr.e2e / node.e2e
     return out
