@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import redis
+from flask.testing import FlaskClient
 from redis.connection import Connection
 
 from shared.crypto import generate_key
@@ -53,6 +54,15 @@ def queue_length(client: redis.Redis, queue: str = "email") -> int:
 
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+def create_solution(client: FlaskClient, sid: str = "acme", **config: Any) -> str:
+    """Create solution ``sid`` through the API with the admin token; returns its token."""
+    r = client.post("/api/v1/solutions", json={"solution_id": sid, **config},
+                    headers=auth(ADMIN))  # fmt: skip
+    assert 201 == r.status_code, r.get_json()
+    token: str = r.get_json()["token"]
+    return token
 
 
 class RoundTrips:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import redis
@@ -12,7 +11,7 @@ from flask.testing import FlaskClient
 
 from api.app import create_app
 from shared import keys
-from tests.helpers import ADMIN, RoundTrips, auth, make_settings, queue_length
+from tests.helpers import ADMIN, RoundTrips, auth, create_solution, make_settings, queue_length
 
 SEND = "/api/v1/solutions/acme/email"
 OK = {"to": ["ann@example.com"], "text": "hello"}
@@ -24,21 +23,13 @@ def client(real_redis: redis.Redis, redis_url: str) -> Iterator[FlaskClient]:
     yield app.test_client()
 
 
-def create(client: FlaskClient, sid: str = "acme", **config: Any) -> str:
-    r = client.post("/api/v1/solutions", json={"solution_id": sid, **config},
-                    headers=auth(ADMIN))
-    assert 201 == r.status_code, r.get_json()
-    token: str = r.get_json()["token"]
-    return token
-
-
 def test_a_first_send_reaches_redis_twice(
     client: FlaskClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Token, solution, suppressions and bucket in one round trip; the job in another.
     (Later sends of the same solution take one: tests/test_express.py.)"""
-    token = create(client, hLimit=50)
-    other = create(client, "other")
+    token = create_solution(client, hLimit=50)
+    other = create_solution(client, "other")
     warm = client.post("/api/v1/solutions/other/email", json=OK, headers=auth(other))
     assert 202 == warm.status_code  # connections opened, scripts loaded
     trips = RoundTrips(monkeypatch)
@@ -50,7 +41,7 @@ def test_a_first_send_reaches_redis_twice(
 def test_the_bucket_capacity_is_the_solutions_unless_the_request_asks_less(
     client: FlaskClient,
 ) -> None:
-    token = create(client, hLimit=50)
+    token = create_solution(client, hLimit=50)
     headers = auth(token)
     assert "50" == client.post(SEND, json=OK, headers=headers).headers["RateLimit-Limit"]
     tighter = client.post(SEND, json={**OK, "hLimit": 5}, headers=headers)
@@ -62,7 +53,7 @@ def test_the_bucket_capacity_is_the_solutions_unless_the_request_asks_less(
 def test_a_record_that_names_no_hlimit_takes_the_default(
     client: FlaskClient, real_redis: redis.Redis
 ) -> None:
-    token = create(client)
+    token = create_solution(client)
     record = json.loads(real_redis.get(keys.solution("acme")) or b"{}")
     del record["config"]["hLimit"]
     real_redis.set(keys.solution("acme"), json.dumps(record))
@@ -71,7 +62,7 @@ def test_a_record_that_names_no_hlimit_takes_the_default(
 
 
 def test_a_limit_change_is_seen_by_the_next_send(client: FlaskClient) -> None:
-    token = create(client, hLimit=3)
+    token = create_solution(client, hLimit=3)
     headers = auth(token)
     assert "3" == client.post(SEND, json=OK, headers=headers).headers["RateLimit-Limit"]
     for hlimit, expected in ((1, (202, "1")), (0, (429, None))):
@@ -85,7 +76,7 @@ def test_a_limit_change_is_seen_by_the_next_send(client: FlaskClient) -> None:
 def test_scripts_redis_forgot_are_loaded_again(
     client: FlaskClient, real_redis: redis.Redis
 ) -> None:
-    token = create(client, hLimit=50)
+    token = create_solution(client, hLimit=50)
     assert 202 == client.post(SEND, json=OK, headers=auth(token)).status_code
     real_redis.script_flush()
     before = queue_length(real_redis)
@@ -95,7 +86,7 @@ def test_scripts_redis_forgot_are_loaded_again(
 
 
 def test_a_suppressed_recipient_among_others_is_named(client: FlaskClient) -> None:
-    token = create(client)
+    token = create_solution(client)
     assert 201 == client.put("/api/v1/solutions/acme/suppressions/bob@example.com",
                              headers=auth(token)).status_code
     r = client.post(SEND, json={"to": ["ann@example.com"], "bcc": ["Bob@Example.com"],
@@ -105,5 +96,5 @@ def test_a_suppressed_recipient_among_others_is_named(client: FlaskClient) -> No
 
 
 def test_the_admin_token_may_send_for_a_solution(client: FlaskClient) -> None:
-    create(client)
+    create_solution(client)
     assert 202 == client.post(SEND, json=OK, headers=auth(ADMIN)).status_code

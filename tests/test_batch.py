@@ -17,7 +17,7 @@ from api.app import create_app
 from shared import keys
 from shared.ratelimit import TokenBucket
 from tests.e2e import Stack
-from tests.helpers import ADMIN, RoundTrips, auth, make_settings, queue_length
+from tests.helpers import ADMIN, RoundTrips, auth, create_solution, make_settings, queue_length
 
 BATCH = "/api/v1/solutions/acme/email/batch"
 
@@ -36,14 +36,6 @@ def client(app: Flask) -> Iterator[FlaskClient]:
     yield app.test_client()
 
 
-def create(client: FlaskClient, sid: str = "acme", **config: Any) -> str:
-    r = client.post("/api/v1/solutions", json={"solution_id": sid, **config},
-                    headers=auth(ADMIN))
-    assert 201 == r.status_code, r.get_json()
-    token: str = r.get_json()["token"]
-    return token
-
-
 def post(client: FlaskClient, token: str, messages: Any, **kwargs: Any) -> Any:
     return client.post(BATCH, json={"messages": messages}, headers=auth(token), **kwargs)
 
@@ -59,7 +51,7 @@ def queued_task_ids(real_redis: redis.Redis) -> list[str]:
 def test_each_message_is_queued_and_answered_in_order(
     client: FlaskClient, real_redis: redis.Redis
 ) -> None:
-    token = create(client, hLimit=100)
+    token = create_solution(client, hLimit=100)
     r = post(client, token, [message(n) for n in range(3)])
     assert 200 == r.status_code, r.get_json()
     body = r.get_json()
@@ -82,7 +74,7 @@ def test_a_batch_reaches_redis_twice_whatever_its_size(
 ) -> None:
     """One round trip for the caller and the solution, one for every message (the
     one-step script in one transaction)."""
-    token = create(client, hLimit=100)
+    token = create_solution(client, hLimit=100)
     assert 200 == post(client, token, [message(0)]).status_code  # scripts loaded
     trips = RoundTrips(monkeypatch)
     r = post(client, token, [message(n) for n in range(5)])
@@ -93,7 +85,7 @@ def test_a_batch_reaches_redis_twice_whatever_its_size(
 def test_a_bad_message_is_refused_alone_with_the_answer_a_single_send_gets(
     client: FlaskClient, real_redis: redis.Redis
 ) -> None:
-    token = create(client, hLimit=100)
+    token = create_solution(client, hLimit=100)
     listed = client.put("/api/v1/solutions/acme/suppressions/blocked@example.com",
                         json={"reason": "manual"}, headers=auth(token))  # fmt: skip
     assert listed.status_code in (200, 201)
@@ -120,7 +112,7 @@ def test_a_bad_message_is_refused_alone_with_the_answer_a_single_send_gets(
 def test_an_empty_bucket_refuses_each_message_under_reject_and_queues_under_defer(
     client: FlaskClient, real_redis: redis.Redis
 ) -> None:
-    token = create(client, hLimit=2)
+    token = create_solution(client, hLimit=2)
     period = client.application.extensions["postroom"].settings.hlimit_period_s
     bucket = TokenBucket(real_redis, period)
     for _ in range(2):
@@ -153,7 +145,7 @@ def test_an_empty_bucket_refuses_each_message_under_reject_and_queues_under_defe
 def test_a_bad_batch_is_refused_whole(
     client: FlaskClient, real_redis: redis.Redis, body: Any, status: int, field: str
 ) -> None:
-    token = create(client)
+    token = create_solution(client)
     r = client.post(BATCH, json=body, headers=auth(token))
     answer = r.get_json()
     assert (status, "ValidationError") == (r.status_code, answer["type"])
@@ -164,7 +156,7 @@ def test_a_bad_batch_is_refused_whole(
 def test_what_the_batch_does_not_take_is_named(
     client: FlaskClient, real_redis: redis.Redis
 ) -> None:
-    token = create(client)
+    token = create_solution(client)
     waited = post(client, token, [message(0)], query_string={"wait": "5"})
     keyed = client.post(BATCH, json={"messages": [message(0)]},
                         headers={**auth(token), "Idempotency-Key": "k"})  # fmt: skip
@@ -178,8 +170,8 @@ def test_what_the_batch_does_not_take_is_named(
 def test_the_caller_is_judged_first(client: FlaskClient, real_redis: redis.Redis) -> None:
     """A bad token, another solution's token and an unknown solution get 401, 404, 404,
     whatever the body."""
-    create(client)
-    other = create(client, "other")
+    create_solution(client)
+    other = create_solution(client, "other")
     for body in ({"messages": [message(0)]}, {"nonsense": True}):
         bad = client.post(BATCH, json=body, headers=auth("wrong"))
         foreign = client.post(BATCH, json=body, headers=auth(other))
@@ -194,7 +186,7 @@ def test_a_result_backend_of_its_own_queues_each_on_the_usual_path(
 ) -> None:
     elsewhere = redis_url.replace("127.0.0.1", "localhost")  # another URL: another client
     client = create_app(make_settings(redis_url, result_backend=elsewhere)).test_client()
-    token = create(client)
+    token = create_solution(client)
     r = post(client, token, [message(0), {"to": []}, message(2)])
     assert [202, 400, 202] == [x["status"] for x in r.get_json()["results"]]
     assert 2 == queue_length(real_redis)
@@ -203,7 +195,7 @@ def test_a_result_backend_of_its_own_queues_each_on_the_usual_path(
 def test_scripts_redis_forgot_are_loaded_and_each_message_queued_once(
     client: FlaskClient, real_redis: redis.Redis
 ) -> None:
-    token = create(client)
+    token = create_solution(client)
     assert 200 == post(client, token, [message(0)]).status_code
     real_redis.script_flush()
     r = post(client, token, [message(n) for n in range(1, 5)])

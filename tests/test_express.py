@@ -24,7 +24,7 @@ from api.services import Services
 from shared import keys
 from shared.ratelimit import TokenBucket
 from shared.solutions import Solution
-from tests.helpers import ADMIN, RoundTrips, auth, make_settings, queue_length
+from tests.helpers import ADMIN, RoundTrips, auth, create_solution, make_settings, queue_length
 
 SEND = "/api/v1/solutions/acme/email"
 OK = {"to": ["ann@example.com"], "text": "hello"}
@@ -44,14 +44,6 @@ def client(app: Flask) -> Iterator[FlaskClient]:
 def services(app: Flask) -> Services:
     svc: Services = app.extensions["postroom"]
     return svc
-
-
-def create(client: FlaskClient, sid: str = "acme", **config: Any) -> str:
-    r = client.post("/api/v1/solutions", json={"solution_id": sid, **config},
-                    headers=auth(ADMIN))
-    assert 201 == r.status_code, r.get_json()
-    token: str = r.get_json()["token"]
-    return token
 
 
 def warm(client: FlaskClient, token: str, sid: str = "acme") -> None:
@@ -74,7 +66,7 @@ def queued_jobs(real_redis: redis.Redis) -> list[dict[str, Any]]:
 def test_a_later_send_reaches_redis_once(
     client: FlaskClient, real_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    token = create(client, hLimit=50)
+    token = create_solution(client, hLimit=50)
     warm(client, token)
     trips = RoundTrips(monkeypatch)
     r = client.post(SEND, json={**OK, "cc": ["bob@example.com"], "hLimit": 20},
@@ -89,7 +81,7 @@ def test_one_step_writes_what_two_steps_write(
 ) -> None:
     """The job, its document (and its time to live) and its accepted-set entry are the
     same, field by field, whichever path queued them."""
-    token = create(client)
+    token = create_solution(client)
     warm(client, token)  # the first by two steps, the second by one
     first, second = queued_jobs(real_redis)
     assert first.keys() == second.keys()
@@ -115,7 +107,7 @@ def test_a_changed_record_is_read_again(
 ) -> None:
     """A configuration changed since the record was kept (here by another process) is the
     one the send is judged and built on; the next send takes one step again."""
-    token = create(client, hLimit=50)
+    token = create_solution(client, hLimit=50)
     warm(client, token)
     record = json.loads(real_redis.get(keys.solution("acme")) or b"{}")
     record["config"]["hLimit"] = 5
@@ -130,7 +122,7 @@ def test_a_changed_record_is_read_again(
 
 def test_a_sender_allowed_since_the_record_was_kept_is_allowed(client: FlaskClient) -> None:
     """A check that fails on the kept record is made again on the record as it is now."""
-    token = create(client)
+    token = create_solution(client)
     warm(client, token)
     relay = {"connection_server": "127.0.0.1", "connection_port": 2525,
              "connection_scheme": ""}  # fmt: skip
@@ -143,7 +135,7 @@ def test_a_sender_allowed_since_the_record_was_kept_is_allowed(client: FlaskClie
 def test_a_recipient_suppressed_since_is_refused(
     client: FlaskClient, real_redis: redis.Redis
 ) -> None:
-    token = create(client)
+    token = create_solution(client)
     warm(client, token)
     listed = client.put("/api/v1/solutions/acme/suppressions/ann@example.com",
                         json={"reason": "manual"}, headers=auth(token))  # fmt: skip
@@ -157,7 +149,7 @@ def test_a_recipient_suppressed_since_is_refused(
 
 def test_an_empty_bucket_is_refused(client: FlaskClient, real_redis: redis.Redis) -> None:
     """Tokens taken by the workers since (the record unchanged): 429 with Retry-After."""
-    token = create(client, hLimit=3)
+    token = create_solution(client, hLimit=3)
     warm(client, token)
     bucket = TokenBucket(real_redis, services_period(client))
     for _ in range(3):
@@ -176,7 +168,7 @@ def services_period(client: FlaskClient) -> float:
 def test_an_empty_bucket_under_defer_still_queues(
     client: FlaskClient, real_redis: redis.Redis
 ) -> None:
-    token = create(client, hLimit=2, hLimit_policy="defer")
+    token = create_solution(client, hLimit=2, hLimit_policy="defer")
     warm(client, token)
     bucket = TokenBucket(real_redis, services_period(client))
     for _ in range(2):
@@ -189,8 +181,8 @@ def test_an_empty_bucket_under_defer_still_queues(
 def test_another_solutions_token_and_an_old_token_are_refused(
     client: FlaskClient, real_redis: redis.Redis
 ) -> None:
-    token = create(client)
-    other = create(client, "other")
+    token = create_solution(client)
+    other = create_solution(client, "other")
     warm(client, token)
     r = client.post(SEND, json=OK, headers=auth(other))
     assert (404, "NotFound") == (r.status_code, r.get_json()["type"])
@@ -204,7 +196,7 @@ def test_another_solutions_token_and_an_old_token_are_refused(
 
 def test_a_deleted_token_entry_is_refused(client: FlaskClient, real_redis: redis.Redis) -> None:
     """The script itself checks whose token it is (the record is unchanged here)."""
-    token = create(client)
+    token = create_solution(client)
     warm(client, token)
     record = json.loads(real_redis.get(keys.solution("acme")) or b"{}")
     real_redis.delete(keys.token(record["token_hash"]))
@@ -216,7 +208,7 @@ def test_a_deleted_token_entry_is_refused(client: FlaskClient, real_redis: redis
 def test_the_admin_token_takes_one_step(
     client: FlaskClient, real_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    create(client)
+    create_solution(client)
     warm(client, ADMIN)
     trips = RoundTrips(monkeypatch)
     assert 202 == client.post(SEND, json=OK, headers=auth(ADMIN)).status_code
@@ -224,7 +216,7 @@ def test_the_admin_token_takes_one_step(
 
 
 def test_a_deleted_solution_is_not_found(client: FlaskClient, real_redis: redis.Redis) -> None:
-    token = create(client)
+    token = create_solution(client)
     warm(client, token)
     real_redis.delete(keys.solution("acme"))
     r = client.post(SEND, json=OK, headers=auth(ADMIN))
@@ -237,7 +229,7 @@ def test_a_deleted_solution_is_not_found(client: FlaskClient, real_redis: redis.
 def test_a_flushed_script_is_loaded_and_the_message_queued_once(
     client: FlaskClient, real_redis: redis.Redis
 ) -> None:
-    token = create(client)
+    token = create_solution(client)
     warm(client, token)
     real_redis.script_flush()
     assert 202 == client.post(SEND, json=OK, headers=auth(token)).status_code
@@ -248,7 +240,7 @@ def test_a_flushed_script_is_loaded_and_the_message_queued_once(
 def test_an_idempotency_key_takes_the_usual_path(
     client: FlaskClient, real_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    token = create(client)
+    token = create_solution(client)
     warm(client, token)
     trips = RoundTrips(monkeypatch)
     headers = {**auth(token), "Idempotency-Key": "k-1"}
