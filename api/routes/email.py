@@ -127,8 +127,8 @@ def send(sid: str) -> Response | tuple[Response, int]:
 
     # the caller, the solution, the suppressions and the bucket: one round trip
     solution, decision = sends.judge(svc, sid, data, known)
-    if svc.express is not None and idem_key is None:
-        svc.express.remember(solution)
+    if svc.express is not None:
+        svc.express.remember(solution)  # for the next send's one step
 
     job = build_job(data, solution, svc.settings, svc.box)
     task_id = job["task_id"]
