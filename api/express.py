@@ -120,13 +120,14 @@ class Express:
         admin = is_admin(token, self._settings.admin_token)
         caller = keys.solution(sid) if admin else keys.token(hash_token(token))
         calls = [self._call(caller, admin, solution, *send) for send in sends]
-        # several sends: all of them or none run (a lost connection leaves no batch half
-        # queued); one script alone is atomic already
-        pipe = self._client.pipeline(transaction=len(calls) > 1)
-        for script_keys, args in calls:
-            self._script.queue(pipe, script_keys, args)
         try:
-            replies = pipe.execute(raise_on_error=False)
+            if len(calls) == 1:  # one script alone is atomic (and needs no pipeline)
+                replies = [self._script(self._client, *calls[0])]
+            else:  # all of them or none run: a lost connection leaves no batch half queued
+                pipe = self._client.pipeline(transaction=True)
+                for script_keys, args in calls:
+                    self._script.queue(pipe, script_keys, args)
+                replies = pipe.execute(raise_on_error=False)
             for n, reply in enumerate(replies):
                 if isinstance(reply, NoScriptError):  # Redis restarted: that call ran not
                     replies[n] = self._script(self._client, *calls[n])
