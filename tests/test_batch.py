@@ -218,3 +218,24 @@ def test_a_batch_is_sent_end_to_end(
     assert {"sent"} == {d["state"] for d in docs}
     received = {m.message_id for m in stack.smtp.messages}
     assert {d["result"]["messageId"] for d in docs} == received and len(received) == 20
+
+
+def test_a_broker_that_is_down_refuses_each_message_and_keeps_nothing(
+    real_redis: redis.Redis, redis_url: str
+) -> None:
+    """Each message gets the 503 a single send gets, and no task document is left."""
+    client = create_app(make_settings(redis_url, broker_url="redis://127.0.0.1:1/0")).test_client()
+    token = create_solution(client)
+    r = post(client, token, [message(0), message(1)])
+    body = r.get_json()
+    assert (200, 0, 2) == (r.status_code, body["queued"], body["refused"])
+    assert {(503, "ServiceUnavailable")} == {(x["status"], x["type"]) for x in body["results"]}
+    assert "nothing was accepted" in body["results"][0]["error"]
+    assert [] == list(real_redis.scan_iter("postroom:*:task:*"))
+
+
+def test_a_store_that_is_down_refuses_the_batch(redis_url: str) -> None:
+    app = create_app(make_settings("redis://127.0.0.1:1/0"))
+    r = app.test_client().post(BATCH, json={"messages": [message(0)]}, headers=auth(ADMIN))
+    assert (503, "ServiceUnavailable") == (r.status_code, r.get_json()["type"])
+    assert "store is unavailable" in r.get_json()["error"]
