@@ -88,7 +88,9 @@ class Express:
         if not solution.digest:
             return
         if sid not in self._known and len(self._known) >= MAX_KNOWN:
-            self._known.pop(next(iter(self._known)))
+            oldest = next(iter(self._known), None)
+            if oldest is not None:
+                self._known.pop(oldest, None)  # another thread may have taken it
         self._known[sid] = solution
 
     def send(
