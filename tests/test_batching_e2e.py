@@ -16,6 +16,7 @@ import redis
 from kombu import Connection, Consumer, Exchange, Queue
 
 from tests.e2e import Stack
+from tests.helpers import RoundTrips
 from tests.stack import wait_for
 from worker.broker import Channel, Transport, transport_for
 
@@ -96,6 +97,31 @@ def test_after_a_brpop_the_channel_takes_what_the_prefetch_allows_recorded_unack
         assert 4 == len(consumer.channel.qos._delivered)
     # closed with them unacknowledged: kombu put them back, as it does its own
     assert (0, 6) == (real_redis.hlen("unacked"), real_redis.llen("take-test"))
+
+
+def test_the_job_a_brpop_brings_is_recorded_by_the_take_after_it(
+    real_redis: redis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One job waiting, room for more: the BRPOP, then one script that records it
+    unacknowledged and finds nothing more to take — two round trips, not three. With no
+    room left (prefetch 1) the job is recorded all the same, and nothing more is taken."""
+    publish(redis_url, "take-test", 1)
+    with consuming(redis_url, "take-test", prefetch=4) as consumer:
+        trips = RoundTrips(monkeypatch)
+        got = consumer.round()
+        assert ([0], 2) == ([m.payload["n"] for m in got], trips.count)
+        [tag] = [t.decode() for t in real_redis.hkeys("unacked")]
+        assert tag == got[0].delivery_tag
+        assert json.loads(real_redis.hget("unacked", tag) or b"[]")[0] == got[0]._raw
+        got[0].ack()
+        assert (0, 0) == (real_redis.hlen("unacked"), real_redis.zcard("unacked_index"))
+
+    publish(redis_url, "take-test", 3)
+    with consuming(redis_url, "take-test", prefetch=1) as consumer:
+        got = consumer.round()
+        assert [0] == [m.payload["n"] for m in got]
+        assert (1, 2) == (real_redis.hlen("unacked"), real_redis.llen("take-test"))
+        got[0].ack()
 
 
 def test_what_the_take_records_is_what_kombu_restores(

@@ -3,12 +3,13 @@
 Per message, kombu's Redis channel takes one job per BRPOP and records it as unacknowledged
 in a second round trip, builds a new ``redis.Redis`` client (a table of about 170 reply
 callbacks) for that record and again for the acknowledgement, and acknowledges each
-message in a round trip of its own. Here, after a BRPOP brought one job, the channel takes
-what else waits (as many as the prefetch allows) and records each unacknowledged in the
-same atomic script (:meth:`Channel._take_more`: jobs taken this way have no moment in
-which they are in neither the queue nor the unacked table); it keeps one client for its
-commands; and :meth:`Channel.ack_many` acknowledges a whole batch (:mod:`worker.batching`)
-in one pipeline. What is stored is unchanged: the same unacked hash and index, the same
+message in a round trip of its own. Here, after a BRPOP brought one job, one atomic script
+records that job unacknowledged and takes what else waits (as many as the prefetch allows),
+recording each in the same step (:meth:`Channel._take_more`: jobs taken this way have no
+moment in which they are in neither the queue nor the unacked table); it keeps one client
+for its commands; and :meth:`Channel.ack_many` acknowledges a whole batch
+(:mod:`worker.batching`) in one pipeline. A job alone in the queue costs the BRPOP and that
+one script. What is stored is unchanged: the same unacked hash and index, the same
 keys, the same restore rules.
 
 Only the worker uses it, and only on a ``redis://`` broker (:func:`transport_for`); other
@@ -25,7 +26,7 @@ from typing import Any
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import base as virtual
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
 
 from shared.scripts import script
 
@@ -35,13 +36,33 @@ class QoS(kombu_redis.QoS):
         super().__init__(*args, **kwargs)
         # delivery tags that Channel._take_more recorded as unacknowledged already
         self.recorded: set[str] = set()
+        # while a BRPOP's job is delivered: its unacked record waits for the take after it
+        self.defer_record = False
+        self.deferred: tuple[str, str] | None = None
 
     def append(self, message: Any, delivery_tag: str) -> None:
         if delivery_tag in self.recorded:
             self.recorded.discard(delivery_tag)
             virtual.QoS.append(self, message, delivery_tag)  # the in-process books only
             return
+        if self.defer_record and self.deferred is None:
+            info = message.delivery_info
+            entry = dumps([message._raw, info["exchange"], info["routing_key"]])
+            self.deferred = (delivery_tag, entry)
+            virtual.QoS.append(self, message, delivery_tag)  # recorded by the take after
+            return
         super().append(message, delivery_tag)
+
+    def take_deferred(self) -> tuple[str, str] | None:
+        deferred, self.deferred = self.deferred, None
+        return deferred
+
+    def record(self, delivery_tag: str, entry: str) -> None:
+        """Record one job unacknowledged, as kombu's own ``append`` does."""
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
+            pipe.hset(self.unacked_key, delivery_tag, entry)
+            pipe.execute()
 
     def ack_many(self, delivery_tags: Sequence[str]) -> None:
         """Acknowledge ``delivery_tags`` in one pipeline (one round trip)."""
@@ -69,23 +90,43 @@ class Channel(kombu_redis.Channel):
         return self._kept_client
 
     def _brpop_read(self, **options: Any) -> Any:
-        delivered = super()._brpop_read(**options)
+        self.qos.defer_record = True
+        try:
+            delivered = super()._brpop_read(**options)
+        except BaseException:
+            self._record_deferred()
+            raise
+        finally:
+            self.qos.defer_record = False
         if delivered:
             self._take_more()
         return delivered
 
+    def _record_deferred(self) -> None:
+        deferred = self.qos.take_deferred()
+        if deferred is not None:
+            self.qos.record(*deferred)
+
     def _take_more(self) -> None:
-        """After a BRPOP brought one job: take what else waits in the queue, as many as the
-        prefetch allows, each recorded unacknowledged in the same atomic step
-        (``shared/lua/broker_take.lua``), and deliver them as kombu delivers one."""
+        """After a BRPOP brought one job: record it unacknowledged and take what else waits
+        in the queue, as many as the prefetch allows, each recorded unacknowledged in the
+        same atomic step (``shared/lua/broker_take.lua``), and deliver them as kombu
+        delivers one."""
         room = self.qos.can_consume_max_estimate()
         room = self.take_max if room is None else min(room, self.take_max)
-        if room <= 0 or self.global_keyprefix or len(self.active_queues) != 1:
+        if self.global_keyprefix or len(self.active_queues) != 1:
+            self._record_deferred()  # kombu's own way (its client adds the key prefix)
             return
         [queue] = self.active_queues
         script_keys = [self._q_for_pri(queue, 0), self.unacked_key, self.unacked_index_key]
+        args: list[str | int | float] = [max(0, room), time.time()]
+        deferred = self.qos.take_deferred()
+        if deferred is not None:
+            args += deferred
+        elif room <= 0:
+            return
         try:
-            taken = script("broker_take")(self._create_client(), script_keys, [room, time.time()])
+            taken = script("broker_take")(self._create_client(), script_keys, args)
         except self.connection_errors:
             return  # BRPOP's own path notices the lost connection and reconnects
         for raw in taken:

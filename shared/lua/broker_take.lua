@@ -9,9 +9,16 @@
 -- KEYS[3]  kombu's unacked index     (delivery tag -> time delivered)
 -- ARGV[1]  the most jobs to take
 -- ARGV[2]  the time delivered (the consumer's clock, as kombu records it)
+-- ARGV[3]  optional: the delivery tag of the job the BRPOP brought, recorded first
+-- ARGV[4]  with ARGV[3]: its entry in the unacked hash, as kombu writes it
 --
 -- Returns the messages taken, as they were in the queue. A message that is not one of
 -- kombu's (no delivery tag) is put back where it was and ends the take.
+
+if ARGV[3] then
+  redis.call("ZADD", KEYS[3], ARGV[2], ARGV[3])
+  redis.call("HSET", KEYS[2], ARGV[3], ARGV[4])
+end
 
 local taken = {}
 for _ = 1, tonumber(ARGV[1]) do
