@@ -44,8 +44,7 @@ def check_relay(svc: Services, data: dict[str, Any], solution: Solution) -> None
 
 def check_suppressions(blocked: list[str]) -> None:
     if blocked:
-        which = "a recipient is" if len(blocked) == 1 else f"{len(blocked)} recipients are"
-        raise Blocked(f"{which} on the suppression list; nothing was sent", blocked=blocked)
+        raise Blocked.recipients(blocked)
 
 
 def judge(

@@ -85,6 +85,12 @@ class RateLimited(PostroomError):
 class Blocked(PostroomError):
     status = 429
 
+    @classmethod
+    def recipients(cls, blocked: list[str]) -> Blocked:
+        """The refusal of a message to ``blocked``, addresses on the suppression list."""
+        which = "a recipient is" if len(blocked) == 1 else f"{len(blocked)} recipients are"
+        return cls(f"{which} on the suppression list; nothing was sent", blocked=blocked)
+
 
 class ServiceUnavailable(PostroomError):
     status = 503
