@@ -353,6 +353,53 @@ def test_a_message_sent_at_its_first_try_costs_two_round_trips(
     ctx.pool.close_all()
 
 
+def test_a_recipient_suppressed_after_intake_is_not_sent_to(
+    real_redis: redis.Redis, smtp_server: ScriptedSmtpServer, trips: list[int]
+) -> None:
+    """The attempt's first step reads the recipients' suppression entries: a message whose
+    only recipient was suppressed since intake fails ``Blocked`` with nothing sent and no
+    token taken (in the same two round trips); not a bounce."""
+    ctx = make_context(real_redis, smtp_port=smtp_server.port)
+    job = make_job(to=["Ann@example.com"])
+    queued(ctx, job, hlimit=50)
+    ctx.suppressions.put(SID, "ann@example.com", "complaint")
+    real_redis.ping()
+
+    trips[0] = 0
+    Attempt(ctx, job).run()
+    assert 2 == trips[0]
+
+    doc = document(real_redis)
+    assert ("failed", "Blocked", ["Ann@example.com"]) == (
+        doc["state"], doc["error"]["type"], doc["error"]["blocked"])
+    assert ["Ann@example.com"] == doc["result"]["rejected"]
+    assert [] == smtp_server.messages
+    assert 50 == TokenBucket(real_redis, ctx.settings.hlimit_period_s).peek(SID, 50).remaining
+    assert 0 == ctx.suppressions.bounce_count(SID, "ann@example.com")
+    ctx.pool.close_all()
+
+
+def test_the_other_recipients_are_sent_to_and_an_expired_entry_blocks_nothing(
+    real_redis: redis.Redis, smtp_server: ScriptedSmtpServer
+) -> None:
+    ctx = make_context(real_redis, smtp_port=smtp_server.port)
+    job = make_job(to=["a@example.com", "b@example.com", "c@example.com"])
+    queued(ctx, job, hlimit=50)
+    ctx.suppressions.put(SID, "b@example.com", "manual")
+    ctx.suppressions.put(SID, "c@example.com", "manual", expires_at=time.time() - 1)
+
+    Attempt(ctx, job).run()
+
+    doc = document(real_redis)
+    result = doc["result"]
+    assert ("sent", ["a@example.com", "c@example.com"], ["b@example.com"]) == (
+        doc["state"], result["accepted"], result["rejected"])
+    [received] = smtp_server.messages
+    assert ["a@example.com", "c@example.com"] == received.rcpt_tos
+    assert 49 == TokenBucket(real_redis, ctx.settings.hlimit_period_s).peek(SID, 50).remaining
+    ctx.pool.close_all()
+
+
 def test_a_relay_the_guard_refuses_takes_no_token(real_redis: redis.Redis) -> None:
     """The relay is judged before the first attempt's begin: one refused fails the message
     (InvalidRelay) with no token taken and no attempt marked."""

@@ -18,6 +18,7 @@ from typing import Any
 
 from shared.documents import FINAL, new_document
 from shared.errors import (
+    Blocked,
     InternalError,
     PermanentSendError,
     PostroomError,
@@ -42,6 +43,9 @@ log = logging.getLogger("postroom.worker")
 
 # how long a deferred message (hLimit_policy "defer") may wait for a token
 MAX_DEFER_S = 3600.0
+# the ledger's reply for a recipient put on the suppression list after intake (no SMTP code:
+# not a bounce)
+SUPPRESSED = "not sent: on the suppression list"
 
 
 def _rejected(code: int | None, reply: str | None) -> dict[str, Any]:
@@ -85,7 +89,9 @@ class Attempt:
             first_take = FirstTake(
                 ctx.settings.hlimit_period_s, self.job.get("hlimit"), ctx.ledger.ttl_s
             )
-        begun = begin(ctx, self.sid, self.task_id, self._lease_seconds(), first_take)
+        begun = begin(
+            ctx, self.sid, self.task_id, self._lease_seconds(), first_take, self.recipients
+        )
         self._leased = begun.leased
         doc = begun.doc
         if doc is None:  # expired, or lost with the result backend: start it again
@@ -103,7 +109,7 @@ class Attempt:
             return
         try:
             state = self._with_unrecorded(begun.ledger)
-            self._attempt(doc, state, begun.solution, relay, begun.take)
+            self._attempt(doc, state, begun.solution, relay, begun.take, begun.suppressed)
         finally:
             if self._leased:  # finish releases it; not reached, or it failed
                 ctx.leases.release(self.sid, self.task_id)
@@ -131,6 +137,7 @@ class Attempt:
         solution: Solution | None,
         judged: tuple[Relay, str | None] | PostroomError,
         taken: Decision | None,
+        suppressed: list[str],
     ) -> None:
         ctx = self.ctx
         # the ledger keeps the count when the document was lost with the result backend
@@ -146,6 +153,13 @@ class Attempt:
             self._fail(doc, state, judged)
             return
         relay, connect_host = judged
+        blocked = [r for r in pending if r in suppressed]
+        if blocked:  # put on the suppression list since the message was accepted
+            state = self._note(state, {r: _rejected(None, SUPPRESSED) for r in blocked})
+            pending = state.pending(self.recipients)
+            if not pending:
+                self._suppressed(doc, state, blocked)
+                return
 
         # the token, and the ledger's note that this attempt is under way, in one step
         # (made by begin already for a first attempt: then attempt is 1)
@@ -306,6 +320,14 @@ class Attempt:
             pending=[],
         )
         self._write(doc, "sent")
+
+    def _suppressed(self, doc: dict[str, Any], state: LedgerState, blocked: list[str]) -> None:
+        """Every recipient left is on the suppression list: sent, when earlier attempts
+        reached others; else failed, ``Blocked`` (the 429 intake would have answered)."""
+        if state.with_status("accepted", self.recipients):
+            self._finish(doc, state)
+            return
+        self._fail(doc, state, Blocked.recipients(blocked))
 
     def _fail(self, doc: dict[str, Any], state: LedgerState, err: PostroomError) -> None:
         doc.update(

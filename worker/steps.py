@@ -4,8 +4,8 @@ On the way of a message sent at its first try an attempt meets Redis twice (thre
 for a later attempt, or with a result backend of its own):
 
 1. :func:`begin` — one script (``shared/lua/attempt_begin.lua``): take the message's lease,
-   read its ledger, its solution and, when the result backend is the same Redis, its task
-   document (otherwise that is one GET before);
+   read its ledger, its solution, its recipients' suppression entries and, when the result
+   backend is the same Redis, its task document (otherwise that is one GET before);
 2. the hLimit take (``TokenBucket.take`` with ``attempt``), which also marks the attempt
    ``sending`` in the ledger — in the step that lets it send, never for a refused take.
    For a message at its first attempt (its document as the intake wrote it, its ledger
@@ -24,6 +24,8 @@ and one that Redis forgot (a restart) is loaded again and run on its own.
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,8 +37,10 @@ from shared import keys
 from shared.documents import FINAL
 from shared.queue import encode_job
 from shared.ratelimit import Decision, decision_of
+from shared.schemas.addresses import address_key
 from shared.scripts import script
 from shared.solutions import CONFIG_DEFAULTS, Solution
+from shared.suppressions import Suppression
 from shared.text import as_str
 from worker.context import WorkerContext
 from worker.lease import dead_here, holder
@@ -57,6 +61,8 @@ class Begun:
     solution: Solution | None = None
     #: the first attempt's hLimit take, when :func:`begin` made it (see :class:`FirstTake`)
     take: Decision | None = None
+    #: the recipients on the solution's suppression list now
+    suppressed: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -77,14 +83,21 @@ def begin(
     task_id: str,
     lease_s: float,
     first_take: FirstTake | None = None,
+    recipients: Sequence[str] = (),
 ) -> Begun:
-    """Take the message's lease and read its document, ledger and solution; with
-    ``first_take``, take the token of a message at its first attempt too."""
+    """Take the message's lease and read its document, ledger, solution and the suppression
+    entries of ``recipients``; with ``first_take``, take the token of a message at its
+    first attempt too (not when a recipient has a suppression entry)."""
     same = ctx.results is ctx.state
     doc: dict[str, Any] | None = None
-    script_keys = [keys.ledger(sid, task_id), keys.lease(sid, task_id), keys.solution(sid)]
+    script_keys = [
+        keys.ledger(sid, task_id),
+        keys.lease(sid, task_id),
+        keys.solution(sid),
+        keys.suppressions(sid),
+    ]
     me, ttl_ms = holder(), max(1, int(lease_s * 1000))
-    args: list[str | int] = [me, ttl_ms, ""]
+    args: list[str | int] = [me, ttl_ms, "", "", "", "", ""]
     if same:
         script_keys.append(keys.task(sid, task_id))
         if first_take is not None:
@@ -92,7 +105,7 @@ def begin(
             script_keys.append(keys.bucket(sid))
             if request is not None:
                 script_keys.append(keys.request_bucket(sid, request))
-            args += [
+            args[3:7] = [
                 repr(first_take.period_s),
                 int(CONFIG_DEFAULTS["hLimit"]),  # as Solution.hlimit reads a record
                 -1 if request is None else request,
@@ -102,6 +115,7 @@ def begin(
         doc = ctx.documents.get(sid, task_id)
         if doc is not None and doc["state"] in FINAL:
             return Begun(doc, leased=False)
+    args += [address_key(email) for email in recipients]
     run = script("attempt_begin", functions=("bucket",))
     answer = run(ctx.state, script_keys, args)
     if not answer[0] and answer[1] is not None and dead_here(as_str(answer[1])):
@@ -112,13 +126,14 @@ def begin(
         doc = json.loads(raw_doc)
     if not leased:
         return Begun(doc, leased=False, lease_left_s=max(0.0, int(lease_ms) / 1000.0))
-    raw_solution, flat, take = answer[4], answer[5], answer[6]
+    raw_solution, flat, take, listed = answer[4], answer[5], answer[6], answer[7]
     return Begun(
         doc,
         leased=True,
         ledger=LedgerState.from_fields(dict(zip(flat[::2], flat[1::2], strict=True))),
         solution=_solution(raw_solution),
         take=None if take is None else decision_of(take),
+        suppressed=_in_force(recipients, listed),
     )
 
 
@@ -195,6 +210,16 @@ def finish(
     for reply in replies:
         if isinstance(reply, Exception):
             raise reply
+
+
+def _in_force(recipients: Sequence[str], listed: Sequence[bytes | None]) -> list[str]:
+    """The ``recipients`` whose suppression entry (``listed``, in the same order) is in force."""
+    now = time.time()
+    return [
+        email
+        for email, raw in zip(recipients, listed, strict=True)
+        if raw is not None and not Suppression.from_json(raw).expired(now)
+    ]
 
 
 def _solution(raw: bytes | None) -> Solution | None:
