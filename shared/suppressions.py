@@ -145,12 +145,7 @@ class SuppressionStore:
         def read(raws: Any) -> list[str]:
             if not unique:
                 return []
-            moment = _now(now)
-            return [
-                email
-                for email, raw in zip(unique, raws, strict=True)
-                if raw is not None and not Suppression.from_json(raw).expired(moment)
-            ]
+            return in_force(unique, raws, now)
 
         return read
 
@@ -267,6 +262,19 @@ def _hard_bounce(outcome: Mapping[str, Any]) -> bool:
 def _detail(outcome: Mapping[str, Any]) -> str | None:
     reply = outcome.get("reply")
     return as_str(reply)[:500] if reply else None
+
+
+def in_force(
+    emails: Iterable[str], raws: Iterable[bytes | str | None], now: float | None = None
+) -> list[str]:
+    """The ``emails`` whose suppression entry (``raws``: the list's values for them, in the
+    same order, None where there is none) is in force at ``now``."""
+    moment = _now(now)
+    return [
+        email
+        for email, raw in zip(emails, raws, strict=True)
+        if raw is not None and not Suppression.from_json(raw).expired(moment)
+    ]
 
 
 def _now(now: float | None) -> float:

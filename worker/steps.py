@@ -24,7 +24,6 @@ and one that Redis forgot (a restart) is loaded again and run on its own.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +39,7 @@ from shared.ratelimit import Decision, decision_of
 from shared.schemas.addresses import address_key
 from shared.scripts import script
 from shared.solutions import CONFIG_DEFAULTS, Solution
-from shared.suppressions import Suppression
+from shared.suppressions import in_force
 from shared.text import as_str
 from worker.context import WorkerContext
 from worker.lease import dead_here, holder
@@ -133,7 +132,7 @@ def begin(
         ledger=LedgerState.from_fields(dict(zip(flat[::2], flat[1::2], strict=True))),
         solution=_solution(raw_solution),
         take=None if take is None else decision_of(take),
-        suppressed=_in_force(recipients, listed),
+        suppressed=in_force(recipients, listed),
     )
 
 
@@ -210,16 +209,6 @@ def finish(
     for reply in replies:
         if isinstance(reply, Exception):
             raise reply
-
-
-def _in_force(recipients: Sequence[str], listed: Sequence[bytes | None]) -> list[str]:
-    """The ``recipients`` whose suppression entry (``listed``, in the same order) is in force."""
-    now = time.time()
-    return [
-        email
-        for email, raw in zip(recipients, listed, strict=True)
-        if raw is not None and not Suppression.from_json(raw).expired(now)
-    ]
 
 
 def _solution(raw: bytes | None) -> Solution | None:
