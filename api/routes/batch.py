@@ -80,22 +80,21 @@ def send_batch(sid: str) -> tuple[Response, int]:
     solution = known[1]
 
     results: list[dict[str, Any]] = [{} for _ in messages]
-    ready: list[tuple[int, dict[str, Any], dict[str, Any]]] = []  # index, data, job
+    # index, data, and the job built for the one-step path (None: the usual path judges it,
+    # as when `from` or the relay is refused, or when that path is not open)
+    ready: list[tuple[int, dict[str, Any], dict[str, Any] | None]] = []
     for index, raw in enumerate(messages):
         try:
             data = load_or_raise(svc.schemas.send, raw)
         except PostroomError as err:
             results[index] = _refused(index, err)
             continue
-        job = sends.prepared(svc, data, solution)
-        if job is None:  # `from` or the relay refused: the usual path says how
-            ready.append((index, data, {}))
-        else:
-            ready.append((index, data, job))
+        job = sends.prepared(svc, data, solution) if svc.express is not None else None
+        ready.append((index, data, job))
 
     decisions = _in_one_step(svc, solution, ready)
     for (index, data, job), decision in zip(ready, decisions, strict=True):
-        if decision is None:
+        if decision is None or job is None:
             results[index] = _alone(svc, sid, index, data, known)
         else:
             results[index] = _queued(index, sid, job["task_id"])
@@ -107,12 +106,14 @@ def send_batch(sid: str) -> tuple[Response, int]:
 
 
 def _in_one_step(
-    svc: Services, solution: Solution, ready: list[tuple[int, dict[str, Any], dict[str, Any]]]
+    svc: Services,
+    solution: Solution,
+    ready: list[tuple[int, dict[str, Any], dict[str, Any] | None]],
 ) -> list[Decision | None]:
     """Each built job judged and queued by the one-step script, all in one round trip;
     None for a message it did not queue (and for every one where that path is not open)."""
     express = svc.express
-    built = [(data, job) for _, data, job in ready if job]
+    built = [(data, job) for _, data, job in ready if job is not None]
     if express is None or not built:
         return [None] * len(ready)
     express.remember(solution)  # read just now
@@ -122,7 +123,7 @@ def _in_one_step(
         for data, job in built
     ]  # fmt: skip
     answers = iter(express.send_many(calls, solution))
-    return [next(answers) if job else None for _, _, job in ready]
+    return [None if job is None else next(answers) for _, _, job in ready]
 
 
 def _alone(
