@@ -28,6 +28,9 @@ from shared.solutions import SolutionStore
 PROG = "postroom"
 WSGI_APP = "api.wsgi:app_from_env()"
 DEFAULT_BIND = "127.0.0.1:8080"
+# gunicorn's sync worker that closes a finished connection at once (api/server.py), named
+# by import string: this module imports nothing of api/
+API_WORKER_CLASS = "api.server.SyncWorker"
 # A sync worker is held for the whole of a `?wait=N` request (N <= 30 s): stay above it.
 DEFAULT_API_TIMEOUT_S = 60
 
@@ -233,9 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--worker-class",
-        default="sync",
+        default=API_WORKER_CLASS,
         metavar="CLASS",
-        help="gunicorn worker class (default sync)",
+        help=f"gunicorn worker class (default {API_WORKER_CLASS}: gunicorn's sync worker, "
+        "closing a connection at once when its request was read whole)",
     )
     p.add_argument(
         "--timeout",

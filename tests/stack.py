@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,11 +97,13 @@ def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> int:
 class ApiProcess:
     """``postroom api`` (gunicorn, sync workers) with the environment of ``settings``."""
 
-    def __init__(self, settings: Settings, workers: int = 4, log_path: Path | None = None) -> None:
+    def __init__(self, settings: Settings, workers: int = 4, log_path: Path | None = None,
+                 extra: Sequence[str] = ()) -> None:
         from tests.smtp_server import free_port
 
         self.settings = settings
         self.workers = workers
+        self.extra = list(extra)
         self.port = free_port()
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
@@ -120,7 +122,7 @@ class ApiProcess:
         self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "shared.cli", "api", "--bind", f"127.0.0.1:{self.port}",
-             "--workers", str(self.workers)],
+             "--workers", str(self.workers), *self.extra],
             env=env, cwd=ROOT, stdout=self._log, stderr=self._log, start_new_session=True,
         )
 

@@ -110,7 +110,7 @@ def test_api_runs_gunicorn_on_the_app_factory_with_extra_options() -> None:
     assert WSGI_APP == argv[-1] == "api.wsgi:app_from_env()"
     assert "0.0.0.0:9000" == argv[argv.index("--bind") + 1]
     assert "3" == argv[argv.index("--workers") + 1]
-    assert "sync" == argv[argv.index("--worker-class") + 1]
+    assert "api.server.SyncWorker" == argv[argv.index("--worker-class") + 1]
     assert "info" == argv[argv.index("--log-level") + 1]
     assert ["--access-logfile", "-"] == argv[-3:-1]
     assert "--no-control-socket" in argv
