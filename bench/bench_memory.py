@@ -105,7 +105,8 @@ def main() -> int:
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--worker-concurrency", type=int, default=2)
+    parser.add_argument("--worker-concurrency", type=int, default=None,
+                        help="pool processes (default: the worker's own, one per CPU)")
     args = parser.parse_args()
     options = Options(args.messages, args.concurrency, args.workers, args.worker_concurrency,
                       None, 0.0, False)  # fmt: skip

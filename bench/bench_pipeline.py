@@ -574,7 +574,7 @@ class Options:
     messages: int
     concurrency: int
     workers: int
-    worker_concurrency: int
+    worker_concurrency: int | None
     api_workers: int | None
     paced_seconds: float
     baselines: bool
@@ -625,8 +625,9 @@ class PostroomStack:
         wait_http(f"http://{HOST}:{self.api_port}/api/v1/solution/health", self.api)
         self.token = self._create_solution()
         for n in range(self.options.workers):
-            argv = [*cli, "worker", "--concurrency", str(self.options.worker_concurrency),
-                    "--hostname", f"bench{n + 1}@%h"]  # fmt: skip
+            argv = [*cli, "worker", "--hostname", f"bench{n + 1}@%h"]
+            if self.options.worker_concurrency:
+                argv += ["--concurrency", str(self.options.worker_concurrency)]
             self.workers.append(spawn(f"worker{n + 1}", argv, self.env, self.log_dir))
         return self
 
@@ -885,7 +886,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--messages", type=int, default=None, help="per system (default 5000)")
     parser.add_argument("--concurrency", type=int, default=16, help="HTTP requests in flight")
     parser.add_argument("--workers", type=int, default=1, help="postroom worker processes")
-    parser.add_argument("--worker-concurrency", type=int, default=2, help="pool size of each")
+    parser.add_argument("--worker-concurrency", type=int, default=None,
+                        help="pool processes of each (default: the worker's own, Celery's: one per "
+                             "CPU)")  # fmt: skip
     parser.add_argument("--api-workers", type=int, default=None,
                         help="gunicorn workers of postroom api (default: its own, 2 x cores)")
     parser.add_argument("--paced-seconds", type=float, default=None,
@@ -943,7 +946,8 @@ def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     say(
         f"bench_pipeline: {options.messages} messages per system, {options.concurrency} "
-        f"requests in flight, {options.workers} worker(s) x {options.worker_concurrency}"
+        f"requests in flight, {options.workers} worker(s) x "
+        f"{options.worker_concurrency or os.cpu_count()}"
         + (f", {options.repeat} rounds" if options.repeat > 1 else "")
     )
     say(f"before: {load_avg()}")
