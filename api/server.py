@@ -10,8 +10,9 @@ worker while the client reads the answer and closes.
 This worker closes at once when nothing can come of waiting: the request's body was read
 to its end (or it had none) and nothing more waits on the socket. Any other connection
 (a body not read whole, a chunked body, bytes behind the request, TLS) is closed by
-gunicorn's graceful path as before. Measured with the workers paused, the API answered
-about a twentieth more requests per second (``docs/throughput.md``).
+gunicorn's graceful path as before. Against gunicorn's own sync worker the API answered
+about 4 % more sends per second, with a quarter of the voluntary context switches
+(``bench/bench_api.py``, ``docs/throughput.md``).
 
 ``postroom api`` runs it by default (``--worker-class api.server.SyncWorker``).
 """
