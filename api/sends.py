@@ -7,11 +7,16 @@ the batch route alike.
   (:mod:`api.admission`): 401/404, ``from``, the relay, 429 ``Blocked``, 429
   ``RateLimited``;
 - :func:`queue`: the job, its first document and its accepted-set entry written, and the
-  job published (503 when the broker or Redis does not take it, nothing left behind).
+  job published (503 when the broker or Redis does not take it, nothing left behind);
+- :func:`idempotency_key`, :func:`replayed`, :func:`queue_keyed`: a send under an
+  idempotency key (the single route's ``Idempotency-Key`` header, a batch message's
+  ``idempotency_key``): the same key and body within 24 h is the same task, queued once
+  (:mod:`shared.idempotency`).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from api.admission import admit
@@ -19,11 +24,22 @@ from api.auth import Principal
 from api.intake import build_job
 from api.services import Services
 from shared.documents import new_document
-from shared.errors import Blocked, PostroomError, RateLimited
+from shared.errors import (
+    Blocked,
+    IdempotencyMismatch,
+    PostroomError,
+    RateLimited,
+    ValidationError,
+)
+from shared.idempotency import Claim
 from shared.ratelimit import Decision
 from shared.relays import DEFAULT_PORTS
 from shared.schemas import check_sender
+from shared.schemas.text import CONTROL
 from shared.solutions import Solution
+
+MAX_IDEMPOTENCY_KEY = 255
+_KEY_CONTROL = re.compile(f"[{CONTROL}]")
 
 
 def recipients_of(data: dict[str, Any]) -> list[str]:
@@ -112,3 +128,54 @@ def in_one_step(svc: Services, sid: str, data: dict[str, Any]) -> tuple[str, Dec
     doc = new_document(job["task_id"], sid, job["created_at"])
     decision = express.send(job, doc, recipients_of(data), data.get("hLimit"), solution)
     return None if decision is None else (job["task_id"], decision)
+
+
+def idempotency_key(value: Any, field: str) -> str:
+    """``value`` as an idempotency key: 1 to 255 characters, no control characters; else a
+    400 naming ``field``."""
+    if (not isinstance(value, str) or not 1 <= len(value) <= MAX_IDEMPOTENCY_KEY
+            or _KEY_CONTROL.search(value)):  # fmt: skip
+        raise ValidationError(
+            f"invalid {field}",
+            fields={field: ["Must be 1 to 255 characters, no control characters."]},
+        )
+    return value
+
+
+def replayed(claim: Claim, fingerprint: str, name: str) -> str:
+    """The task an earlier request with the same key made; 422 when its body differed
+    (``name``: what the caller calls the key)."""
+    if claim.fingerprint != fingerprint:
+        raise IdempotencyMismatch(
+            f"this {name} was used with another request body in the last 24 hours"
+        )
+    return claim.task_id
+
+
+def queue_keyed(
+    svc: Services,
+    sid: str,
+    data: dict[str, Any],
+    key: str,
+    fingerprint: str,
+    known: tuple[Principal, Solution] | None,
+    name: str,
+) -> tuple[str, Decision | None]:
+    """Judge ``data`` and queue it under ``key``: its task and the bucket's answer, or the
+    task of an earlier request that took the key meanwhile (and None). The key is claimed
+    before the job is queued, confirmed once it is, and given up when queueing fails."""
+    solution, decision = judge(svc, sid, data, known)
+    if svc.express is not None:
+        svc.express.remember(solution)  # for the next send's one step
+    job = build_job(data, solution, svc.settings, svc.box)
+    task_id = job["task_id"]
+    earlier = svc.idempotency.claim(sid, key, Claim(fingerprint, task_id))
+    if earlier is not None:
+        return replayed(earlier, fingerprint, name), None
+    try:
+        queue(svc, job)
+    except Exception:
+        svc.idempotency.release(sid, key, task_id)
+        raise
+    svc.idempotency.confirm(sid, key, Claim(fingerprint, task_id))
+    return task_id, decision

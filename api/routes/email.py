@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request, url_for
@@ -28,23 +27,16 @@ from api.auth import Principal
 from api.body import json_object
 from api.intake import body_fingerprint, build_job
 from api.services import Services, services
-from shared.errors import (
-    IdempotencyMismatch,
-    PostroomError,
-    ValidationError,
-)
-from shared.idempotency import Claim
+from shared.errors import PostroomError, ValidationError
 from shared.ratelimit import Decision
 from shared.schemas import load_or_raise
-from shared.schemas.text import CONTROL
 from shared.solutions import Solution
 
 bp = Blueprint("email", __name__)
 log = logging.getLogger("postroom.api")
 
 MAX_WAIT_S = 30
-MAX_IDEMPOTENCY_KEY = 255
-_KEY_CONTROL = re.compile(f"[{CONTROL}]")
+KEY_HEADER = "Idempotency-Key"
 
 
 def _wait_seconds() -> int | None:
@@ -60,15 +52,8 @@ def _wait_seconds() -> int | None:
 
 
 def _idempotency_key() -> str | None:
-    key = request.headers.get("Idempotency-Key")
-    if key is None:
-        return None
-    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY or _KEY_CONTROL.search(key):
-        raise ValidationError(
-            "invalid Idempotency-Key header",
-            fields={"Idempotency-Key": ["Must be 1 to 255 characters, no control characters."]},
-        )
-    return key
+    key = request.headers.get(KEY_HEADER)
+    return None if key is None else sends.idempotency_key(key, KEY_HEADER)
 
 
 def _accepted(sid: str, task_id: str, decision: Decision | None) -> Response:
@@ -92,14 +77,6 @@ def _rate_headers(response: Response, decision: Decision) -> None:
     response.headers["RateLimit-Policy"] = f"{decision.limit};w={period_s}"
 
 
-def _replay(svc: Services, sid: str, claim: Claim, fingerprint: str) -> Response:
-    if claim.fingerprint != fingerprint:
-        raise IdempotencyMismatch(
-            "this Idempotency-Key was used with another request body in the last 24 hours"
-        )
-    return _accepted(sid, claim.task_id, None)
-
-
 @bp.post("/solutions/<sid>/email")
 def send(sid: str) -> Response | tuple[Response, int]:
     svc = services()
@@ -113,38 +90,31 @@ def send(sid: str) -> Response | tuple[Response, int]:
             known = svc.authorize(sid)
             earlier = svc.idempotency.get(sid, idem_key)
             if earlier is not None:
-                return _replay(svc, sid, earlier, fingerprint)
+                return _accepted(sid, sends.replayed(earlier, fingerprint, KEY_HEADER), None)
         data: dict[str, Any] = load_or_raise(svc.schemas.send, body)
     except PostroomError:
         if known is None:
             svc.authorize(sid)  # a bad token or an unknown solution is answered first
         raise
 
-    if idem_key is None:
-        queued = sends.in_one_step(svc, sid, data)
-        if queued is not None:
-            return _queued(svc, sid, *queued, wait)
+    if idem_key is not None:
+        task_id, keyed = sends.queue_keyed(svc, sid, data, idem_key, fingerprint, known,
+                                           KEY_HEADER)  # fmt: skip
+        if keyed is None:  # another request took the key meanwhile: its task, as a replay
+            return _accepted(sid, task_id, None)
+        return _queued(svc, sid, task_id, keyed, wait)
+
+    queued = sends.in_one_step(svc, sid, data)
+    if queued is not None:
+        return _queued(svc, sid, *queued, wait)
 
     # the caller, the solution, the suppressions and the bucket: one round trip
     solution, decision = sends.judge(svc, sid, data, known)
     if svc.express is not None:
         svc.express.remember(solution)  # for the next send's one step
-
     job = build_job(data, solution, svc.settings, svc.box)
-    task_id = job["task_id"]
-    if idem_key:
-        earlier = svc.idempotency.claim(sid, idem_key, Claim(fingerprint, task_id))
-        if earlier is not None:
-            return _replay(svc, sid, earlier, fingerprint)
-    try:
-        sends.queue(svc, job)
-    except Exception:
-        if idem_key:
-            svc.idempotency.release(sid, idem_key, task_id)
-        raise
-    if idem_key:
-        svc.idempotency.confirm(sid, idem_key, Claim(fingerprint, task_id))
-    return _queued(svc, sid, task_id, decision, wait)
+    sends.queue(svc, job)
+    return _queued(svc, sid, job["task_id"], decision, wait)
 
 
 def _queued(
