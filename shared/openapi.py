@@ -59,6 +59,7 @@ def build_spec(settings: Settings) -> dict[str, Any]:
     components = {
         **conv.components,
         "BatchRequest": _batch_request(settings.max_batch),
+        "BatchMessage": _batch_message(conv.components["SendRequest"]),
         **_response_schemas(conv.components["SolutionConfig"]),
     }
     return {
@@ -190,7 +191,8 @@ def _paths(bodies: dict[str, Schema]) -> dict[str, Any]:
                 "Queue up to POSTROOM_MAX_BATCH messages. 200 with an answer per message, in "
                 "order: queued (status 202, its task) or refused (the error a single send "
                 "would get). The request is refused whole only for the token, the solution "
-                "and the body's shape; ?wait and Idempotency-Key are not taken (400).",
+                "and the body's shape; ?wait and the Idempotency-Key header are not taken "
+                "(400): a message may carry its own idempotency_key.",
                 {
                     "200": _json("Each message's answer.", _ref("BatchResult")),
                     **_err(400, 401, 404, 503),
@@ -469,10 +471,26 @@ def _batch_request(max_batch: int) -> Schema:
                 "type": "array",
                 "minItems": 1,
                 "maxItems": max_batch,
-                "items": _ref("SendRequest"),
+                "items": _ref("BatchMessage"),
             }
         },
     }
+
+
+def _batch_message(send_request: Schema) -> Schema:
+    """A send request, with the message's own idempotency key."""
+    message = copy.deepcopy(send_request)
+    message["description"] = (
+        "A message of a batch: a send request, and optionally its own idempotency key."
+    )
+    message.setdefault("properties", {})["idempotency_key"] = {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 255,
+        "description": "The same key and message within 24 h answer with the same task "
+        "(queued once), as a single send's Idempotency-Key header.",
+    }
+    return message
 
 
 def _batch_result() -> Schema:

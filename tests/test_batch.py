@@ -239,3 +239,94 @@ def test_a_store_that_is_down_refuses_the_batch(redis_url: str) -> None:
     r = app.test_client().post(BATCH, json={"messages": [message(0)]}, headers=auth(ADMIN))
     assert (503, "ServiceUnavailable") == (r.status_code, r.get_json()["type"])
     assert "store is unavailable" in r.get_json()["error"]
+
+
+# -- a message's own idempotency_key ------------------------------------------------------
+
+
+def test_a_batch_retried_with_keys_queues_nothing_twice(
+    client: FlaskClient, real_redis: redis.Redis
+) -> None:
+    """A client that lost the answer posts the batch again: every keyed message answers
+    with the task the first post made, and the queue holds each once; a message without a
+    key is queued again (nothing tells it apart)."""
+    token = create_solution(client, hLimit=100)
+    batch = [message(0, idempotency_key="order-0"), message(1, idempotency_key="order-1"),
+             message(2)]  # fmt: skip
+    first = post(client, token, batch).get_json()
+    again = post(client, token, batch).get_json()
+    assert (3, 0) == (first["queued"], first["refused"])
+    assert (3, 0) == (again["queued"], again["refused"])
+    first_ids = [x["task_id"] for x in first["results"]]
+    again_ids = [x["task_id"] for x in again["results"]]
+    assert first_ids[:2] == again_ids[:2]
+    assert first_ids[2] != again_ids[2]
+    assert sorted([*first_ids, again_ids[2]]) == sorted(queued_task_ids(real_redis))
+    assert {(202, "queued")} == {(x["status"], x["state"]) for x in again["results"]}
+
+
+def test_a_key_is_shared_with_single_sends(client: FlaskClient, real_redis: redis.Redis) -> None:
+    """A message keyed as a single send was (same key, same message) is that send."""
+    token = create_solution(client, hLimit=100)
+    single = client.post("/api/v1/solutions/acme/email", json=message(0),
+                         headers={**auth(token), "Idempotency-Key": "k-1"})  # fmt: skip
+    assert 202 == single.status_code
+    r = post(client, token, [message(0, idempotency_key="k-1")]).get_json()
+    assert single.get_json()["task_id"] == r["results"][0]["task_id"]
+    assert 1 == queue_length(real_redis)
+
+
+def test_a_key_twice_in_one_batch_is_one_message(
+    client: FlaskClient, real_redis: redis.Redis
+) -> None:
+    token = create_solution(client, hLimit=100)
+    same = message(0, idempotency_key="dup")
+    r = post(client, token, [same, same]).get_json()
+    assert (2, 0) == (r["queued"], r["refused"])
+    assert r["results"][0]["task_id"] == r["results"][1]["task_id"]
+    assert 1 == queue_length(real_redis)
+
+
+def test_a_key_reused_with_another_message_is_that_messages_422(
+    client: FlaskClient, real_redis: redis.Redis
+) -> None:
+    token = create_solution(client, hLimit=100)
+    assert 202 == post(client, token, [message(0, idempotency_key="k")]).get_json()[
+        "results"][0]["status"]
+    r = post(client, token, [message(1, idempotency_key="k"), message(2)]).get_json()
+    assert (1, 1) == (r["queued"], r["refused"])
+    refused = r["results"][0]
+    assert (0, 422, "IdempotencyMismatch") == (refused["index"], refused["status"],
+                                               refused["type"])  # fmt: skip
+    assert "idempotency_key was used with another request body" in refused["error"]
+    assert 2 == queue_length(real_redis)
+
+
+@pytest.mark.parametrize("key", ["", "k" * 256, "bad\nkey", 42, None])
+def test_a_bad_key_is_that_messages_400_naming_it(
+    client: FlaskClient, real_redis: redis.Redis, key: Any
+) -> None:
+    token = create_solution(client, hLimit=100)
+    r = post(client, token, [message(0, idempotency_key=key), message(1)]).get_json()
+    assert (1, 1) == (r["queued"], r["refused"])
+    refused = r["results"][0]
+    assert (400, "ValidationError") == (refused["status"], refused["type"])
+    assert ["idempotency_key"] == list(refused["fields"])
+    assert 1 == queue_length(real_redis)
+
+
+def test_a_keyed_message_is_judged_as_any_other(
+    client: FlaskClient, real_redis: redis.Redis
+) -> None:
+    """The schema and the suppression list refuse a keyed message as they would refuse it
+    without a key; a refused keyed message leaves its key free."""
+    token = create_solution(client, hLimit=100)
+    client.put("/api/v1/solutions/acme/suppressions/blocked@example.com", json={},
+               headers=auth(token))  # fmt: skip
+    r = post(client, token, [{"to": ["not an address"], "idempotency_key": "a"},
+                             {"to": ["blocked@example.com"], "idempotency_key": "b"}]).get_json()
+    assert [(400, "ValidationError"), (429, "Blocked")] == [
+        (x["status"], x["type"]) for x in r["results"]]
+    assert 0 == queue_length(real_redis)
+    retry = post(client, token, [message(0, idempotency_key="b")]).get_json()
+    assert 202 == retry["results"][0]["status"]

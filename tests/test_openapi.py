@@ -116,7 +116,13 @@ def test_send_batch_operation(spec: dict[str, Any]) -> None:
     body = spec["components"]["schemas"]["BatchRequest"]
     messages = body["properties"]["messages"]
     assert (1, 500) == (messages["minItems"], messages["maxItems"])
-    assert {"$ref": "#/components/schemas/SendRequest"} == messages["items"]
+    assert {"$ref": "#/components/schemas/BatchMessage"} == messages["items"]
+    item = spec["components"]["schemas"]["BatchMessage"]
+    send = spec["components"]["schemas"]["SendRequest"]
+    assert set(item["properties"]) == {*send["properties"], "idempotency_key"}
+    assert (1, 255) == (item["properties"]["idempotency_key"]["minLength"],
+                        item["properties"]["idempotency_key"]["maxLength"])  # fmt: skip
+    assert "idempotency_key" not in send["properties"]
     assert {"200", "400", "401", "404", "413", "415", "503"} == set(op["responses"])
     result = spec["components"]["schemas"]["BatchResult"]
     assert {"queued", "refused", "results"} == set(result["required"])

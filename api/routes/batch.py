@@ -6,7 +6,14 @@ in the order of ``messages``: queued (``status`` 202, its ``task_id``; poll it a
 or refused (the error body that route would give it, ``status`` included). The request as
 a whole is refused only for what concerns all of it: the token (401), the solution (404),
 the body (413, 415, 400 for no ``messages`` list or more than ``POSTROOM_MAX_BATCH``), and
-the options the batch does not take (``?wait``, ``Idempotency-Key``: 400 naming them).
+the options the batch does not take (``?wait``, the ``Idempotency-Key`` header: 400 naming
+them).
+
+A message may carry its own ``idempotency_key`` (as a single send's ``Idempotency-Key``): the
+same key and message within 24 h answer with the task the first one made, queued once, so a
+batch retried after a lost answer queues nothing twice. A keyed message is judged and queued
+on its own (the key is claimed before, confirmed after), like a keyed single send; a key
+reused with another message is that message's 422 ``IdempotencyMismatch``.
 
 The messages that pass queue together: one round trip reads the caller and the solution,
 one more judges and queues every message by the one-step script (:mod:`api.express`) in a
@@ -29,7 +36,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from api import sends
 from api.auth import Principal
 from api.body import json_object
-from api.intake import build_job
+from api.intake import body_fingerprint, build_job
 from api.services import Services, services
 from shared.documents import new_document
 from shared.errors import PostroomError, ServiceUnavailable, ValidationError
@@ -41,6 +48,8 @@ bp = Blueprint("batch", __name__)
 log = logging.getLogger("postroom.api")
 
 STORE_AWAY = "the service's store is unavailable; this message was not accepted, retry it"
+#: a message's own idempotency key, taken out before the message is loaded as a send
+KEY = "idempotency_key"
 
 
 def _single_send_options() -> None:
@@ -53,7 +62,7 @@ def _single_send_options() -> None:
     if request.headers.get("Idempotency-Key") is not None:
         raise ValidationError(
             "Idempotency-Key is not taken by the batch route",
-            fields={"Idempotency-Key": ["Not taken here: send alone to send idempotently."]},
+            fields={"Idempotency-Key": [f"Not taken here: give each message its own {KEY}."]},
         )
 
 
@@ -83,11 +92,22 @@ def send_batch(sid: str) -> tuple[Response, int]:
     # index, data, and the job built for the one-step path (None: the usual path judges it,
     # as when `from` or the relay is refused, or when that path is not open)
     ready: list[tuple[int, dict[str, Any], dict[str, Any] | None]] = []
+    keyed: list[tuple[int, dict[str, Any], str, str]] = []  # index, data, key, fingerprint
     for index, raw in enumerate(messages):
         try:
+            key, fingerprint, raw = _key_of(raw)
+            if key is not None:  # a replay is answered before the schema can refuse it
+                earlier = svc.idempotency.get(sid, key)
+                if earlier is not None:
+                    task_id = sends.replayed(earlier, fingerprint, KEY)
+                    results[index] = _queued(index, sid, task_id)
+                    continue
             data = load_or_raise(svc.schemas.send, raw)
         except PostroomError as err:
             results[index] = _refused(index, err)
+            continue
+        if key is not None:
+            keyed.append((index, data, key, fingerprint))
             continue
         job = sends.prepared(svc, data, solution) if svc.express is not None else None
         ready.append((index, data, job))
@@ -98,6 +118,8 @@ def send_batch(sid: str) -> tuple[Response, int]:
             results[index] = _alone(svc, sid, index, data, known)
         else:
             results[index] = _queued(index, sid, job["task_id"])
+    for index, data, key, fingerprint in keyed:
+        results[index] = _alone(svc, sid, index, data, known, (key, fingerprint))
     queued = sum(1 for r in results if r["status"] == 202)
     log.info("batch queued", extra={"solution_id": sid, "queued": queued,
                                     "refused": len(results) - queued})  # fmt: skip
@@ -126,20 +148,35 @@ def _in_one_step(
     return [None if job is None else next(answers) for _, _, job in ready]
 
 
+def _key_of(raw: Any) -> tuple[str | None, str, Any]:
+    """A message's own idempotency key (checked: 400 naming it), the message's fingerprint,
+    and the message without the key; ``(None, "", raw)`` for a message without one."""
+    if not isinstance(raw, dict) or KEY not in raw:
+        return None, "", raw
+    message = {k: v for k, v in raw.items() if k != KEY}
+    return sends.idempotency_key(raw[KEY], KEY), body_fingerprint(message), message
+
+
 def _alone(
     svc: Services,
     sid: str,
     index: int,
     data: dict[str, Any],
     known: tuple[Principal, Solution],
+    keyed: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """One message on the usual path: its queued entry or its refusal."""
+    """One message on the usual path (under its idempotency key and fingerprint, if
+    ``keyed``): its queued entry or its refusal."""
     try:
-        solution, _ = sends.judge(svc, sid, data, known)
-        job = build_job(data, solution, svc.settings, svc.box)
-        sends.queue(svc, job)
+        if keyed is not None:
+            task_id, _ = sends.queue_keyed(svc, sid, data, *keyed, known, KEY)
+        else:
+            solution, _ = sends.judge(svc, sid, data, known)
+            job = build_job(data, solution, svc.settings, svc.box)
+            sends.queue(svc, job)
+            task_id = job["task_id"]
     except PostroomError as err:
         return _refused(index, err)
     except (RedisConnectionError, RedisTimeoutError):
         return _refused(index, ServiceUnavailable(STORE_AWAY))
-    return _queued(index, sid, job["task_id"])
+    return _queued(index, sid, task_id)
