@@ -1,20 +1,22 @@
-"""The API alone under gunicorn, for comparing its worker classes: run on purpose.
+"""The API alone under gunicorn, for comparing its settings: run on purpose.
 
     .venv/bin/python bench/bench_api.py [--requests 5000] [--rounds 3] \\
-        [--worker-class api.server.SyncWorker --worker-class sync ...]
+        [--api-args '' --api-args '--worker-class sync' ...]
 
-For each worker class, in alternating rounds, it starts an embedded ``redis-server`` and
+For each set of ``postroom api`` options (default: its defaults, then gunicorn's own sync
+worker), in alternating rounds, it starts an embedded ``redis-server`` and
 ``postroom api`` (no workers: the sends stay queued), creates a solution, and posts
 ``--requests`` sends closed-loop from ``bench_pipeline``'s HTTP client (16 in flight, a
 connection kept while the server keeps it). It prints, per round and as medians: requests
 per second, p99 latency, the API processes' CPU per request (user and system), their
 voluntary context switches per request (a worker that sleeps waiting for something), and
-each class's request rate as a ratio of the first class's, measured in the same run.
+each set's request rate as a ratio of the first set's, measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import tempfile
@@ -34,7 +36,7 @@ from bench_pipeline import (  # noqa: E402
     running_sink,
 )
 
-DEFAULT_CLASSES = ["api.server.SyncWorker", "sync"]
+DEFAULT_VARIANTS = ["", "--worker-class sync"]
 
 
 @dataclass
@@ -59,11 +61,11 @@ def _usage(pid: int) -> tuple[int, int, int]:
     return int(stat[11]), int(stat[12]), switches
 
 
-def measure(worker_class: str, requests: int, log_dir: Path) -> Round:
+def measure(variant: str, requests: int, log_dir: Path) -> Round:
     options = Options(
         messages=requests, concurrency=16, workers=0, worker_concurrency=None,
         api_workers=None, paced_seconds=0.0, baselines=False,
-        api_args=("--worker-class", worker_class),
+        api_args=tuple(shlex.split(variant)),
     )  # fmt: skip
     with running_sink() as sink:
         stack = PostroomStack(sink, log_dir, options).start()
@@ -81,19 +83,24 @@ def measure(worker_class: str, requests: int, log_dir: Path) -> Round:
         sum(a[i] - b[i] for a, b in zip(after, before, strict=True)) for i in range(3)
     )
     if load.statuses != {202: requests}:
-        raise RuntimeError(f"{worker_class}: answers {load.statuses}")
+        raise RuntimeError(f"{label(variant)}: answers {load.statuses}")
     return Round(load.rate, load.percentile(99) * 1000, user * 1000 / CLK_TCK / n,
                  sys_ * 1000 / CLK_TCK / n, switches / n)  # fmt: skip
+
+
+def label(variant: str) -> str:
+    return variant or "(defaults)"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--worker-class", action="append", dest="classes",
-                        help=f"repeat to compare (default: {' and '.join(DEFAULT_CLASSES)})")
+    parser.add_argument("--api-args", action="append", dest="variants",
+                        help="options for `postroom api`; repeat to compare (default: its "
+                             "defaults, then --worker-class sync)")  # fmt: skip
     args = parser.parse_args()
-    classes = args.classes or DEFAULT_CLASSES
+    classes = args.variants if args.variants is not None else DEFAULT_VARIANTS
     print(f"bench_api: {args.requests} sends per round, {args.rounds} rounds, "
           f"16 in flight; {load_avg()}")  # fmt: skip
     rounds: dict[str, list[Round]] = {c: [] for c in classes}
@@ -102,7 +109,7 @@ def main() -> int:
         for worker_class in classes if r % 2 == 0 else reversed(classes):
             got = measure(worker_class, args.requests, log_dir)
             rounds[worker_class].append(got)
-            print(f"  round {r + 1}  {worker_class:24} {got.rate:7.0f} req/s  "
+            print(f"  round {r + 1}  {label(worker_class):24} {got.rate:7.0f} req/s  "
                   f"p99 {got.p99_ms:5.1f} ms  API CPU {got.user_ms + got.sys_ms:.3f} ms/req "
                   f"(user {got.user_ms:.3f}, system {got.sys_ms:.3f})  "
                   f"voluntary switches {got.switches:.1f}/req")  # fmt: skip
@@ -112,8 +119,8 @@ def main() -> int:
         rate = statistics.median(x.rate for x in got)
         cpu = statistics.median(x.user_ms + x.sys_ms for x in got)
         switches = statistics.median(x.switches for x in got)
-        print(f"  {worker_class:24} {rate:7.0f} req/s  API CPU {cpu:.3f} ms/req  "
-              f"voluntary switches {switches:.1f}/req  rate / {classes[0]}: "
+        print(f"  {label(worker_class):24} {rate:7.0f} req/s  API CPU {cpu:.3f} ms/req  "
+              f"voluntary switches {switches:.1f}/req  rate / {label(classes[0])}: "
               f"{rate / first:.2f}")  # fmt: skip
     print(f"after: {load_avg()}")
     return 0
