@@ -11,11 +11,17 @@ connection kept while the server keeps it). It prints, per round and as medians:
 per second, p99 latency, the API processes' CPU per request (user and system), their
 voluntary context switches per request (a worker that sleeps waiting for something), and
 each set's request rate as a ratio of the first set's, measured in the same run.
+
+``--floor`` adds two floors under the same gunicorn worker class and client
+(``bench/floor_app.py``): a Flask view that answers 202 at once, and one that does a single
+``LPUSH`` of the body — what any Flask intake on this machine costs before it checks
+anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import statistics
 import sys
@@ -29,14 +35,24 @@ sys.path.insert(0, str(BENCH))
 
 from bench_pipeline import (  # noqa: E402
     CLK_TCK,
+    HOST,
+    ROOT,
     Options,
     PostroomStack,
     load_avg,
     process_tree,
+    run_load,
     running_sink,
+    spawn,
+    stop,
+    wait_http,
 )
 
+from shared.cli import API_WORKER_CLASS, default_api_workers  # noqa: E402
+from shared.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
+
 DEFAULT_VARIANTS = ["", "--worker-class sync"]
+FLOORS = {"@answer": "floor: Flask answers 202", "@lpush": "floor: Flask, one LPUSH"}
 
 
 @dataclass
@@ -61,7 +77,44 @@ def _usage(pid: int) -> tuple[int, int, int]:
     return int(stat[11]), int(stat[12]), switches
 
 
+def _round(load, before, after, requests: int, name: str) -> Round:  # type: ignore[no-untyped-def]
+    n = max(load.count, 1)
+    user, sys_, switches = (
+        sum(a[i] - b[i] for a, b in zip(after, before, strict=True)) for i in range(3)
+    )
+    if load.statuses != {202: requests}:
+        raise RuntimeError(f"{name}: answers {load.statuses}")
+    return Round(load.rate, load.percentile(99) * 1000, user * 1000 / CLK_TCK / n,
+                 sys_ * 1000 / CLK_TCK / n, switches / n)  # fmt: skip
+
+
+def measure_floor(variant: str, requests: int, log_dir: Path) -> Round:
+    """``bench/floor_app.py`` under gunicorn as ``postroom api`` runs it."""
+    redis_server = EmbeddedRedis().start()
+    port = free_port()
+    argv = [sys.executable, "-m", "gunicorn", "--workers", str(default_api_workers()),
+            "--worker-class", API_WORKER_CLASS, "--bind", f"{HOST}:{port}",
+            "--chdir", str(BENCH), "--no-control-socket", "--log-level", "warning",
+            "floor_app:app"]  # fmt: skip
+    env = {**os.environ, "BENCH_REDIS_URL": redis_server.url, "PYTHONPATH": str(ROOT)}
+    api = spawn("floor", argv, env, log_dir)
+    path = "/api/v1/solutions/bench/email" + ("/lpush" if variant == "@lpush" else "")
+    try:
+        wait_http(f"http://{HOST}:{port}/", api)
+        run_load(port, path, "-", first=10_000_000, count=500, concurrency=16)
+        pids = process_tree(api.proc.pid)
+        before = [_usage(p) for p in pids]
+        load = run_load(port, path, "-", first=0, count=requests, concurrency=16)
+        after = [_usage(p) for p in pids]
+    finally:
+        stop(api)
+        redis_server.cleanup()
+    return _round(load, before, after, requests, label(variant))
+
+
 def measure(variant: str, requests: int, log_dir: Path) -> Round:
+    if variant in FLOORS:
+        return measure_floor(variant, requests, log_dir)
     options = Options(
         messages=requests, concurrency=16, workers=0, worker_concurrency=None,
         api_workers=None, paced_seconds=0.0, baselines=False,
@@ -78,18 +131,11 @@ def measure(variant: str, requests: int, log_dir: Path) -> Round:
             after = [_usage(p) for p in pids]
         finally:
             stack.stop()
-    n = max(load.count, 1)
-    user, sys_, switches = (
-        sum(a[i] - b[i] for a, b in zip(after, before, strict=True)) for i in range(3)
-    )
-    if load.statuses != {202: requests}:
-        raise RuntimeError(f"{label(variant)}: answers {load.statuses}")
-    return Round(load.rate, load.percentile(99) * 1000, user * 1000 / CLK_TCK / n,
-                 sys_ * 1000 / CLK_TCK / n, switches / n)  # fmt: skip
+    return _round(load, before, after, requests, label(variant))
 
 
 def label(variant: str) -> str:
-    return variant or "(defaults)"
+    return FLOORS.get(variant) or variant or "(defaults)"
 
 
 def main() -> int:
@@ -99,8 +145,12 @@ def main() -> int:
     parser.add_argument("--api-args", action="append", dest="variants",
                         help="options for `postroom api`; repeat to compare (default: its "
                              "defaults, then --worker-class sync)")  # fmt: skip
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure bench/floor_app.py's two views (see above)")
     args = parser.parse_args()
     classes = args.variants if args.variants is not None else DEFAULT_VARIANTS
+    if args.floor:
+        classes = [*classes, *FLOORS]
     print(f"bench_api: {args.requests} sends per round, {args.rounds} rounds, "
           f"16 in flight; {load_avg()}")  # fmt: skip
     rounds: dict[str, list[Round]] = {c: [] for c in classes}
