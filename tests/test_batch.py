@@ -330,3 +330,31 @@ def test_a_keyed_message_is_judged_as_any_other(
     assert 0 == queue_length(real_redis)
     retry = post(client, token, [message(0, idempotency_key="b")]).get_json()
     assert 202 == retry["results"][0]["status"]
+
+
+def test_the_same_keyed_batch_posted_at_once_makes_each_message_once(
+    app: Flask, real_redis: redis.Redis
+) -> None:
+    """Six copies of one keyed batch posted at the same moment (a client's retries racing
+    its first post): every copy answers with the same three tasks, and three are queued."""
+    import threading
+
+    token = create_solution(app.test_client(), hLimit=100)
+    batch = [message(n, idempotency_key=f"race-{n}") for n in range(3)]
+    barrier = threading.Barrier(6)
+    answers: list[list[str]] = []
+
+    def post_copy() -> None:
+        client = app.test_client()
+        barrier.wait()
+        r = post(client, token, batch)
+        answers.append([x.get("task_id", x.get("type")) for x in r.get_json()["results"]])
+
+    threads = [threading.Thread(target=post_copy) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert 6 == len(answers)
+    assert 1 == len({tuple(a) for a in answers}), answers
+    assert sorted(answers[0]) == sorted(queued_task_ids(real_redis))
