@@ -90,16 +90,18 @@ def _round(load, before, after, requests: int, name: str) -> Round:  # type: ign
 
 def measure_floor(variant: str, requests: int, log_dir: Path) -> Round:
     """``bench/floor_app.py`` under gunicorn as ``postroom api`` runs it."""
-    redis_server = EmbeddedRedis().start()
+    redis_server = EmbeddedRedis()
     port = free_port()
     argv = [sys.executable, "-m", "gunicorn", "--workers", str(default_api_workers()),
             "--worker-class", API_WORKER_CLASS, "--bind", f"{HOST}:{port}",
             "--chdir", str(BENCH), "--no-control-socket", "--log-level", "warning",
             "floor_app:app"]  # fmt: skip
-    env = {**os.environ, "BENCH_REDIS_URL": redis_server.url, "PYTHONPATH": str(ROOT)}
-    api = spawn("floor", argv, env, log_dir)
     path = "/api/v1/solutions/bench/email" + ("/lpush" if variant == "@lpush" else "")
+    api = None
     try:
+        redis_server.start()
+        env = {**os.environ, "BENCH_REDIS_URL": redis_server.url, "PYTHONPATH": str(ROOT)}
+        api = spawn("floor", argv, env, log_dir)
         wait_http(f"http://{HOST}:{port}/", api)
         run_load(port, path, "-", first=10_000_000, count=500, concurrency=16)
         pids = process_tree(api.proc.pid)
@@ -107,7 +109,8 @@ def measure_floor(variant: str, requests: int, log_dir: Path) -> Round:
         load = run_load(port, path, "-", first=0, count=requests, concurrency=16)
         after = [_usage(p) for p in pids]
     finally:
-        stop(api)
+        if api is not None:
+            stop(api)
         redis_server.cleanup()
     return _round(load, before, after, requests, label(variant))
 
@@ -121,8 +124,9 @@ def measure(variant: str, requests: int, log_dir: Path) -> Round:
         api_args=tuple(shlex.split(variant)),
     )  # fmt: skip
     with running_sink() as sink:
-        stack = PostroomStack(sink, log_dir, options).start()
+        stack = PostroomStack(sink, log_dir, options)
         try:
+            stack.start()
             stack.post(first=10_000_000, count=500)  # warm up every gunicorn worker
             assert stack.api is not None
             pids = process_tree(stack.api.proc.pid)
