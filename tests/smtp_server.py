@@ -56,7 +56,9 @@ class Script:
     ``"before_reply"`` after the whole message, instead of answering.
     ``rcpt_delay_s``: every RCPT TO is answered that much later (a slow server);
     ``rcpt_gate``: while this event is clear, every RCPT TO waits for it to be set (the
-    server counts the sessions waiting in ``held``).
+    server counts the sessions waiting in ``held``);
+    ``data_without_recipients``: DATA with no recipient accepted answers 354 (as some
+    relays that offer PIPELINING do, RFC 2920), then 554 to the message that follows.
     """
 
     mail_replies: deque[str] = field(default_factory=deque)
@@ -65,6 +67,7 @@ class Script:
     drop_data: DropMode | None = None
     rcpt_delay_s: float = 0.0
     rcpt_gate: threading.Event | None = None
+    data_without_recipients: bool = False
 
     def rcpt_reply(self, address: str) -> str | None:
         if callable(self.rcpt_replies):
@@ -106,6 +109,15 @@ class _Handler:
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname  # what aiosmtpd does itself without this hook
+        if self._server.pipelining:  # RFC 2920, before the last line ("250 HELP")
+            responses.insert(len(responses) - 1, "250-PIPELINING")
+        return responses
+
     async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self._server.rsets += 1
         return "250 OK"
@@ -134,6 +146,11 @@ class _ScriptedSMTP(SMTP):
 
     async def smtp_DATA(self, arg: str) -> None:
         envelope = self.envelope
+        if self._scripted.script.data_without_recipients and not (envelope and envelope.rcpt_tos):
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            self._scripted.empty_data.append(await self._reader.readuntil(b".\r\n"))
+            await self.push("554 5.5.1 Error: no valid recipients")
+            return
         if self._scripted.script.drop_data != "partial" or not (envelope and envelope.rcpt_tos):
             await super().smtp_DATA(arg)
             return
@@ -246,7 +263,8 @@ class ScriptedSmtpServer:
 
     ``tls``: ``"starttls"`` offers STARTTLS, ``"implicit"`` speaks TLS from the first byte
     (both need ``tls_files``); ``auth``: ``(user, password)`` offers AUTH PLAIN/LOGIN even
-    without TLS (loopback tests).
+    without TLS (loopback tests); ``pipelining``: the EHLO reply offers PIPELINING (aiosmtpd
+    reads pipelined commands in turn either way).
     """
 
     def __init__(
@@ -256,6 +274,7 @@ class ScriptedSmtpServer:
         tls_files: TlsFiles | None = None,
         auth: tuple[str, str] | None = None,
         script: Script | None = None,
+        pipelining: bool = False,
     ) -> None:
         if tls and tls_files is None:
             raise ValueError("tls needs tls_files")
@@ -268,6 +287,8 @@ class ScriptedSmtpServer:
         self.connections = 0
         self.rsets = 0
         self.held = 0  # sessions waiting at the script's rcpt_gate now
+        self.pipelining = pipelining
+        self.empty_data: list[bytes] = []  # what followed a 354 without recipients
         self._auth = auth
         kwargs: dict[str, Any] = {"server_hostname": "localhost"}
         if tls == "starttls":

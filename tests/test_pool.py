@@ -29,6 +29,16 @@ MakeServer = Callable[..., ScriptedSmtpServer]
 TLS = make_ssl_context(None)
 
 
+@pytest.fixture(params=[False, True], ids=["one-by-one", "pipelining"])
+def smtp_server(
+    request: pytest.FixtureRequest, make_smtp_server: Callable[..., ScriptedSmtpServer]
+) -> ScriptedSmtpServer:
+    """The relay, once without and once with PIPELINING on offer: the pool must keep its
+    promises either way (a dead kept connection found before the message went out is one
+    transparent reconnect; after, none)."""
+    return make_smtp_server(pipelining=request.param)
+
+
 def message(n: int) -> bytes:
     return build_message(
         sender=SENDER,

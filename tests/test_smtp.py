@@ -67,12 +67,78 @@ def send(
     )
 
 
+@pytest.fixture(params=[False, True], ids=["one-by-one", "pipelining"])
+def smtp_server(request: pytest.FixtureRequest, make_smtp_server: MakeServer) -> ScriptedSmtpServer:
+    """A plain-text server that accepts everything (script it at will), once without and
+    once with PIPELINING on offer: every transaction here must end the same either way."""
+    return make_smtp_server(pipelining=request.param)
+
+
 def shown(error: SendError) -> str:
     """Everything a caller or a log could see of an error."""
     return json.dumps(error.body()) + "".join(traceback.format_exception(error))
 
 
 # -- delivery -----------------------------------------------------------------------
+
+
+class Writes:
+    """Counts what a connection's client writes to the relay (each one a wait for it)."""
+
+    def __init__(self, conn: SmtpConnection, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        client = conn._client
+        assert client is not None
+        send_ = client.send
+
+        def counted(data: bytes | str) -> None:
+            self.count += 1
+            send_(data)
+
+        monkeypatch.setattr(client, "send", counted)
+
+
+@pytest.mark.parametrize("pipelining, writes", [(False, 6), (True, 2)])
+def test_pipelining_sends_the_envelope_in_one_write(
+    make_smtp_server: MakeServer, monkeypatch: pytest.MonkeyPatch, pipelining: bool,
+    writes: int,
+) -> None:
+    """A relay that offers PIPELINING gets MAIL FROM, the three RCPT TO and DATA in one write
+    and the message in a second; one that does not, a write (and a wait) per command."""
+    server = make_smtp_server(pipelining=pipelining)
+    conn = SmtpConnection()
+    conn.open(Relay(host="localhost", port=server.port, scheme=""), connect_host="127.0.0.1",
+              timeout=5.0, ssl_context=make_ssl_context(None), local_hostname="worker.test")
+    try:
+        counted = Writes(conn, monkeypatch)
+        result = conn.transaction(SENDER, [ALICE, BOB, CAROL], message())
+        assert writes == counted.count
+    finally:
+        conn.close()
+    assert [ALICE, BOB, CAROL] == result.accepted
+    assert [[ALICE, BOB, CAROL]] == [m.rcpt_tos for m in server.messages]
+
+
+def test_data_taken_without_recipients_is_ended_empty(make_smtp_server: MakeServer) -> None:
+    """Every recipient refused, and the relay answers the pipelined DATA with 354 anyway:
+    the client ends the empty message at once (the relay refuses it), resets, and reports
+    the refusal; nothing is delivered and the connection carries the next message."""
+    server = make_smtp_server(pipelining=True)
+    server.script.data_without_recipients = True
+    server.script.rcpt_replies = {ALICE: "550 5.1.1 no such user"}
+    conn = SmtpConnection()
+    conn.open(Relay(host="localhost", port=server.port, scheme=""), connect_host="127.0.0.1",
+              timeout=5.0, ssl_context=make_ssl_context(None), local_hostname="worker.test")
+    try:
+        with pytest.raises(SmtpRejected) as caught:
+            conn.transaction(SENDER, [ALICE], message())
+        assert [b".\r\n"] == server.empty_data
+        assert 550 == caught.value.extra["smtp_code"]
+        assert [] == server.messages
+        assert [BOB] == conn.transaction(SENDER, [BOB], message("<m2@example.com>")).accepted
+    finally:
+        conn.close()
+    assert ["<m2@example.com>"] == [m.message_id for m in server.messages]
 
 
 def test_delivery_success(smtp_server: ScriptedSmtpServer) -> None:

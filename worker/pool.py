@@ -39,7 +39,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from shared.errors import SendError, TransientSendError
 from shared.relays import Relay
@@ -99,17 +98,11 @@ class _Pooled(SmtpConnection):
             ssl_context=ssl_context,
             local_hostname=key.local_hostname,
         )
-        client = self._client
-        assert client is not None
-        smtp_data = client.data
-
-        def data(msg: Any) -> tuple[int, bytes]:
-            # from here on the relay may receive the whole message: no transparent retry
-            self.data_started = True
-            return smtp_data(msg)
-
-        client.data = data  # type: ignore[method-assign]
         self.last_used = self._clock()
+
+    def _body_starts(self) -> None:
+        # from here on the relay may receive the whole message: no transparent retry
+        self.data_started = True
 
     def send(self, sender: str, recipients: list[str], data: bytes) -> DeliveryResult:
         self.data_started = False

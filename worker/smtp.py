@@ -2,13 +2,15 @@
 
 ``scheme`` ``"smtp"`` requires STARTTLS (never silently plain), ``"smtps"`` is implicit TLS,
 ``""`` is plain text. Certificates are verified against the relay's host name even when the
-connection goes to an address checked beforehand. Every exception leaving this module is a
+connection goes to an address checked beforehand. A relay that offers PIPELINING (RFC 2920)
+gets each transaction's envelope and DATA in one write. Every exception leaving this module is a
 :class:`shared.errors.SendError`, classified by :mod:`worker.outcomes`, and none carries the
 relay's password.
 """
 
 from __future__ import annotations
 
+import re
 import smtplib
 import socket
 import ssl
@@ -22,6 +24,7 @@ from worker import outcomes
 from worker.outcomes import Condition
 
 QUIT_TIMEOUT_S = 5.0
+Reply = tuple[int, bytes]  # an SMTP reply as smtplib gives it
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,10 @@ class SmtpConnection:
     def transaction(self, sender: str, recipients: list[str], data: bytes) -> DeliveryResult:
         """MAIL FROM, RCPT TO each recipient, and DATA when at least one was accepted.
 
+        With a relay that offers PIPELINING (RFC 2920) the envelope and DATA go out in one
+        write and their replies are read together: two round trips per message instead of
+        three plus one per recipient, the same replies, the same outcomes.
+
         All recipients refused: :class:`SmtpRejected` (the first 5xx), or, when some were
         only deferred (4xx), a :class:`TransientSendError` naming them. After a refused
         transaction the session is reset, so the connection stays usable.
@@ -138,32 +145,45 @@ class SmtpConnection:
                 raise outcomes.from_condition(Condition.NO_SMTPUTF8)
             options.append("SMTPUTF8")
         with self._errors():
-            code, reply = client.mail(sender, options)
-            if code != 250:
-                self._abandon(client)
-                raise outcomes.from_reply(code, reply)
+            send_envelope = _pipelined_envelope if client.has_extn("pipelining") else _envelope
+            mail, rcpts, data_reply = send_envelope(client, sender, options, recipients)
             accepted: list[str] = []
             rejected: list[tuple[str, int, str]] = []
             deferred: list[tuple[str, int, str]] = []
-            for address in recipients:
-                code, reply = client.rcpt(address)
+            for address, (code, reply) in zip(recipients, rcpts, strict=False):
                 if 200 <= code < 300:
                     accepted.append(address)
                 elif 500 <= code < 600:
                     rejected.append((address, code, outcomes.reply_text(code, reply)))
                 else:
                     deferred.append((address, code, outcomes.reply_text(code, reply)))
-            if not accepted:
+            if mail[0] != 250 or not accepted:
+                if data_reply is not None and data_reply[0] == 354:
+                    client.send(b".\r\n")  # RFC 2920: end the empty message the relay
+                    client.getreply()  # took DATA for; it refuses it, nothing is sent
                 self._abandon(client)
+                if mail[0] != 250:
+                    raise outcomes.from_reply(*mail)
                 raise _refused(rejected, deferred)
-            try:
-                code, reply = client.data(data)
-            except smtplib.SMTPDataError as exc:  # the reply to DATA itself was not 354
+            self._body_starts()
+            if data_reply is None:
+                try:
+                    code, reply = client.data(data)
+                except smtplib.SMTPDataError as exc:  # the reply to DATA itself was not 354
+                    self._abandon(client)
+                    raise outcomes.from_exception(exc) from None
+            elif data_reply[0] != 354:
                 self._abandon(client)
-                raise outcomes.from_exception(exc) from None
+                raise outcomes.from_exception(smtplib.SMTPDataError(*data_reply)) from None
+            else:
+                code, reply = _body(client, data)
             if code != 250:
                 raise outcomes.from_reply(code, reply)
         return DeliveryResult(accepted, rejected, deferred, outcomes.reply_text(code, reply))
+
+    def _body_starts(self) -> None:
+        """Called just before the message may reach the relay (the DATA command without
+        PIPELINING, the message itself with it)."""
 
     def reset(self) -> None:
         """RSET: end any transaction in progress."""
@@ -273,6 +293,47 @@ class SmtpConnection:
             if type(exc) is not smtplib.SMTPException:
                 raise
             raise outcomes.from_condition(Condition.NO_AUTH_MECHANISM) from None
+
+
+def _envelope(
+    client: _Client, sender: str, options: list[str], recipients: list[str]
+) -> tuple[Reply, list[Reply], Reply | None]:
+    """MAIL FROM, then RCPT TO each recipient, each waiting for its reply (no RCPT after a
+    refused MAIL); DATA is left to ``client.data``."""
+    mail = client.mail(sender, options)
+    if mail[0] != 250:
+        return mail, [], None
+    return mail, [client.rcpt(address) for address in recipients], None
+
+
+def _pipelined_envelope(
+    client: _Client, sender: str, options: list[str], recipients: list[str]
+) -> tuple[Reply, list[Reply], Reply | None]:
+    """MAIL FROM, every RCPT TO and DATA in one write (RFC 2920), then their replies, in
+    order. The commands are spelled as ``smtplib`` spells them one at a time."""
+    if "SMTPUTF8" in options:
+        client.command_encoding = "utf-8"  # as smtplib's mail() does for SMTPUTF8
+    optionlist = (" " + " ".join(options)) if options else ""
+    lines = [f"mail FROM:{smtplib.quoteaddr(sender)}{optionlist}"]
+    lines += [f"rcpt TO:{smtplib.quoteaddr(address)}" for address in recipients]
+    lines.append("data")
+    client.send("".join(f"{line}\r\n" for line in lines))
+    mail = client.getreply()
+    rcpts = [client.getreply() for _ in recipients]
+    return mail, rcpts, client.getreply()
+
+
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
+def _body(client: _Client, data: bytes) -> Reply:
+    """The message after a 354 (dot-stuffed, ended by CRLF . CRLF) and the relay's reply,
+    as ``smtplib``'s ``data()`` sends it."""
+    body = _LEADING_DOT.sub(b"..", data)
+    if not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    client.send(body + b".\r\n")
+    return client.getreply()
 
 
 def _refused(
