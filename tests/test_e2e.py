@@ -183,3 +183,21 @@ def test_a_content_rejection_is_not_a_bounce(stack: Stack) -> None:
         assert (doc["state"], doc["error"]["smtp_code"]) == ("failed", 554)
     r = stack.send({"to": ["ann@example.com"], "text": "x"})
     assert r.status_code == 202, r.get_json()
+
+
+def test_a_relay_that_offers_pipelining_gets_the_same_answers(stack: Stack) -> None:
+    """The relay offers PIPELINING: the worker pipelines each envelope, and every document
+    says what it would say without (accepted, rejected, the reply to the message)."""
+    stack.smtp.pipelining = True
+    stack.smtp.script.rcpt_replies = {"bad@example.com": "550 5.1.1 no such user"}
+    stack.start_worker(concurrency=1)
+    docs = [
+        stack.send({"to": [f"u{i}@example.com", "bad@example.com"], "text": "x"},
+                   query="?wait=20").get_json()
+        for i in range(3)
+    ]  # fmt: skip
+    assert [("sent", [f"u{i}@example.com"], ["bad@example.com"]) for i in range(3)] == [
+        (d["state"], d["result"]["accepted"], d["result"]["rejected"]) for d in docs]
+    assert all(d["result"]["response"].startswith("250") for d in docs)
+    assert [[f"u{i}@example.com"] for i in range(3)] == [m.rcpt_tos for m in stack.smtp.messages]
+    assert 1 == stack.smtp.connections
