@@ -37,6 +37,7 @@ from bench_pipeline import (  # noqa: E402
     CLK_TCK,
     HOST,
     ROOT,
+    Load,
     Options,
     PostroomStack,
     load_avg,
@@ -64,7 +65,10 @@ class Round:
     switches: float
 
 
-def _usage(pid: int) -> tuple[int, int, int]:
+Usage = tuple[int, int, int]
+
+
+def _usage(pid: int) -> Usage:
     """utime and stime in clock ticks, voluntary context switches."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
@@ -77,7 +81,8 @@ def _usage(pid: int) -> tuple[int, int, int]:
     return int(stat[11]), int(stat[12]), switches
 
 
-def _round(load, before, after, requests: int, name: str) -> Round:  # type: ignore[no-untyped-def]
+def _round(load: Load, before: list[Usage], after: list[Usage], requests: int,
+           name: str) -> Round:
     n = max(load.count, 1)
     user, sys_, switches = (
         sum(a[i] - b[i] for a, b in zip(after, before, strict=True)) for i in range(3)
@@ -152,29 +157,29 @@ def main() -> int:
     parser.add_argument("--floor", action="store_true",
                         help="also measure bench/floor_app.py's two views (see above)")
     args = parser.parse_args()
-    classes = args.variants if args.variants is not None else DEFAULT_VARIANTS
+    variants = args.variants if args.variants is not None else DEFAULT_VARIANTS
     if args.floor:
-        classes = [*classes, *FLOORS]
+        variants = [*variants, *FLOORS]
     print(f"bench_api: {args.requests} sends per round, {args.rounds} rounds, "
           f"16 in flight; {load_avg()}")  # fmt: skip
-    rounds: dict[str, list[Round]] = {c: [] for c in classes}
+    rounds: dict[str, list[Round]] = {c: [] for c in variants}
     log_dir = Path(tempfile.mkdtemp(prefix="bench-api-"))
     for r in range(args.rounds):
-        for worker_class in classes if r % 2 == 0 else reversed(classes):
-            got = measure(worker_class, args.requests, log_dir)
-            rounds[worker_class].append(got)
-            print(f"  round {r + 1}  {label(worker_class):24} {got.rate:7.0f} req/s  "
+        for variant in variants if r % 2 == 0 else reversed(variants):
+            got = measure(variant, args.requests, log_dir)
+            rounds[variant].append(got)
+            print(f"  round {r + 1}  {label(variant):24} {got.rate:7.0f} req/s  "
                   f"p99 {got.p99_ms:5.1f} ms  API CPU {got.user_ms + got.sys_ms:.3f} ms/req "
                   f"(user {got.user_ms:.3f}, system {got.sys_ms:.3f})  "
                   f"voluntary switches {got.switches:.1f}/req")  # fmt: skip
     print("medians:")
-    first = statistics.median(x.rate for x in rounds[classes[0]])
-    for worker_class, got in rounds.items():
+    first = statistics.median(x.rate for x in rounds[variants[0]])
+    for variant, got in rounds.items():
         rate = statistics.median(x.rate for x in got)
         cpu = statistics.median(x.user_ms + x.sys_ms for x in got)
         switches = statistics.median(x.switches for x in got)
-        print(f"  {label(worker_class):24} {rate:7.0f} req/s  API CPU {cpu:.3f} ms/req  "
-              f"voluntary switches {switches:.1f}/req  rate / {label(classes[0])}: "
+        print(f"  {label(variant):24} {rate:7.0f} req/s  API CPU {cpu:.3f} ms/req  "
+              f"voluntary switches {switches:.1f}/req  rate / {label(variants[0])}: "
               f"{rate / first:.2f}")  # fmt: skip
     print(f"after: {load_avg()}")
     return 0
