@@ -174,10 +174,10 @@ def main() -> int:
                   f"voluntary switches {got.switches:.1f}/req")  # fmt: skip
     print("medians:")
     first = statistics.median(x.rate for x in rounds[variants[0]])
-    for variant, got in rounds.items():
-        rate = statistics.median(x.rate for x in got)
-        cpu = statistics.median(x.user_ms + x.sys_ms for x in got)
-        switches = statistics.median(x.switches for x in got)
+    for variant, measured in rounds.items():
+        rate = statistics.median(x.rate for x in measured)
+        cpu = statistics.median(x.user_ms + x.sys_ms for x in measured)
+        switches = statistics.median(x.switches for x in measured)
         print(f"  {label(variant):24} {rate:7.0f} req/s  API CPU {cpu:.3f} ms/req  "
               f"voluntary switches {switches:.1f}/req  rate / {label(variants[0])}: "
               f"{rate / first:.2f}")  # fmt: skip
