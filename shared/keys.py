@@ -39,6 +39,12 @@ def ledger(sid: str, task_id: str) -> str:
     return f"{NS}:{{{sid}}}:ledger:{task_id}"
 
 
+def deaths(sid: str, task_id: str) -> str:
+    """Counter: how many times a worker's pool process died while this message was its
+    only work (expires)."""
+    return f"{NS}:{{{sid}}}:deaths:{task_id}"
+
+
 def lease(sid: str, task_id: str) -> str:
     """String: which worker is sending this message now (expires)."""
     return f"{NS}:{{{sid}}}:lease:{task_id}"

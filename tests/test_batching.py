@@ -171,6 +171,43 @@ def test_a_lost_batch_is_handed_out_again_one_message_at_a_time() -> None:
     assert (["m0", "m1", "m3", "m4"], 0) == (out.acked, strategy.busy)
 
 
+def test_a_lone_lost_message_is_given_up_when_on_lost_says_so() -> None:
+    """Each time a message dies alone, ``on_lost`` is asked: back onto the queue while it
+    says no, acknowledged (its document says why) once it says yes; nothing is asked for
+    a message lost while the worker stops, nor when asking fails."""
+    asked: list[str] = []
+    answers = iter([False, True])
+
+    def on_lost(item: Item) -> bool:
+        asked.append(item.job["task_id"])
+        return next(answers)
+
+    batching.install(lambda items: [True] * len(items), on_lost)
+    strategy, pool, out = make(processes=1)
+    channel = Channel()
+    out.deliver(strategy, Message("m1", channel))
+    pool.calls[0][2](RuntimeError("WorkerLostError"))
+    assert (["m1"], [], ["m1"]) == (asked, out.acked, out.requeued)
+    out.deliver(strategy, Message("m1", channel))  # redelivered
+    pool.calls[1][2](RuntimeError("WorkerLostError"))
+    assert (["m1", "m1"], ["m1"], ["m1"]) == (asked, out.acked, out.requeued)
+
+    def broken(item: Item) -> bool:
+        raise ConnectionError("Redis away")
+
+    batching.install(lambda items: [True] * len(items), broken)
+    out.deliver(strategy, Message("m2", channel))
+    pool.calls[2][2](RuntimeError("WorkerLostError"))
+    assert ["m1", "m2"] == out.requeued
+    asked.clear()
+    answers = iter([True])
+    batching.install(lambda items: [True] * len(items), on_lost)
+    out.deliver(strategy, Message("m3", channel))
+    batching.stop_soon()  # its process ends because the worker stops
+    pool.calls[3][2](RuntimeError("WorkerLostError"))
+    assert ([], ["m1", "m2", "m3"]) == (asked, out.requeued)
+
+
 def test_a_batch_is_acknowledged_in_one_call_where_the_channel_allows() -> None:
     strategy, pool, out = make(processes=1)
     channel = Channel(with_ack_many=True)

@@ -25,7 +25,7 @@ import requests
 from shared.crypto import generate_key
 from shared.embedded_redis import EmbeddedRedis
 from tests.e2e import Stack
-from tests.helpers import auth
+from tests.helpers import auth, queue_length
 from tests.smtp_server import Script, ScriptedSmtpServer, SilentServer, TlsFiles
 from tests.stack import ApiProcess, kill_pool_child, terminate_worker, wait_for
 
@@ -270,6 +270,33 @@ def test_a_killed_pool_process_loses_nothing(stack: Stack) -> None:
     docs = stack.wait_all_final(ids, timeout=60)
     assert ["sent"] * 10 == [d["state"] for d in docs]
     assert {d["result"]["messageId"]: 1 for d in docs} == message_ids(stack.smtp)
+
+
+def test_a_message_that_ends_its_process_every_time_is_given_up(
+    stack: Stack, real_redis: redis.Redis
+) -> None:
+    """``kill -9`` of the pool process each time it holds the one message mid-transaction
+    (a message that kills its process, as far as the worker can tell): twice it goes back
+    onto the queue, the third time its document ends ``failed`` with an ``InternalError``
+    saying why, and it is not handed out again."""
+    [task_id] = stack.send_many(1)
+    gate = threading.Event()
+    stack.smtp.script.rcpt_gate = gate
+    worker = stack.start_worker(concurrency=1)
+    for n in range(3):
+        wait_for(lambda: stack.smtp.held == 1, 30, interval=0.01,
+                 message=f"attempt {n + 1} held at RCPT TO")  # fmt: skip
+        kill_pool_child(worker)
+        wait_for(lambda: stack.smtp.held == 0, 30, interval=0.01,
+                 message="the killed process's session gone")  # fmt: skip
+    doc = stack.wait_final(task_id)
+    assert ("failed", "InternalError", 500) == (
+        doc["state"], doc["error"]["type"], doc["error"]["status"])
+    assert "ended 3 times" in doc["error"]["error"]
+    gate.set()
+    time.sleep(1.0)  # a message handed out again would reach the relay now
+    assert ([], 0) == (stack.smtp.messages, stack.smtp.held)
+    assert 0 == queue_length(real_redis)
 
 
 def test_a_killed_worker_loses_nothing_and_sends_nothing_twice(make_stack: MakeStack,

@@ -16,7 +16,9 @@ Nothing about a message's guarantees changes:
   out again, each on its own (so one that kills its process every time takes no other
   down with it), and each message that was already sent is found in its ledger and not
   sent again; a lone message whose process dies goes back onto the queue, as with
-  Celery's ``reject_on_worker_lost``;
+  Celery's ``reject_on_worker_lost``, until that has happened
+  :data:`worker.tasks.MAX_DEATHS` times: then its document ends ``failed`` (a message that
+  kills its process every time is not handed out forever) and it is acknowledged;
 * on a warm shutdown (SIGTERM) a batch finishes the message it is sending and starts no
   other; the rest go back onto the queue;
 * a batch starts no message that could not finish inside the broker's redelivery window
@@ -99,13 +101,22 @@ class StopFlag:
 # batch runner (``runner(items) -> [True to acknowledge, False to requeue]``) and the flag.
 _runner: Callable[[list[Item]], list[bool]] | None = None
 _stop: StopFlag | None = None
+# In the main process: told of a message that ended a batch of its own without an answer
+# (its process died); True when it is given up (its document says so: acknowledge it).
+_on_lost: Callable[[Item], bool] | None = None
 
 
-def install(runner: Callable[[list[Item]], list[bool]]) -> None:
-    """Make ``runner`` the batch runner of this worker, with a stop flag of its own."""
-    global _runner, _stop
+def install(
+    runner: Callable[[list[Item]], list[bool]],
+    on_lost: Callable[[Item], bool] | None = None,
+) -> None:
+    """Make ``runner`` the batch runner of this worker, with a stop flag of its own;
+    ``on_lost(item)`` judges a message whose process died under it alone (True: give it
+    up and acknowledge it, False: back onto the queue)."""
+    global _runner, _stop, _on_lost
     _runner = runner
     _stop = StopFlag()
+    _on_lost = on_lost
 
 
 def stopping() -> bool:
@@ -222,9 +233,27 @@ class BatchStrategy:
                 self.waiting.appendleft(waiting)
             self._settle([], [])
             return
+        if self._given_up(batch[0].item):
+            log.error("a message ended its batch without an answer (%s) once too often; it "
+                      "is not tried again", type(exc).__name__)
+            self._settle(batch, [])
+            return
         log.warning("a message ended its batch without an answer (%s); it goes back onto "
                     "the queue", type(exc).__name__)
         self._settle([], batch)
+
+    @staticmethod
+    def _given_up(item: Item) -> bool:
+        """Whether ``on_lost`` gives the message up; never while the worker stops (its
+        processes are ended, not the message's fault), and not when it fails (then the
+        message goes back onto the queue, as before)."""
+        if _on_lost is None or stopping():
+            return False
+        try:
+            return bool(_on_lost(item))
+        except Exception:
+            log.exception("could not count a lost message; it goes back onto the queue")
+            return False
 
     def _settle(self, done: list[_Waiting], back: list[_Waiting]) -> None:
         """Acknowledge ``done``, put ``back`` onto the queue, hand out what waits. Runs in

@@ -121,14 +121,32 @@ class Attempt:
     def crashed(self, exc: BaseException) -> None:
         """An unexpected error ended the attempt: the document ends ``failed`` with an
         ``InternalError`` (never left ``queued`` for good), unless it is final already."""
+        found = self._unfinished()
+        if found is not None:
+            err = InternalError(f"the worker met an unexpected error ({type(exc).__name__})")
+            self._fail(*found, err)
+
+    def give_up(self, err: PostroomError) -> None:
+        """No more attempts: the document ends ``failed`` with ``err``, unless it is final
+        already, or the ledger has every recipient done (then it ends as the ledger says)."""
+        found = self._unfinished()
+        if found is None:
+            return
+        doc, state = found
+        if not state.pending(self.recipients):
+            self._finish(doc, state)
+        else:
+            self._fail(doc, state, err)
+
+    def _unfinished(self) -> tuple[dict[str, Any], LedgerState] | None:
+        """The document (made again if it was lost) and the ledger's state, or None when the
+        document is final already."""
         doc = self.ctx.documents.get(self.sid, self.task_id)
         if doc is None:
             doc = new_document(self.task_id, self.sid, self.job["created_at"])
         if doc["state"] in FINAL:
-            return
-        state = self._with_unrecorded(self.ctx.ledger.load(self.sid, self.task_id))
-        err = InternalError(f"the worker met an unexpected error ({type(exc).__name__})")
-        self._fail(doc, state, err)
+            return None
+        return doc, self._with_unrecorded(self.ctx.ledger.load(self.sid, self.task_id))
 
     def _attempt(
         self,

@@ -23,6 +23,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared import keys
+from shared.errors import InternalError
 from shared.names import SEND_TASK
 from shared.settings import Settings
 from worker import batching
@@ -35,6 +37,8 @@ log = logging.getLogger("postroom.worker")
 
 # postroom's Redis is down, restarting (LOADING is a ConnectionError), or failing over
 STORE_ERRORS = (RedisConnectionError, RedisTimeoutError, ReadOnlyError)
+#: times a message may end its pool process (alone in its batch) before it is given up
+MAX_DEATHS = 3
 
 
 def register(app: Celery, context: Callable[[], WorkerContext], settings: Settings) -> Task:
@@ -44,7 +48,7 @@ def register(app: Celery, context: Callable[[], WorkerContext], settings: Settin
     The worker consumes it through :class:`worker.batching.BatchStrategy`, which hands
     the pool batches of queued jobs (:func:`run_batch`); the task body below is the same
     attempt for one job, run when the task is applied directly."""
-    install(partial(run_batch_with, context, settings))
+    install(partial(run_batch_with, context, settings), partial(lost_with, context, settings))
 
     @app.task(
         name=SEND_TASK,
@@ -83,6 +87,27 @@ def run_batch_with(
         store_down = not done
     ctx.pool.close_idle()
     return verdicts
+
+
+def lost_with(context: Callable[[], WorkerContext], settings: Settings, item: Item) -> bool:
+    """A message whose pool process died while it was that process's only work (run in the
+    worker's main process). Counted in Redis, for every worker; the :data:`MAX_DEATHS`-th
+    time it is given up: its document ends ``failed`` with an ``InternalError`` saying so
+    (or as its ledger says, when every recipient is done), and True is returned."""
+    ctx = context()
+    job = item.job
+    key = keys.deaths(job["solution_id"], job["task_id"])
+    pipe = ctx.state.pipeline(transaction=True)
+    pipe.incr(key)
+    pipe.expire(key, settings.result_ttl)
+    deaths = int(pipe.execute()[0])
+    if deaths < MAX_DEATHS:
+        return False
+    Attempt(ctx, job).give_up(InternalError(
+        f"the worker's process ended {deaths} times while sending this message; "
+        "it is not tried again"
+    ))  # fmt: skip
+    return True
 
 
 def run(ctx: WorkerContext, job: dict[str, Any], close_idle: bool = True) -> bool:
