@@ -48,6 +48,17 @@ def env_of(settings: Settings) -> dict[str, str]:
     return env
 
 
+def as_bytes(reply: Any) -> bytes:
+    """A Redis reply that must be bytes (the tests' clients do not decode), typed as such."""
+    assert isinstance(reply, bytes), reply
+    return reply
+
+
+def all_bytes(replies: Any) -> list[bytes]:
+    """A Redis reply that must be a list of bytes, typed as such."""
+    return [as_bytes(r) for r in replies]
+
+
 def queue_length(client: redis.Redis, queue: str = "email") -> int:
     return int(client.llen(queue))
 

@@ -12,7 +12,7 @@ from flask.testing import FlaskClient
 
 from api.app import create_app
 from shared.settings import Settings
-from tests.helpers import ADMIN, auth, make_settings, queue_length
+from tests.helpers import ADMIN, as_bytes, auth, make_settings, queue_length
 
 SEND = "/api/v1/solutions/acme/email"
 
@@ -102,7 +102,7 @@ def test_token_is_stored_only_as_a_hash(real_redis: redis.Redis, token: str) -> 
     """Nothing in Redis holds the token itself."""
     for key in real_redis.scan_iter("postroom:*"):
         if real_redis.type(key) == b"string":
-            assert token.encode() not in real_redis.get(key)
+            assert token.encode() not in as_bytes(real_redis.get(key))
 
 
 def test_config_password_is_sealed_and_never_shown(
@@ -120,7 +120,7 @@ def test_config_password_is_sealed_and_never_shown(
         "/api/v1/solutions/acme", headers=auth(token)).get_json()).encode()
     for key in real_redis.scan_iter("postroom:*"):
         if real_redis.type(key) == b"string":
-            assert b"s3cret-pw" not in real_redis.get(key)
+            assert b"s3cret-pw" not in as_bytes(real_redis.get(key))
 
 
 def test_put_resets_omitted_fields_and_patch_null_clears(client: FlaskClient) -> None:
@@ -177,7 +177,7 @@ def test_the_broker_message_is_json_without_secrets(
                        "password": "hunter2-pw", "port": 587},
     })
     assert r.status_code == 202, r.get_json()
-    raw = real_redis.lindex("email", 0)
+    raw = as_bytes(real_redis.lindex("email", 0))
     envelope = json.loads(raw)
     assert envelope["content-type"] == "application/json"
     assert b"hunter2-pw" not in raw

@@ -17,7 +17,15 @@ from api.app import create_app
 from shared import keys
 from shared.ratelimit import TokenBucket
 from tests.e2e import Stack
-from tests.helpers import ADMIN, RoundTrips, auth, create_solution, make_settings, queue_length
+from tests.helpers import (
+    ADMIN,
+    RoundTrips,
+    all_bytes,
+    auth,
+    create_solution,
+    make_settings,
+    queue_length,
+)
 
 BATCH = "/api/v1/solutions/acme/email/batch"
 
@@ -65,7 +73,8 @@ def test_each_message_is_queued_and_answered_in_order(
         assert x["links"]["self"] == f"/api/v1/solutions/acme/tasks/{x['task_id']}"
         doc = client.get(x["links"]["self"], headers=auth(token)).get_json()
         assert "queued" == doc["state"]
-    members = {json.loads(m)["task_id"] for m in real_redis.zrange(keys.accepted(), 0, -1)}
+    accepted = all_bytes(real_redis.zrange(keys.accepted(), 0, -1))
+    members = {json.loads(m)["task_id"] for m in accepted}
     assert set(task_ids) == members
 
 

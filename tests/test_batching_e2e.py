@@ -16,7 +16,7 @@ import redis
 from kombu import Connection, Consumer, Exchange, Queue
 
 from tests.e2e import Stack
-from tests.helpers import RoundTrips
+from tests.helpers import RoundTrips, all_bytes
 from tests.stack import wait_for
 from worker.broker import Channel, Transport, transport_for
 
@@ -110,7 +110,7 @@ def test_the_job_a_brpop_brings_is_recorded_by_the_take_after_it(
         trips = RoundTrips(monkeypatch)
         got = consumer.round()
         assert ([0], 2) == ([m.payload["n"] for m in got], trips.count)
-        [tag] = [t.decode() for t in real_redis.hkeys("unacked")]
+        [tag] = [t.decode() for t in all_bytes(real_redis.hkeys("unacked"))]
         assert tag == got[0].delivery_tag
         assert json.loads(real_redis.hget("unacked", tag) or b"[]")[0] == got[0]._raw
         got[0].ack()

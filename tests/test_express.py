@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -24,7 +24,15 @@ from api.services import Services
 from shared import keys
 from shared.ratelimit import TokenBucket
 from shared.solutions import Solution
-from tests.helpers import ADMIN, RoundTrips, auth, create_solution, make_settings, queue_length
+from tests.helpers import (
+    ADMIN,
+    RoundTrips,
+    as_bytes,
+    auth,
+    create_solution,
+    make_settings,
+    queue_length,
+)
 
 SEND = "/api/v1/solutions/acme/email"
 OK = {"to": ["ann@example.com"], "text": "hello"}
@@ -93,8 +101,8 @@ def test_one_step_writes_what_two_steps_write(
     assert docs[0].keys() == docs[1].keys()
     ttls = [real_redis.ttl(keys.task("acme", j["task_id"])) for j in (first, second)]
     assert abs(ttls[0] - ttls[1]) <= 1 and ttls[0] > 0
-    members = [json.loads(m) for m, _ in real_redis.zrange(keys.accepted(), 0, -1,
-                                                           withscores=True)]
+    members = [json.loads(as_bytes(m)) for m, _ in cast(
+        list[tuple[bytes, float]], real_redis.zrange(keys.accepted(), 0, -1, withscores=True))]
     assert sorted(m["task_id"] for m in members) == sorted([first["task_id"],
                                                             second["task_id"]])
     assert {json.dumps(m, sort_keys=True) for m in members} == {

@@ -11,7 +11,7 @@ import redis
 from shared import keys
 from shared.framing import TaskFraming
 from shared.queue import Enqueuer, make_producer
-from tests.helpers import make_settings
+from tests.helpers import as_bytes, make_settings
 
 JOB = {"task_id": "7d0c7a52-1", "solution_id": "acme", "message": {"to": ["a@example.com"]}}
 
@@ -28,7 +28,7 @@ def test_framing_equals_celerys_send_task(real_redis: redis.Redis, redis_url: st
     origin and reply address differ."""
     settings = make_settings(redis_url)
     Enqueuer(make_producer(settings), settings.queue).enqueue(JOB)
-    celerys = _decoded(real_redis.rpop(settings.queue))
+    celerys = _decoded(as_bytes(real_redis.rpop(settings.queue)))
     ours = _decoded(TaskFraming(settings.queue).frame(JOB).encode())
 
     for message in (celerys, ours):
@@ -48,6 +48,6 @@ def test_direct_enqueue_is_one_transaction(real_redis: redis.Redis, redis_url: s
     enqueuer.enqueue(JOB, with_writes=lambda pipe: pipe.set("postroom:test:doc", "1"))
     assert real_redis.get("postroom:test:doc") == b"1"
     assert real_redis.zcard(keys.accepted()) == 1
-    pushed = _decoded(real_redis.rpop(settings.queue))
+    pushed = _decoded(as_bytes(real_redis.rpop(settings.queue)))
     assert pushed["body"][1] == {"job": JOB}
     assert pushed["headers"]["task"] == "postroom.send_email"

@@ -109,7 +109,7 @@ def test_two_workers_send_exactly_the_limit(
         (d["error"]["type"], d["error"]["status"], d["error"]["hLimit"]) for d in failed
     }
     assert 50 == len(wire_ids) == len(set(wire_ids))
-    assert sorted(d["result"]["messageId"] for d in sent) == sorted(wire_ids)
+    assert sorted(d["result"]["messageId"] for d in sent) == sorted(str(i) for i in wire_ids)
     sends = handled_by(stack, b"sending")
     assert (50, True) == (sum(sends), all(sends)), sends
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import marshmallow
 import pytest
@@ -174,7 +174,8 @@ def test_error_body_summary_and_nesting(schemas: Schemas) -> None:
 
 def test_body_that_is_not_an_object(schemas: Schemas) -> None:
     """A JSON array or scalar as the body is a 400 that says so."""
-    for body in ([], "x", 5, None):
+    bodies: list[Any] = [[], "x", 5, None]
+    for body in bodies:
         with pytest.raises(errors.ValidationError) as caught:
             load_or_raise(schemas.send, body)
         assert caught.value.body()["error"] == "The request body must be a JSON object."
@@ -243,7 +244,8 @@ def test_full_send_request(schemas: Schemas) -> None:
     assert loaded == {
         **body,
         "from": "Me@example.org",
-        "connection": {**body["connection"], "server": "smtp.example.com"},
+        "connection": {**cast(dict[str, Any], body["connection"]),
+                       "server": "smtp.example.com"},
     }
     assert len(loaded["subject"]) == 998
 

@@ -18,7 +18,7 @@ from shared.cli import main as cli_main
 from shared.relays import Relay
 from shared.settings import Settings
 from tests.e2e import Stack
-from tests.helpers import ADMIN, SECRET_KEY, auth, make_settings
+from tests.helpers import ADMIN, SECRET_KEY, all_bytes, as_bytes, auth, make_settings
 from tests.smtp_server import ScriptedSmtpServer
 from tests.stack import wait_for
 from worker.app import make_celery
@@ -71,15 +71,15 @@ def everything_in(client: redis.Redis) -> list[bytes]:
         blobs.append(key)
         kind = client.type(key)
         if kind == b"string":
-            values = [client.get(key) or b""]
+            values = [as_bytes(client.get(key) or b"")]
         elif kind == b"list":
-            values = list(client.lrange(key, 0, -1))
+            values = all_bytes(client.lrange(key, 0, -1))
         elif kind == b"hash":
-            values = [b for pair in client.hgetall(key).items() for b in pair]
+            values = all_bytes(b for pair in dict(client.hgetall(key)).items() for b in pair)
         elif kind == b"set":
-            values = list(client.smembers(key))
+            values = all_bytes(client.smembers(key))
         elif kind == b"zset":
-            values = list(client.zrange(key, 0, -1))
+            values = all_bytes(client.zrange(key, 0, -1))
         else:
             raise AssertionError(f"no reader for {key!r} of type {kind!r}")
         for value in values:
@@ -129,7 +129,7 @@ def test_a_send_leaves_no_password_behind(
             "stored": stack.send({"to": ["bob@example.com"], "text": "x"},
                                  sid="cfg").get_json()["task_id"],
         }
-        queued = real_redis.lrange("email", 0, -1)
+        queued = all_bytes(real_redis.lrange("email", 0, -1))
         bodies = [readable(raw)[1] for raw in queued]
         # the jobs are there, decoded, each carrying its relay's password sealed (Fernet)
         assert [True] * 3 == [b'"password": "gAAAAA' in body for body in bodies]
@@ -141,7 +141,7 @@ def test_a_send_leaves_no_password_behind(
         stack.start_worker(log_level="DEBUG", retry_base_s=1.5, retry_max_delay_s=3.0)
         wait_for(lambda: stack.task(ids["retried"])["state"] == "retrying", 15, 0.02,
                  "the first send to be retrying")
-        scheduled = real_redis.zrange("postroom:schedule", 0, -1)
+        scheduled = all_bytes(real_redis.zrange("postroom:schedule", 0, -1))
         assert [True] == [b'"password":"gAAAAA' in job for job in scheduled]
         assert [] == leaks(scheduled, needles)
 

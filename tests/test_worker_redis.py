@@ -26,7 +26,7 @@ from shared.documents import new_document
 from shared.queue import accepted_jobs, encode_job
 from shared.ratelimit import TokenBucket
 from shared.solutions import SolutionStore
-from tests.helpers import SECRET_KEY, make_settings
+from tests.helpers import SECRET_KEY, as_bytes, make_settings
 from tests.smtp_server import ScriptedSmtpServer
 from worker import steps
 from worker.context import WorkerContext
@@ -76,7 +76,7 @@ def queued(ctx: WorkerContext, job: dict[str, Any], hlimit: int = 100) -> None:
 
 def ledger_of(client: redis.Redis, n: int = 1) -> dict[str, str]:
     raw = client.hgetall(keys.ledger(SID, f"task-{n}"))
-    return {k.decode(): v.decode() for k, v in raw.items()}
+    return {as_bytes(k).decode(): as_bytes(v).decode() for k, v in dict(raw).items()}
 
 
 def document(client: redis.Redis, n: int = 1) -> dict[str, Any]:
