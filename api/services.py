@@ -15,7 +15,7 @@ from shared.connections import redis_clients
 from shared.crypto import SecretBox
 from shared.documents import DocumentStore
 from shared.errors import InvalidRelay, ValidationError
-from shared.guard import PLAIN_TEXT_REFUSED, RelayGuard
+from shared.guard import PLAIN_TEXT_REFUSED, CachedResolver, RelayGuard
 from shared.idempotency import IdempotencyStore
 from shared.queue import Enqueuer, make_enqueuer
 from shared.ratelimit import TokenBucket
@@ -66,7 +66,8 @@ class Services:
             enqueuer=enqueuer,
             schemas=make_schemas(settings),
             suppressions=SuppressionStore(state, settings.bounce_threshold),
-            guard=RelayGuard(settings.smtp_allow_hosts, settings.smtp_allow_ports),
+            guard=RelayGuard(settings.smtp_allow_hosts, settings.smtp_allow_ports,
+                             resolver=CachedResolver()),
             express=Express.build(settings, state, results, documents, enqueuer),
         )
 

@@ -22,6 +22,11 @@ it: a host named there, or one whose every address lies in a listed address or C
 The worker resolves once, checks every address, then connects to the checked address it
 is given (never a second lookup that a rebinding DNS server could answer differently).
 Messages never name the address a host resolved to.
+
+Each process keeps a name's answer for :data:`DNS_CACHE_S` seconds (:class:`CachedResolver`):
+a solution whose relay is a name costs intake one lookup per process and half-minute, not
+one per request. An answer is checked each time it is used, so keeping it lets nothing
+through that a fresh lookup would have refused; a failed lookup is not kept.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import threading
+import time
 from collections.abc import Callable, Sequence
 
 from shared.errors import ConfigError, InvalidRelay
@@ -62,6 +69,45 @@ def system_resolver(host: str, port: int) -> list[str]:
         if addr not in seen:
             seen.append(addr)
     return seen
+
+
+#: seconds a process keeps a relay name's addresses
+DNS_CACHE_S = 30.0
+#: relay names a process keeps (the oldest is dropped first)
+DNS_CACHE_NAMES = 1024
+
+
+class CachedResolver:
+    """``resolver``'s answers, kept ``ttl_s`` seconds for at most ``max_names`` names; a
+    lookup that fails is not kept (the next one asks again). Safe under threads."""
+
+    def __init__(
+        self,
+        resolver: Resolver = system_resolver,
+        ttl_s: float = DNS_CACHE_S,
+        max_names: int = DNS_CACHE_NAMES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._resolve = resolver
+        self._ttl_s = ttl_s
+        self._max_names = max_names
+        self._clock = clock
+        self._kept: dict[tuple[str, int], tuple[float, list[str]]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, host: str, port: int) -> Sequence[str]:
+        key = (_name(host), port)
+        kept = self._kept.get(key)
+        now = self._clock()
+        if kept is not None and now < kept[0]:
+            return kept[1]
+        answers = list(self._resolve(host, port))
+        with self._lock:
+            self._kept.pop(key, None)
+            while len(self._kept) >= self._max_names:
+                del self._kept[next(iter(self._kept))]
+            self._kept[key] = (now + self._ttl_s, answers)
+        return answers
 
 
 def parse_literal(host: str) -> IpAddress | None:

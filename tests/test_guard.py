@@ -14,7 +14,7 @@ import redis
 
 from api.app import create_app
 from shared.errors import ConfigError, InvalidRelay, SendError
-from shared.guard import RelayGuard, parse_literal
+from shared.guard import CachedResolver, RelayGuard, parse_literal
 from shared.relays import Relay
 from tests.e2e import Stack
 from tests.helpers import ADMIN, auth, make_settings, queue_length
@@ -336,3 +336,76 @@ def test_the_worker_checks_again_at_connect_time(
     assert "sent" == stack.wait_final(allowed.get_json()["task_id"])["state"]
     assert [["b@example.com"]] == [m.rcpt_tos for m in smtp_server.messages]
     assert 1 == smtp_server.connections
+
+
+# -- the per-process DNS cache ----------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_name_is_looked_up_once_per_ttl() -> None:
+    """Within the TTL a name (in any case, with or without the root's dot) is answered from
+    the cache; after it, looked up again."""
+    stub, clock = StubResolver(), Clock()
+    cached = CachedResolver(stub, ttl_s=30, clock=clock)
+    g = RelayGuard((), PORTS, resolver=cached)
+    assert "93.184.216.34" == g.check("public.example", 587)
+    assert "93.184.216.34" == g.check("Public.Example.", 587)
+    clock.now += 29.9
+    assert not g.precheck("public.example", 587)
+    assert ["public.example"] == stub.calls
+    clock.now += 0.2
+    g.check("public.example", 587)
+    assert ["public.example", "public.example"] == stub.calls
+
+
+def test_a_cached_answer_is_judged_every_time() -> None:
+    """The cache keeps answers, not verdicts: an internal address is refused on every use,
+    and an exemption added to a new guard applies to the same cached answer."""
+    stub = StubResolver()
+    cached = CachedResolver(stub, clock=Clock())
+    for _ in range(2):
+        with pytest.raises(InvalidRelay):
+            RelayGuard((), PORTS, resolver=cached).check("internal.example", 587)
+    assert RelayGuard(("10.0.0.0/8",), PORTS, resolver=cached).precheck("internal.example", 587)
+    assert ["internal.example"] == stub.calls
+
+
+def test_a_failed_lookup_is_not_kept() -> None:
+    """A name that does not resolve yet is asked again next time (and then found)."""
+    answers: dict[str, list[str]] = {}
+    stub = StubResolver(answers)
+    g = RelayGuard((), PORTS, resolver=CachedResolver(stub, clock=Clock()))
+    with pytest.raises(InvalidRelay):
+        g.check("new.example", 587)
+    answers["new.example"] = ["93.184.216.34"]
+    assert "93.184.216.34" == g.check("new.example", 587)
+    assert ["new.example", "new.example"] == stub.calls
+
+
+def test_the_cache_keeps_at_most_its_size_oldest_out_first() -> None:
+    answers = {f"r{n}.example": ["93.184.216.34"] for n in range(4)}
+    stub = StubResolver(answers)
+    cached = CachedResolver(stub, max_names=3, clock=Clock())
+    for n in range(4):
+        cached(f"r{n}.example", 587)
+    cached("r3.example", 587)  # kept
+    cached("r1.example", 587)  # kept
+    cached("r0.example", 587)  # dropped when r3 came: looked up again
+    assert ["r0.example", "r1.example", "r2.example", "r3.example", "r0.example"] == stub.calls
+
+
+def test_the_api_and_the_worker_keep_their_lookups(redis_url: str) -> None:
+    """Both processes' guards look names up through a CachedResolver."""
+    from api.services import Services
+    from worker.context import WorkerContext
+
+    settings = make_settings(redis_url)
+    for guard_ in (Services.build(settings).guard, WorkerContext.build(settings).guard):
+        assert isinstance(guard_._resolve, CachedResolver)

@@ -12,7 +12,7 @@ import redis
 from shared.connections import redis_clients
 from shared.crypto import SecretBox
 from shared.documents import DocumentStore
-from shared.guard import RelayGuard
+from shared.guard import CachedResolver, RelayGuard
 from shared.ratelimit import TokenBucket
 from shared.relays import Relay, parse_relay_url
 from shared.settings import Settings
@@ -75,7 +75,8 @@ class WorkerContext:
 
     @cached_property
     def guard(self) -> RelayGuard:
-        return RelayGuard(self.settings.smtp_allow_hosts, self.settings.smtp_allow_ports)
+        return RelayGuard(self.settings.smtp_allow_hosts, self.settings.smtp_allow_ports,
+                          resolver=CachedResolver())
 
     @cached_property
     def ssl_context(self) -> ssl.SSLContext:
