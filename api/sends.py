@@ -6,6 +6,7 @@ the batch route alike.
 - :func:`judge`: the usual checks, read from Redis in one round trip
   (:mod:`api.admission`): 401/404, ``from``, the relay, 429 ``Blocked``, 429
   ``RateLimited``;
+- :func:`judged_job`: :func:`judge`, then the job built from the solution just read;
 - :func:`queue`: the job, its first document and its accepted-set entry written, and the
   job published (503 when the broker or Redis does not take it, nothing left behind);
 - :func:`idempotency_key`, :func:`replayed`, :func:`queue_keyed`: a send under an
@@ -88,6 +89,20 @@ def judge(
     return solution, decision
 
 
+def judged_job(
+    svc: Services,
+    sid: str,
+    data: dict[str, Any],
+    known: tuple[Principal, Solution] | None = None,
+) -> tuple[dict[str, Any], Decision]:
+    """:func:`judge`, then the job built from the solution as read just now (which this
+    process keeps for the next send's one step); the job and the bucket's answer."""
+    solution, decision = judge(svc, sid, data, known)
+    if svc.express is not None:
+        svc.express.remember(solution)
+    return build_job(data, solution, svc.settings, svc.box), decision
+
+
 def queue(svc: Services, job: dict[str, Any]) -> None:
     """Write ``job``'s first document and publish the job; on failure, take the document
     back and raise (503)."""
@@ -164,10 +179,7 @@ def queue_keyed(
     """Judge ``data`` and queue it under ``key``: its task and the bucket's answer, or the
     task of an earlier request that took the key meanwhile (and None). The key is claimed
     before the job is queued, confirmed once it is, and given up when queueing fails."""
-    solution, decision = judge(svc, sid, data, known)
-    if svc.express is not None:
-        svc.express.remember(solution)  # for the next send's one step
-    job = build_job(data, solution, svc.settings, svc.box)
+    job, decision = judged_job(svc, sid, data, known)
     task_id = job["task_id"]
     earlier = svc.idempotency.claim(sid, key, Claim(fingerprint, task_id))
     if earlier is not None:

@@ -36,7 +36,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from api import sends
 from api.auth import Principal
 from api.body import json_object
-from api.intake import body_fingerprint, build_job
+from api.intake import body_fingerprint
 from api.services import Services, services
 from shared.documents import new_document
 from shared.errors import PostroomError, ServiceUnavailable, ValidationError
@@ -171,8 +171,7 @@ def _alone(
         if keyed is not None:
             task_id, _ = sends.queue_keyed(svc, sid, data, *keyed, known, KEY)
         else:
-            solution, _ = sends.judge(svc, sid, data, known)
-            job = build_job(data, solution, svc.settings, svc.box)
+            job, _ = sends.judged_job(svc, sid, data, known)
             sends.queue(svc, job)
             task_id = job["task_id"]
     except PostroomError as err:

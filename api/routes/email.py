@@ -25,7 +25,7 @@ from flask import Blueprint, Response, jsonify, request, url_for
 from api import sends
 from api.auth import Principal
 from api.body import json_object
-from api.intake import body_fingerprint, build_job
+from api.intake import body_fingerprint
 from api.services import Services, services
 from shared.errors import PostroomError, ValidationError
 from shared.ratelimit import Decision
@@ -109,10 +109,7 @@ def send(sid: str) -> Response | tuple[Response, int]:
         return _queued(svc, sid, *queued, wait)
 
     # the caller, the solution, the suppressions and the bucket: one round trip
-    solution, decision = sends.judge(svc, sid, data, known)
-    if svc.express is not None:
-        svc.express.remember(solution)  # for the next send's one step
-    job = build_job(data, solution, svc.settings, svc.box)
+    job, decision = sends.judged_job(svc, sid, data, known)
     sends.queue(svc, job)
     return _queued(svc, sid, job["task_id"], decision, wait)
 
