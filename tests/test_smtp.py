@@ -9,6 +9,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import pytest
 
@@ -29,6 +30,7 @@ SENDER = "sender@example.com"
 ALICE, BOB, CAROL = "alice@example.com", "bob@example.com", "carol@example.com"
 PASSWORD = "s3cret-Passw0rd"
 MakeServer = Callable[..., ScriptedSmtpServer]
+DATE = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
 
 def message(message_id: str = "<m1@example.com>") -> bytes:
@@ -40,6 +42,7 @@ def message(message_id: str = "<m1@example.com>") -> bytes:
         text="Hello",
         html=None,
         message_id=message_id,
+        date=DATE,  # the same bytes however often, and whenever, it is built
     )
 
 
@@ -82,6 +85,14 @@ def shown(error: SendError) -> str:
 # -- delivery -----------------------------------------------------------------------
 
 
+def opened(server: ScriptedSmtpServer) -> SmtpConnection:
+    """A plain-text session with ``server``, logged in and ready for transactions."""
+    conn = SmtpConnection()
+    conn.open(Relay(host="localhost", port=server.port, scheme=""), connect_host="127.0.0.1",
+              timeout=5.0, ssl_context=make_ssl_context(None), local_hostname="worker.test")
+    return conn
+
+
 class Writes:
     """Counts what a connection's client writes to the relay (each one a wait for it)."""
 
@@ -106,9 +117,7 @@ def test_pipelining_sends_the_envelope_in_one_write(
     """A relay that offers PIPELINING gets MAIL FROM, the three RCPT TO and DATA in one write
     and the message in a second; one that does not, a write (and a wait) per command."""
     server = make_smtp_server(pipelining=pipelining)
-    conn = SmtpConnection()
-    conn.open(Relay(host="localhost", port=server.port, scheme=""), connect_host="127.0.0.1",
-              timeout=5.0, ssl_context=make_ssl_context(None), local_hostname="worker.test")
+    conn = opened(server)
     try:
         counted = Writes(conn, monkeypatch)
         result = conn.transaction(SENDER, [ALICE, BOB, CAROL], message())
@@ -126,9 +135,7 @@ def test_data_taken_without_recipients_is_ended_empty(make_smtp_server: MakeServ
     server = make_smtp_server(pipelining=True)
     server.script.data_without_recipients = True
     server.script.rcpt_replies = {ALICE: "550 5.1.1 no such user"}
-    conn = SmtpConnection()
-    conn.open(Relay(host="localhost", port=server.port, scheme=""), connect_host="127.0.0.1",
-              timeout=5.0, ssl_context=make_ssl_context(None), local_hostname="worker.test")
+    conn = opened(server)
     try:
         with pytest.raises(SmtpRejected) as caught:
             conn.transaction(SENDER, [ALICE], message())
