@@ -9,7 +9,7 @@ from api.routes import batch, email, health, openapi, quota, solutions, suppress
 from api.services import Services
 from shared.settings import Settings
 
-API_PREFIX = "/api/v1"
+API_PREFIX = tasks.PREFIX
 
 
 def create_app(settings: Settings, services: Services | None = None) -> Flask:

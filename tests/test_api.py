@@ -166,6 +166,31 @@ def test_send_answers_202_with_location_and_enqueues_one(
     assert (doc["state"], doc["attempts"], doc["result"]) == ("queued", 0, None)
 
 
+@pytest.mark.parametrize("sid, task_id", [("acme", "0f1e-2d3c"), ("a_b-9", "x y?z#%")])
+def test_task_links_are_what_url_for_gives(redis_url: str, sid: str, task_id: str) -> None:
+    """The 202's link is written directly, and is what Flask's ``url_for`` would build,
+    under a mount point (``SCRIPT_NAME``) too."""
+    from flask import url_for
+
+    from api.routes import tasks
+
+    app = create_app(make_settings(redis_url))
+    for base in ("http://h/", "http://h/mounted/here/"):
+        with app.test_request_context("/", base_url=base):
+            assert url_for("tasks.show", sid=sid, task_id=task_id) == tasks.link(sid, task_id)
+
+
+def test_the_202_answer_is_json_with_rate_limit_headers(client: FlaskClient, token: str) -> None:
+    """The accepted answer's media type, body and headers, byte for byte as JSON."""
+    r = send(client, token, {"to": ["a@example.com"], "text": "x"})
+    assert (202, "application/json") == (r.status_code, r.mimetype)
+    body = json.loads(r.data)
+    assert ["task_id", "state", "links"] == list(body)
+    assert r.data.endswith(b"\n")
+    assert {"RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset", "RateLimit-Policy",
+            "Location"} <= set(r.headers.keys())  # fmt: skip
+
+
 def test_the_broker_message_is_json_without_secrets(
     client: FlaskClient, token: str, real_redis: redis.Redis
 ) -> None:
@@ -238,6 +263,24 @@ def test_malformed_json_is_a_clear_400(
     r = client.post(SEND, data=raw, headers=auth(token), content_type="application/json")
     assert r.status_code == 400
     assert message in r.get_json()["error"]
+
+
+def test_nesting_is_judged_whatever_the_brackets_inside_strings(
+    client: FlaskClient, token: str
+) -> None:
+    """A body nested past 32 levels is a 400; brackets inside strings neither trip the
+    check nor hide a real nesting from it."""
+    deep = {"to": ["a@example.com"], "text": "x", "extra": None}
+    inner: object = 1
+    for _ in range(33):
+        inner = [inner]
+    deep["extra"] = inner
+    r = client.post(SEND, json=deep, headers=auth(token))
+    assert (r.status_code, "nested too deeply" in r.get_json()["error"]) == (400, True)
+
+    brackets = {"to": ["a@example.com"], "subject": "[" * 40, "text": "{" * 40}
+    r = client.post(SEND, json=brackets, headers=auth(token))
+    assert r.status_code == 202, r.get_json()
 
 
 def test_unknown_task_is_404(client: FlaskClient, token: str) -> None:

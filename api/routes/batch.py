@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request, url_for
+from flask import Blueprint, Response, jsonify, request
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -37,6 +37,7 @@ from api import sends
 from api.auth import Principal
 from api.body import json_object
 from api.intake import body_fingerprint
+from api.routes import tasks
 from api.services import Services, services
 from shared.documents import new_document
 from shared.errors import PostroomError, ServiceUnavailable, ValidationError
@@ -67,7 +68,7 @@ def _single_send_options() -> None:
 
 
 def _queued(index: int, sid: str, task_id: str) -> dict[str, Any]:
-    link = url_for("tasks.show", sid=sid, task_id=task_id)
+    link = tasks.link(sid, task_id)
     return {"index": index, "status": 202, "task_id": task_id, "state": "queued",
             "links": {"self": link}}  # fmt: skip
 

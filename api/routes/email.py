@@ -16,16 +16,18 @@ answer a bad body gets.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request, url_for
+from flask import Blueprint, Response, jsonify, request
 
 from api import sends
 from api.auth import Principal
 from api.body import json_object
 from api.intake import body_fingerprint
+from api.routes import tasks
 from api.services import Services, services
 from shared.errors import PostroomError, ValidationError
 from shared.ratelimit import Decision
@@ -40,6 +42,8 @@ KEY_HEADER = "Idempotency-Key"
 
 
 def _wait_seconds() -> int | None:
+    if not request.query_string:  # most sends: no query to parse
+        return None
     raw = request.args.get("wait")
     if raw is None:
         return None
@@ -57,24 +61,28 @@ def _idempotency_key() -> str | None:
 
 
 def _accepted(sid: str, task_id: str, decision: Decision | None) -> Response:
-    location = url_for("tasks.show", sid=sid, task_id=task_id)
-    response = jsonify({"task_id": task_id, "state": "queued", "links": {"self": location}})
-    response.status_code = 202
-    response.headers["Location"] = location
+    """The 202, built directly (not through ``url_for`` and ``jsonify``, which cost an
+    accepted send a tenth of its time): the same body and headers."""
+    location = tasks.link(sid, task_id)
+    body = {"task_id": task_id, "state": "queued", "links": {"self": location}}
+    headers = [("Location", location)]
     if decision is not None:
-        _rate_headers(response, decision)
-    return response
+        headers += rate_headers(decision)
+    return Response(json.dumps(body, separators=(",", ":")) + "\n", 202, headers,
+                    mimetype="application/json")  # fmt: skip
 
 
-def _rate_headers(response: Response, decision: Decision) -> None:
+def rate_headers(decision: Decision) -> list[tuple[str, str]]:
     """``RateLimit-*`` (IETF httpapi ratelimit headers) of the tighter bucket, counting the
     token this message will take: whole tokens left, seconds until full, ``C;w=P``."""
     period_s = services().settings.hlimit_period_s
     token_s = period_s / decision.limit if decision.limit else 0.0
-    response.headers["RateLimit-Limit"] = str(decision.limit)
-    response.headers["RateLimit-Remaining"] = str(max(0, decision.remaining - 1))
-    response.headers["RateLimit-Reset"] = str(math.ceil(decision.reset_after + token_s))
-    response.headers["RateLimit-Policy"] = f"{decision.limit};w={period_s}"
+    return [
+        ("RateLimit-Limit", str(decision.limit)),
+        ("RateLimit-Remaining", str(max(0, decision.remaining - 1))),
+        ("RateLimit-Reset", str(math.ceil(decision.reset_after + token_s))),
+        ("RateLimit-Policy", f"{decision.limit};w={period_s}"),
+    ]
 
 
 @bp.post("/solutions/<sid>/email")
@@ -122,6 +130,6 @@ def _queued(
         final = svc.documents.wait_final(sid, task_id, wait)
         if final is not None:
             response = jsonify(final)
-            _rate_headers(response, decision)
+            response.headers.extend(rate_headers(decision))
             return response, 200
     return _accepted(sid, task_id, decision)
