@@ -270,7 +270,7 @@ def test_nesting_is_judged_whatever_the_brackets_inside_strings(
 ) -> None:
     """A body nested past 32 levels is a 400; brackets inside strings neither trip the
     check nor hide a real nesting from it."""
-    deep = {"to": ["a@example.com"], "text": "x", "extra": None}
+    deep: dict[str, object] = {"to": ["a@example.com"], "text": "x", "extra": None}
     inner: object = 1
     for _ in range(33):
         inner = [inner]
