@@ -28,7 +28,8 @@ from shared.ratelimit import TokenBucket
 from shared.solutions import SolutionStore
 from tests.helpers import SECRET_KEY, as_bytes, make_settings
 from tests.smtp_server import ScriptedSmtpServer
-from worker import steps
+from worker import steps, tasks
+from worker.batching import Item
 from worker.context import WorkerContext
 from worker.lease import holder
 from worker.ledger import LedgerState, Outcomes
@@ -488,4 +489,129 @@ def test_a_reply_is_kept_through_a_redis_error_and_the_message_sent_once(
     doc = document(real_redis)
     assert ("sent", 1) == (doc["state"], doc["attempts"])
     assert [job["message_id"]] == [m.message_id for m in smtp_server.messages]
+    ctx.pool.close_all()
+
+
+# -- a batch: each message's first step rides with the previous one's last -------------
+
+
+def batch_of(ctx: WorkerContext, count: int) -> list[Item]:
+    jobs = [make_job(n) for n in range(1, count + 1)]
+    for job in jobs:
+        queued(ctx, job)
+    return [Item(job, time.time()) for job in jobs]
+
+
+def run_batch(ctx: WorkerContext, items: list[Item]) -> list[bool]:
+    return tasks.run_batch_with(lambda: ctx, ctx.settings, items)
+
+
+def test_a_batch_costs_one_round_trip_per_message_and_one_more(
+    real_redis: redis.Redis, smtp_server: ScriptedSmtpServer, trips: list[int]
+) -> None:
+    """Three messages, four requests to Redis (not six): the first begin, then each finish
+    carrying the next begin. Every message ends ``sent`` once, at its first attempt, with
+    its token taken once and no lease left."""
+    ctx = make_context(real_redis, smtp_port=smtp_server.port)
+    items = batch_of(ctx, 3)
+    real_redis.ping()
+
+    trips[0] = 0
+    assert [True, True, True] == run_batch(ctx, items)
+    assert 4 == trips[0]
+
+    for n in (1, 2, 3):
+        doc = document(real_redis, n)
+        assert ("sent", 1) == (doc["state"], doc["attempts"]), n
+        assert "sending" not in ledger_of(real_redis, n)
+        assert 0 == real_redis.exists(keys.lease(SID, f"task-{n}"))
+    assert [f"<m{n}@postroom.test>" for n in (1, 2, 3)] == [
+        m.message_id for m in smtp_server.messages
+    ]
+    assert 97 == TokenBucket(real_redis, 3600).peek(SID, 100).remaining
+    ctx.pool.close_all()
+
+
+def test_a_message_begun_ahead_but_not_started_gives_its_lease_back(
+    real_redis: redis.Redis, smtp_server: ScriptedSmtpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next message was begun with the first one's last step, then the worker began
+    to stop: it goes back to the queue with its lease freed at once, and when it runs
+    again it is sent once, on the token it took then."""
+    ctx = make_context(real_redis, smtp_port=smtp_server.port)
+    items = batch_of(ctx, 2)
+    answers = iter([True, True, False])  # item 1; item 2 as the next; item 2 at its turn
+    monkeypatch.setattr(tasks, "_may_start", lambda item, settings: next(answers))
+
+    assert [True, False] == run_batch(ctx, items)
+
+    assert 0 == real_redis.exists(keys.lease(SID, "task-2"))
+    assert ["<m1@postroom.test>"] == [m.message_id for m in smtp_server.messages]
+    assert "1" == ledger_of(real_redis, 2)["sending"]  # its token is taken, once
+
+    monkeypatch.setattr(tasks, "_may_start", lambda item, settings: True)
+    assert [True] == run_batch(ctx, items[1:])
+    assert "sent" == document(real_redis, 2)["state"]
+    assert ["<m1@postroom.test>", "<m2@postroom.test>"] == [
+        m.message_id for m in smtp_server.messages
+    ]
+    assert 98 == TokenBucket(real_redis, 3600).peek(SID, 100).remaining
+    ctx.pool.close_all()
+
+
+def test_a_begin_ahead_that_redis_refuses_is_made_again_on_its_own(
+    real_redis: redis.Redis, smtp_server: ScriptedSmtpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis forgot its scripts (a restart) just before the first message's last step:
+    that step loads its script again, the next message's begin is made on its own, and
+    both are sent once."""
+    ctx = make_context(real_redis, smtp_port=smtp_server.port)
+    items = batch_of(ctx, 2)
+    begin_call = Attempt.begin_call
+    flushed: list[bool] = []
+
+    def forgetting(self: Attempt) -> Any:
+        if not flushed:
+            real_redis.script_flush()
+            flushed.append(True)
+        return begin_call(self)
+
+    monkeypatch.setattr(Attempt, "begin_call", forgetting)
+    assert [True, True] == run_batch(ctx, items)
+    assert [("sent", 1), ("sent", 1)] == [
+        (document(real_redis, n)["state"], document(real_redis, n)["attempts"]) for n in (1, 2)
+    ]
+    assert 2 == len(smtp_server.messages)
+    ctx.pool.close_all()
+
+
+def test_a_lost_reply_to_the_shared_round_trip_sends_nothing_twice(
+    real_redis: redis.Redis, smtp_server: ScriptedSmtpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis ran the first message's last step and the next one's begin, but the reply was
+    lost: the first attempt runs again and finds its message sent; the next one begins
+    again (its own lease, its token already taken) and is sent once."""
+    ctx = make_context(real_redis, smtp_port=smtp_server.port)
+    items = batch_of(ctx, 2)
+    execute = redis.client.Pipeline.execute
+    lost = [1]
+
+    def losing(self: Any, raise_on_error: bool = True) -> Any:
+        shared = [args[0] for args, _ in self.command_stack].count("EVALSHA") == 2
+        replies = execute(self, raise_on_error)
+        if shared and lost:  # a finish with the next begin: both ran, the reply is lost
+            lost.pop()
+            raise RedisConnectionError("connection lost")
+        return replies
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", losing)
+    assert [True, True] == run_batch(ctx, items)
+
+    assert not lost
+    assert ["sent", "sent"] == [document(real_redis, n)["state"] for n in (1, 2)]
+    assert ["<m1@postroom.test>", "<m2@postroom.test>"] == [
+        m.message_id for m in smtp_server.messages
+    ]
+    assert 98 == TokenBucket(real_redis, 3600).peek(SID, 100).remaining
+    assert 0 == real_redis.exists(keys.lease(SID, "task-2"))
     ctx.pool.close_all()

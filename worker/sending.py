@@ -37,7 +37,7 @@ from worker.ledger import LedgerState, Outcomes
 from worker.message import build_message
 from worker.outcomes import retry_hint
 from worker.smtp import DeliveryResult
-from worker.steps import FirstTake, begin, finish
+from worker.steps import BeginCall, Begun, FirstTake, begin, begin_ahead, begun_ahead, finish
 
 log = logging.getLogger("postroom.worker")
 
@@ -46,6 +46,10 @@ MAX_DEFER_S = 3600.0
 # the ledger's reply for a recipient put on the suppression list after intake (no SMTP code:
 # not a bounce)
 SUPPRESSED = "not sent: on the suppression list"
+
+
+#: a relay and, for a caller-chosen one, the address to connect to; or the error refusing it
+Judged = tuple[Relay, str | None] | PostroomError
 
 
 def _rejected(code: int | None, reply: str | None) -> dict[str, Any]:
@@ -76,22 +80,23 @@ class Attempt:
         # run again after a Redis error), and the rejections not yet counted as bounces
         self._unrecorded: Outcomes | None = None
         self._bounces: dict[str, dict[str, Any]] = {}
+        #: the attempt to begin in the same round trip as this one's last step (the next
+        #: message of a batch); set by the batch runner
+        self.next: Attempt | None = None
+        # what that round trip began for this attempt: its relay's judgment and the begin
+        self._ahead: tuple[Judged, Begun] | None = None
 
     # -- the whole attempt ----------------------------------------------------------
 
     def run(self) -> None:
         ctx = self.ctx
-        # the relay is judged before the lease is taken, so that a first attempt may take
-        # its token in the same step (a refused relay takes none: the message fails below)
-        relay = self._judged_relay()
-        first_take = None
-        if not isinstance(relay, PostroomError) and self.recipients:
-            first_take = FirstTake(
-                ctx.settings.hlimit_period_s, self.job.get("hlimit"), ctx.ledger.ttl_s
+        if self._ahead is not None:  # begun with the previous message's last step
+            (relay, begun), self._ahead = self._ahead, None
+        else:
+            relay, first_take = self._judged_and_take()
+            begun = begin(
+                ctx, self.sid, self.task_id, self._lease_seconds(), first_take, self.recipients
             )
-        begun = begin(
-            ctx, self.sid, self.task_id, self._lease_seconds(), first_take, self.recipients
-        )
         self._leased = begun.leased
         doc = begun.doc
         if doc is None:  # expired, or lost with the result backend: start it again
@@ -114,6 +119,40 @@ class Attempt:
             if self._leased:  # finish releases it; not reached, or it failed
                 ctx.leases.release(self.sid, self.task_id)
                 self._leased = False
+
+    def _judged_and_take(self) -> tuple[Judged, FirstTake | None]:
+        """The relay's judgment, made before the lease is taken so that a first attempt may
+        take its token in the same step (a refused relay takes none: the message fails),
+        and that take."""
+        relay = self._judged_relay()
+        first_take = None
+        if not isinstance(relay, PostroomError) and self.recipients:
+            first_take = FirstTake(
+                self.ctx.settings.hlimit_period_s, self.job.get("hlimit"), self.ctx.ledger.ttl_s
+            )
+        return relay, first_take
+
+    def begin_call(self) -> tuple[Judged, BeginCall] | None:
+        """This attempt's first step, ready to run with another's last (:meth:`_write`);
+        None when it cannot be (see :func:`worker.steps.begin_ahead`)."""
+        relay, first_take = self._judged_and_take()
+        call = begin_ahead(self.ctx, self.sid, self.task_id, self._lease_seconds(),
+                           first_take, self.recipients)  # fmt: skip
+        return None if call is None else (relay, call)
+
+    def begun_with(self, relay: Judged, call: BeginCall, answer: Any) -> None:
+        """Keep what the previous attempt's last step began for this one (unless its answer
+        is not to be used: then :meth:`run` begins as usual)."""
+        begun = begun_ahead(call, answer)
+        self._ahead = None if begun is None else (relay, begun)
+
+    def drop_ahead(self) -> None:
+        """This attempt will not run now (its message goes back to the queue): give back a
+        lease taken for it ahead. The token it took stays taken, once for the message, as
+        after a crash."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[1].leased:
+            self.ctx.leases.release(self.sid, self.task_id)
 
     def _lease_seconds(self) -> float:
         return attempt_bound_s(self.ctx.settings.smtp_timeout_s, len(self.recipients))
@@ -153,7 +192,7 @@ class Attempt:
         doc: dict[str, Any],
         state: LedgerState,
         solution: Solution | None,
-        judged: tuple[Relay, str | None] | PostroomError,
+        judged: Judged,
         taken: Decision | None,
         suppressed: list[str],
     ) -> None:
@@ -279,7 +318,7 @@ class Attempt:
 
     # -- outcomes ---------------------------------------------------------------------
 
-    def _judged_relay(self) -> tuple[Relay, str | None] | PostroomError:
+    def _judged_relay(self) -> Judged:
         """The relay and, for a caller-chosen one, the address the guard allows connecting
         to (:class:`~shared.guard.RelayGuard`), or the error that refuses it."""
         try:
@@ -431,8 +470,10 @@ class Attempt:
         **fields: Any,
     ) -> None:
         """The attempt's last step: the ledger (what the relay answered), the document, the
-        lease, and the job parked until ``schedule_at`` or, final, out of the accepted set."""
-        finish(
+        lease, and the job parked until ``schedule_at`` or, final, out of the accepted set;
+        and, in the same round trip, the first step of :attr:`next`."""
+        ahead = self.next.begin_call() if self.next is not None else None
+        answer = finish(
             self.ctx,
             self.job,
             doc=doc,
@@ -441,7 +482,10 @@ class Attempt:
             release=self._leased,
             schedule_at=schedule_at,
             forget=doc["state"] in FINAL,
+            then=None if ahead is None else ahead[1],
         )
+        if ahead is not None and self.next is not None:
+            self.next.begun_with(*ahead, answer)
         self._leased = False
         self._unrecorded = None
         log.info(transition, extra={**self.log_extra, **fields})

@@ -71,22 +71,42 @@ def run_batch_with(
     """Attempt each job of a batch in turn; for each, whether to acknowledge its message
     (True) or put it back onto the queue (False): when postroom's Redis stays away, when
     the worker is shutting down, or when an attempt started now might outlast the broker's
-    redelivery window."""
+    redelivery window.
+
+    Each attempt's last Redis step carries the next one's first (:attr:`Attempt.next`):
+    one round trip per message and one more per batch, instead of two per message."""
     ctx = context()
+    attempts = [Attempt(ctx, item.job) for item in items]
     verdicts: list[bool] = []
     store_down = False
-    for item in items:
-        now = time.time()
-        if store_down or batching.stopping() or not fits_window(
-            item, now, settings.smtp_timeout_s, settings.visibility_timeout_s
-        ):
+    for n, (item, attempt) in enumerate(zip(items, attempts, strict=True)):
+        if store_down or not _may_start(item, settings):
+            _give_back(attempt)
             verdicts.append(False)
             continue
-        done = run(ctx, item.job, close_idle=False)
+        following = n + 1 < len(items) and _may_start(items[n + 1], settings)
+        attempt.next = attempts[n + 1] if following else None
+        done = run(ctx, item.job, close_idle=False, attempt=attempt)
         verdicts.append(done)
         store_down = not done
     ctx.pool.close_idle()
     return verdicts
+
+
+def _may_start(item: Item, settings: Settings) -> bool:
+    """Not while the worker stops, nor when the attempt might outlast the window."""
+    return not batching.stopping() and fits_window(
+        item, time.time(), settings.smtp_timeout_s, settings.visibility_timeout_s
+    )
+
+
+def _give_back(attempt: Attempt) -> None:
+    """The attempt goes back to the queue unrun: free a lease begun for it ahead (when
+    Redis does not answer, the lease runs out on its own)."""
+    try:
+        attempt.drop_ahead()
+    except STORE_ERRORS:
+        pass
 
 
 def lost_with(context: Callable[[], WorkerContext], settings: Settings, item: Item) -> bool:
@@ -110,14 +130,19 @@ def lost_with(context: Callable[[], WorkerContext], settings: Settings, item: It
     return True
 
 
-def run(ctx: WorkerContext, job: dict[str, Any], close_idle: bool = True) -> bool:
+def run(
+    ctx: WorkerContext,
+    job: dict[str, Any],
+    close_idle: bool = True,
+    attempt: Attempt | None = None,
+) -> bool:
     """One delivery attempt of ``job``; running it again is always safe (ledger, lease).
 
     True when the job's fate is written down (its message may be acknowledged); False when
     postroom's Redis stayed away past :class:`StorePatience` (the message goes back onto
     the queue). An unexpected error marks the document ``failed`` and counts as written.
     """
-    attempt = Attempt(ctx, job)
+    attempt = attempt or Attempt(ctx, job)
     waits = StorePatience.from_settings(ctx.settings).waits()
     while True:
         try:
