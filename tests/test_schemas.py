@@ -335,16 +335,19 @@ def test_cc_or_bcc_alone_is_enough(schemas: Schemas) -> None:
 def test_check_dns_setting_reaches_the_validator(monkeypatch: pytest.MonkeyPatch) -> None:
     """``check_dns`` in settings turns deliverability checks on; off by default."""
     seen: list[bool] = []
+    validated = addresses_module._validated
 
-    def fake(value: str, *, check_dns: bool) -> str:
+    def recording(value: str, *, check_dns: bool) -> Any:
         seen.append(check_dns)
-        return value
+        return validated(value, check_dns=False)  # no DNS in tests
 
-    monkeypatch.setattr(addresses_module, "_normalize", fake)
+    monkeypatch.setattr(addresses_module, "_validated", recording)
     addresses_module._normalize_cached.cache_clear()
+    addresses_module._plain_domain.cache_clear()
     load_or_raise(make_schemas(Settings(check_dns=True)).send, {"to": ["x1@example.com"]})
     load_or_raise(make_schemas(Settings()).send, {"to": ["x2@example.com"]})
     addresses_module._normalize_cached.cache_clear()
+    addresses_module._plain_domain.cache_clear()
     assert seen == [True, False]
 
 

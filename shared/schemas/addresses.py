@@ -19,14 +19,22 @@ Decisions (they hold for recipients, ``from``, suppressions and events alike):
   shows in every task document and log line.
 - The local part keeps its case (mailbox names may be case-sensitive); the domain is
   lower-cased. Compare addresses with :func:`address_key`.
+
+Most addresses are plain ASCII ``dot-atom@domain``; for those the verdict on the domain, the
+costly part of email-validator's work, is kept per domain (:func:`_simple`): the part
+before the ``@`` is judged by the same rule email-validator applies to it, and anything
+else takes the full validation. ``tests/test_addresses.py`` holds both paths to the same
+answers.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import unicodedata
 
-from email_validator import EmailNotValidError, validate_email
+from email_validator import EmailNotValidError, ValidatedEmail, validate_email
+from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES, EMAIL_MAX_LENGTH
 from marshmallow import ValidationError
 
 from shared.schemas.text import NoControlChars
@@ -57,20 +65,56 @@ def address_key(address: str) -> str:
 @functools.lru_cache(maxsize=8192)
 def _normalize_cached(value: str) -> str:
     # Without DNS the answer depends on the text alone; senders repeat their recipients.
-    return _normalize(value, check_dns=False)
+    simple = _simple(value)
+    return simple if simple is not None else _normalize(value, check_dns=False)
+
+
+# RFC 5322's dot-atom (email-validator's DOT_ATOM_TEXT) before the @, ASCII labels after it
+_ATOM = r"[a-zA-Z0-9_!#$%&'*+\-/=?^`{|}~]+"
+_SIMPLE = re.compile(rf"({_ATOM}(?:\.{_ATOM})*)@([a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)*)")
+
+
+def _simple(value: str) -> str | None:
+    """The normalized form of a plain ASCII address whose domain email-validator accepts
+    as it is (no IDN), or None: the full validation then gives the answer (and the error).
+    The local part's own rule is the regular expression; the mailbox names email-validator
+    lower-cases (``Postmaster``) and lengths near the limit go the full way."""
+    match = _SIMPLE.fullmatch(value)
+    if match is None or len(value) > EMAIL_MAX_LENGTH:
+        return None
+    local, domain = match.groups()
+    if local.lower() in CASE_INSENSITIVE_MAILBOX_NAMES:
+        return None
+    ascii_domain = _plain_domain(domain.lower())
+    return None if ascii_domain is None else f"{local}@{ascii_domain}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _plain_domain(domain: str) -> str | None:
+    """``domain`` as email-validator normalizes it, when it accepts it and it is not an
+    internationalized name; else None."""
+    try:
+        info = _validated(f"a@{domain}", check_dns=False)
+    except EmailNotValidError:
+        return None
+    return info.ascii_domain if info.domain == info.ascii_domain else None
+
+
+def _validated(value: str, *, check_dns: bool) -> ValidatedEmail:
+    return validate_email(
+        value,
+        check_deliverability=check_dns,
+        allow_smtputf8=False,
+        allow_quoted_local=False,
+        allow_domain_literal=False,
+        allow_display_name=False,
+        allow_empty_local=False,
+    )
 
 
 def _normalize(value: str, *, check_dns: bool) -> str:
     try:
-        info = validate_email(
-            value,
-            check_deliverability=check_dns,
-            allow_smtputf8=False,
-            allow_quoted_local=False,
-            allow_domain_literal=False,
-            allow_display_name=False,
-            allow_empty_local=False,
-        )
+        info = _validated(value, check_dns=check_dns)
     except EmailNotValidError as error:
         raise ValidationError(f"Not a valid email address: {error}") from None
     mixed = _mixed_script_label(info.domain)
