@@ -181,7 +181,7 @@ class Express:
             self._documents.ttl_s,
             member,
             repr(due),
-            self._one_step.framing.frame(job),
+            self._one_step.framing.frame(job, member),
             *dict.fromkeys(address_key(r) for r in recipients),
         ]
         return script_keys, args

@@ -21,13 +21,14 @@ FINAL = frozenset({"sent", "failed"})
 
 
 def new_document(task_id: str, sid: str, now: float) -> dict[str, Any]:
+    stamp = iso(now)
     return {
         "task_id": task_id,
         "solution_id": sid,
         "state": "queued",
         "attempts": 0,
-        "created_at": iso(now),
-        "updated_at": iso(now),
+        "created_at": stamp,
+        "updated_at": stamp,
         "next_attempt_at": None,
         "result": None,
         "error": None,

@@ -24,6 +24,11 @@ from shared.names import SEND_TASK
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
 
+_EMBED_JSON = json.dumps(_EMBED, separators=(",", ":"))
+#: the parts of a message that differ from one message to the next
+_SLOTS = ("body", "task_id", "kwargsrepr", "origin", "tag")
+
+
 def redacted(job: dict[str, Any]) -> str:
     """What Celery may print of a job: ids only, never addresses, bodies or passwords."""
     return repr({"task_id": job.get("task_id"), "solution_id": job.get("solution_id")})
@@ -31,20 +36,40 @@ def redacted(job: dict[str, Any]) -> str:
 
 class TaskFraming:
     """Frames ``postroom.send_email`` messages for one queue (priority 0: the list named
-    after the queue)."""
+    after the queue). What is the same for every message is serialized once, into a
+    template the per-message parts are written into (:data:`_SLOTS`, each JSON-escaped)."""
 
     def __init__(self, queue: str, task_name: str = SEND_TASK) -> None:
         self.queue = queue
         self.task_name = task_name
         self._host = socket.gethostname()
         self._reply_to = str(uuid.uuid4())
+        marks = {name: f"\x00{name}\x00" for name in _SLOTS}
+        template = json.dumps(self._message(**marks)).replace("%", "%%")
+        for name, mark in marks.items():
+            template = template.replace(json.dumps(mark), f"%({name})s")
+        self._template = template
 
-    def frame(self, job: dict[str, Any]) -> str:
+    def frame(self, job: dict[str, Any], job_json: str | None = None) -> str:
+        """The message for ``job``; ``job_json``, the job as JSON when the caller has it
+        already (any spelling: the worker decodes it)."""
         task_id = job["task_id"]
-        kwargsrepr = redacted(job)
-        body = json.dumps([[], {"job": job}, _EMBED]).encode()
-        message = {
-            "body": base64.b64encode(body).decode(),
+        if job_json is None:
+            job_json = json.dumps(job)
+        body = f'[[],{{"job":{job_json}}},{_EMBED_JSON}]'.encode()
+        return self._template % {
+            "body": f'"{base64.b64encode(body).decode()}"',
+            "task_id": json.dumps(task_id),
+            "kwargsrepr": json.dumps(redacted(job)),
+            "origin": json.dumps(f"gen{os.getpid()}@{self._host}"),
+            "tag": json.dumps(str(uuid.uuid4())),
+        }
+
+    def _message(
+        self, body: str, task_id: str, kwargsrepr: str, origin: str, tag: str
+    ) -> dict[str, Any]:
+        return {
+            "body": body,
             "content-encoding": "utf-8",
             "content-type": "application/json",
             "headers": {
@@ -62,7 +87,7 @@ class TaskFraming:
                 "parent_id": None,
                 "argsrepr": "()",
                 "kwargsrepr": kwargsrepr,
-                "origin": f"gen{os.getpid()}@{self._host}",
+                "origin": origin,
                 "ignore_result": None,
                 "replaced_task_nesting": 0,
                 "stamped_headers": None,
@@ -77,7 +102,6 @@ class TaskFraming:
                 "delivery_info": {"exchange": "", "routing_key": self.queue},
                 "priority": 0,
                 "body_encoding": "base64",
-                "delivery_tag": str(uuid.uuid4()),
+                "delivery_tag": tag,
             },
         }
-        return json.dumps(message)

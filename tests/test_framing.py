@@ -51,3 +51,23 @@ def test_direct_enqueue_is_one_transaction(real_redis: redis.Redis, redis_url: s
     pushed = _decoded(as_bytes(real_redis.rpop(settings.queue)))
     assert pushed["body"][1] == {"job": JOB}
     assert pushed["headers"]["task"] == "postroom.send_email"
+
+
+def test_a_framed_message_is_json_whatever_the_names_and_the_jobs_spelling() -> None:
+    """The template holds names with ``%``, quotes and backslashes as they are; a job given
+    as JSON already (the accepted set's spelling) frames to the same decoded message."""
+    framing = TaskFraming('q%s"\\x', task_name="t%(body)s")
+    job = {**JOB, "task_id": 'id"%\\', "message": {"to": ["ä@example.com"], "text": "%(x)s"}}
+    plain = _decoded(framing.frame(job).encode())
+    given = _decoded(framing.frame(job, json.dumps(job, sort_keys=True)).encode())
+    for message in (plain, given):
+        assert [[], {"job": job}, {"callbacks": None, "errbacks": None, "chain": None,
+                                   "chord": None}] == message["body"]  # fmt: skip
+        assert ('q%s"\\x', "t%(body)s", 'id"%\\') == (
+            message["properties"]["delivery_info"]["routing_key"],
+            message["headers"]["task"],
+            message["headers"]["id"],
+        )
+        assert job["task_id"] == message["properties"]["correlation_id"]
+    assert plain["properties"].pop("delivery_tag") != given["properties"].pop("delivery_tag")
+    assert plain == given
