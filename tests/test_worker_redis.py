@@ -506,6 +506,15 @@ def run_batch(ctx: WorkerContext, items: list[Item]) -> list[bool]:
     return tasks.run_batch_with(lambda: ctx, ctx.settings, items)
 
 
+def received(server: ScriptedSmtpServer) -> list[str | None]:
+    """The Message-IDs the relay took, in order."""
+    return [m.message_id for m in server.messages]
+
+
+def tokens_left(client: redis.Redis) -> int:
+    return TokenBucket(client, 3600).peek(SID, 100).remaining
+
+
 def test_a_batch_costs_one_round_trip_per_message_and_one_more(
     real_redis: redis.Redis, smtp_server: ScriptedSmtpServer, trips: list[int]
 ) -> None:
@@ -525,10 +534,8 @@ def test_a_batch_costs_one_round_trip_per_message_and_one_more(
         assert ("sent", 1) == (doc["state"], doc["attempts"]), n
         assert "sending" not in ledger_of(real_redis, n)
         assert 0 == real_redis.exists(keys.lease(SID, f"task-{n}"))
-    assert [f"<m{n}@postroom.test>" for n in (1, 2, 3)] == [
-        m.message_id for m in smtp_server.messages
-    ]
-    assert 97 == TokenBucket(real_redis, 3600).peek(SID, 100).remaining
+    assert [f"<m{n}@postroom.test>" for n in (1, 2, 3)] == received(smtp_server)
+    assert 97 == tokens_left(real_redis)
     ctx.pool.close_all()
 
 
@@ -546,16 +553,14 @@ def test_a_message_begun_ahead_but_not_started_gives_its_lease_back(
     assert [True, False] == run_batch(ctx, items)
 
     assert 0 == real_redis.exists(keys.lease(SID, "task-2"))
-    assert ["<m1@postroom.test>"] == [m.message_id for m in smtp_server.messages]
+    assert ["<m1@postroom.test>"] == received(smtp_server)
     assert "1" == ledger_of(real_redis, 2)["sending"]  # its token is taken, once
 
     monkeypatch.setattr(tasks, "_may_start", lambda item, settings: True)
     assert [True] == run_batch(ctx, items[1:])
     assert "sent" == document(real_redis, 2)["state"]
-    assert ["<m1@postroom.test>", "<m2@postroom.test>"] == [
-        m.message_id for m in smtp_server.messages
-    ]
-    assert 98 == TokenBucket(real_redis, 3600).peek(SID, 100).remaining
+    assert ["<m1@postroom.test>", "<m2@postroom.test>"] == received(smtp_server)
+    assert 98 == tokens_left(real_redis)
     ctx.pool.close_all()
 
 
@@ -609,9 +614,7 @@ def test_a_lost_reply_to_the_shared_round_trip_sends_nothing_twice(
 
     assert not lost
     assert ["sent", "sent"] == [document(real_redis, n)["state"] for n in (1, 2)]
-    assert ["<m1@postroom.test>", "<m2@postroom.test>"] == [
-        m.message_id for m in smtp_server.messages
-    ]
-    assert 98 == TokenBucket(real_redis, 3600).peek(SID, 100).remaining
+    assert ["<m1@postroom.test>", "<m2@postroom.test>"] == received(smtp_server)
+    assert 98 == tokens_left(real_redis)
     assert 0 == real_redis.exists(keys.lease(SID, "task-2"))
     ctx.pool.close_all()
