@@ -564,6 +564,27 @@ def test_a_message_begun_ahead_but_not_started_gives_its_lease_back(
     ctx.pool.close_all()
 
 
+def test_a_message_that_may_not_start_is_not_begun_ahead(
+    real_redis: redis.Redis, smtp_server: ScriptedSmtpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next message's window no longer fits when the first one ends (or the worker
+    stops): it is not begun with that step, takes no lease and no token, and goes back to
+    the queue."""
+    ctx = make_context(real_redis, smtp_port=smtp_server.port)
+    items = batch_of(ctx, 2)
+
+    def may_start(item: Item, settings: Any) -> bool:  # the second, only before the first
+        return item is items[0] or not smtp_server.messages  # was sent: judged at its end
+
+    monkeypatch.setattr(tasks, "_may_start", may_start)
+    assert [True, False] == run_batch(ctx, items)
+
+    assert {} == ledger_of(real_redis, 2)
+    assert 0 == real_redis.exists(keys.lease(SID, "task-2"))
+    assert 99 == tokens_left(real_redis)
+    ctx.pool.close_all()
+
+
 def test_a_begin_ahead_that_redis_refuses_is_made_again_on_its_own(
     real_redis: redis.Redis, smtp_server: ScriptedSmtpServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

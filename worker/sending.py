@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from shared.documents import FINAL, new_document
@@ -81,8 +82,9 @@ class Attempt:
         self._unrecorded: Outcomes | None = None
         self._bounces: dict[str, dict[str, Any]] = {}
         #: the attempt to begin in the same round trip as this one's last step (the next
-        #: message of a batch); set by the batch runner
+        #: message of a batch), and whether this one may begin now; set by the batch runner
         self.next: Attempt | None = None
+        self.ready: Callable[[], bool] = lambda: True
         # what that round trip began for this attempt: its relay's judgment and the begin
         self._ahead: tuple[Judged, Begun] | None = None
 
@@ -134,7 +136,10 @@ class Attempt:
 
     def begin_call(self) -> tuple[Judged, BeginCall] | None:
         """This attempt's first step, ready to run with another's last (:meth:`_write`);
-        None when it cannot be (see :func:`worker.steps.begin_ahead`)."""
+        None when it may not begin now (:attr:`ready`) or cannot begin so (see
+        :func:`worker.steps.begin_ahead`)."""
+        if not self.ready():
+            return None
         relay, first_take = self._judged_and_take()
         call = begin_ahead(self.ctx, self.sid, self.task_id, self._lease_seconds(),
                            first_take, self.recipients)  # fmt: skip

@@ -77,15 +77,16 @@ def run_batch_with(
     one round trip per message and one more per batch, instead of two per message."""
     ctx = context()
     attempts = [Attempt(ctx, item.job) for item in items]
+    for attempt, item in zip(attempts, items, strict=True):
+        attempt.ready = partial(_may_start, item, settings)
     verdicts: list[bool] = []
     store_down = False
     for n, (item, attempt) in enumerate(zip(items, attempts, strict=True)):
-        if store_down or not _may_start(item, settings):
+        if store_down or not attempt.ready():
             _give_back(attempt)
             verdicts.append(False)
             continue
-        following = n + 1 < len(items) and _may_start(items[n + 1], settings)
-        attempt.next = attempts[n + 1] if following else None
+        attempt.next = attempts[n + 1] if n + 1 < len(items) else None
         done = run(ctx, item.job, close_idle=False, attempt=attempt)
         verdicts.append(done)
         store_down = not done
