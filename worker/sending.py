@@ -477,7 +477,8 @@ class Attempt:
         """The attempt's last step: the ledger (what the relay answered), the document, the
         lease, and the job parked until ``schedule_at`` or, final, out of the accepted set;
         and, in the same round trip, the first step of :attr:`next`."""
-        ahead = self.next.begin_call() if self.next is not None else None
+        following = self.next
+        ahead = following.begin_call() if following is not None else None
         answer = finish(
             self.ctx,
             self.job,
@@ -489,8 +490,8 @@ class Attempt:
             forget=doc["state"] in FINAL,
             then=None if ahead is None else ahead[1],
         )
-        if ahead is not None and self.next is not None:
-            self.next.begun_with(*ahead, answer)
+        if following is not None and ahead is not None:
+            following.begun_with(*ahead, answer)
         self._leased = False
         self._unrecorded = None
         log.info(transition, extra={**self.log_extra, **fields})

@@ -45,7 +45,7 @@ from shared.documents import FINAL
 from shared.queue import encode_job
 from shared.ratelimit import Decision, decision_of
 from shared.schemas.addresses import address_key
-from shared.scripts import script
+from shared.scripts import Lua, script
 from shared.solutions import CONFIG_DEFAULTS, Solution
 from shared.suppressions import in_force
 from shared.text import as_str
@@ -145,7 +145,7 @@ def begin(
         if doc is not None and doc["state"] in FINAL:
             return Begun(doc, leased=False)
     call = _begin_call(sid, task_id, lease_s, first_take, recipients, same)
-    run = script("attempt_begin", functions=("bucket",))
+    run = _begin_script()
     answer = run(ctx.state, call.keys, call.args)
     if _held_by_the_dead(answer):
         call.args[2] = as_str(answer[1])
@@ -176,6 +176,11 @@ def begun_ahead(call: BeginCall, answer: Any) -> Begun | None:
     if answer is None or isinstance(answer, Exception) or _held_by_the_dead(answer):
         return None
     return _begun(answer, call.recipients, None, same=True)
+
+
+def _begin_script() -> Lua:
+    """``attempt_begin.lua`` with the bucket it calls (loaded once per process)."""
+    return script("attempt_begin", functions=("bucket",))
 
 
 def _held_by_the_dead(answer: Any) -> bool:
@@ -266,7 +271,7 @@ def finish(
     if forget:
         pipe.zrem(keys.accepted(), encode_job(job))
     if then is not None:
-        script("attempt_begin", functions=("bucket",)).queue(pipe, then.keys, then.args)
+        _begin_script().queue(pipe, then.keys, then.args)
     try:
         replies = pipe.execute(raise_on_error=False)
         ahead = replies.pop() if then is not None else None
