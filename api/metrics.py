@@ -1,7 +1,9 @@
 """``GET /metrics``: Prometheus text.
 
-Request counters are this process's; the queue and outcome figures are read from Redis
-at scrape time, so every API process reports the same, service-wide numbers.
+Under ``postroom api`` the request counters of every gunicorn process are added up at each
+scrape (:mod:`shared.metrics_files`), so whichever process answers reports the same
+counts; elsewhere (tests, an app built in process) they are this process's. The queue and
+outcome figures are read from Redis at scrape time.
 """
 
 from __future__ import annotations
@@ -10,34 +12,27 @@ import time
 
 from flask import Flask, Response, g, request
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily
 from redis.exceptions import RedisError
 
 from api.services import Services
-from shared import keys
+from shared import keys, metrics_files
+from shared.queue_metrics import BacklogCollector
 from shared.text import as_str
 
 
 class _RedisCollector:
+    """Outcomes counted in Redis by every worker (``postroom_messages_total``)."""
+
     def __init__(self, svc: Services) -> None:
         self._svc = svc
 
     def collect(self):  # type: ignore[no-untyped-def]
-        queue = GaugeMetricFamily("postroom_queue_depth", "Messages waiting in the broker")
-        scheduled = GaugeMetricFamily(
-            "postroom_scheduled", "Messages waiting for a retry or a token"
-        )
         outcomes = CounterMetricFamily(
             "postroom_messages", "Messages by final outcome", labels=["outcome"]
         )
         try:
-            state = self._svc.state
-            if self._svc.settings.broker_url == self._svc.settings.redis_url:
-                queue.add_metric([], float(state.llen(self._svc.settings.queue)))
-                yield queue
-            scheduled.add_metric([], float(state.zcard(keys.schedule())))
-            yield scheduled
-            for name, value in state.hgetall(keys.stats()).items():
+            for name, value in self._svc.state.hgetall(keys.stats()).items():
                 outcomes.add_metric([as_str(name)], float(value))
             yield outcomes
         except (RedisError, OSError):
@@ -45,16 +40,23 @@ class _RedisCollector:
 
 
 def register(app: Flask) -> None:
-    registry = CollectorRegistry()
+    shared_dir = metrics_files.active()
+    registry = CollectorRegistry() if shared_dir is None else (
+        metrics_files.collector_registry(shared_dir)
+    )
+    # with files, the counters are read back from them: registered nowhere else
+    own = registry if shared_dir is None else None
     requests = Counter(
         "postroom_http_requests", "HTTP requests", ["method", "route", "status"],
-        registry=registry,
+        registry=own,
     )
     latency = Histogram(
-        "postroom_http_request_seconds", "HTTP request latency", ["route"], registry=registry,
+        "postroom_http_request_seconds", "HTTP request latency", ["route"], registry=own,
         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 30),
     )
-    registry.register(_RedisCollector(app.extensions["postroom"]))
+    svc: Services = app.extensions["postroom"]
+    registry.register(BacklogCollector(svc.settings, lambda: svc.state))
+    registry.register(_RedisCollector(svc))
 
     @app.before_request
     def _start() -> None:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 import redis
 
+from shared import metrics_files
 from shared.crypto import SecretBox, generate_key
 from shared.errors import ConfigError, PostroomError
 from shared.settings import Settings
@@ -33,6 +34,7 @@ DEFAULT_BIND = "127.0.0.1:8080"
 API_WORKER_CLASS = "api.server.SyncWorker"
 # A sync worker is held for the whole of a `?wait=N` request (N <= 30 s): stay above it.
 DEFAULT_API_TIMEOUT_S = 60
+GUNICORN_CONFIG = "python:api.gunicorn_config"
 
 
 def cores() -> int:
@@ -77,11 +79,16 @@ def gunicorn_argv(args: argparse.Namespace, log_level: str, extra: Sequence[str]
     # one host would take it from each other. Off unless a path is given.
     if not any(a.startswith("--control-socket") for a in extra):
         argv.append("--no-control-socket")
+    # gunicorn hooks (a dead worker's metrics marked); an operator's own -c replaces them
+    if not any(a in ("-c", "--config") or a.startswith("--config=") for a in extra):
+        argv += ["--config", GUNICORN_CONFIG]
     return [*argv, *extra, WSGI_APP]
 
 
 def cmd_api(args: argparse.Namespace, extra: list[str]) -> int:
     settings = load_settings()
+    # every gunicorn process counts into one directory; GET /metrics adds them up
+    metrics_files.prepare(settings, "api")
     argv = gunicorn_argv(args, settings.log_level, extra)
     sys.stdout.flush()
     sys.stderr.flush()

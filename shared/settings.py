@@ -89,6 +89,22 @@ class Settings:
     log_level: str = "INFO"
     check_dns: bool = False
 
+    # -- operations: metrics and probes (deploy/) -------------------------------------
+    # the bound on one message's whole SMTP exchange; deploy/ sizes grace periods on it
+    send_deadline_s: float = 120.0
+    # port of the worker's Prometheus endpoint (0: none)
+    worker_metrics_port: int = 9808
+    # the directory where a command's processes keep their metrics (prometheus_client's
+    # multiprocess files; emptied when the command starts); "": a new temporary one
+    metrics_dir: str = ""
+    # label message metrics with the solution id (one series per solution: off by default)
+    metrics_solution_label: bool = False
+    # files a worker touches while alive and holds while it consumes (k8s probes); "": none
+    worker_heartbeat_file: str = ""
+    worker_ready_file: str = ""
+    worker_heartbeat_interval_s: float = 10.0
+    # -- end of operations ----------------------------------------------------------------
+
     # -- construction -------------------------------------------------------------
 
     def __post_init__(self) -> None:
@@ -102,6 +118,11 @@ class Settings:
             raise ConfigError(f"{PREFIX}WORKER_BATCH must be >= 1, got {self.worker_batch}")
         if self.max_batch < 1:
             raise ConfigError(f"{PREFIX}MAX_BATCH must be >= 1, got {self.max_batch}")
+        if self.worker_metrics_port > 65535:
+            raise ConfigError(
+                f"{PREFIX}WORKER_METRICS_PORT must be a port (0 turns it off), "
+                f"got {self.worker_metrics_port}"
+            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], *, require_secrets: bool = True) -> Settings:

@@ -28,6 +28,8 @@ def make_settings(redis_url: str, **overrides: Any) -> Settings:
         "retry_max_delay_s": 1.0,
         "retry_max_attempts": 5,
         "retry_max_age_s": 60,
+        # no worker metrics endpoint unless a test asks for one (several workers, one host)
+        "worker_metrics_port": 0,
     }
     base.update(overrides)
     return Settings(**base)

@@ -15,7 +15,7 @@ from celery.signals import worker_process_shutdown, worker_shutting_down
 
 from shared.queue import Enqueuer, accepted_jobs, celery_config
 from shared.settings import Settings
-from worker import batching, tasks
+from worker import batching, metrics, probes, tasks
 from worker.broker import transport_for
 from worker.context import WorkerContext
 from worker.lease import check_timeouts
@@ -99,4 +99,6 @@ def make_celery(settings: Settings) -> Celery:
                 self.mover.stop()
 
     app.steps["worker"].add(SchedulerStep)
+    metrics.install(app, settings)  # before the pool forks: its processes count in files
+    probes.install(app, settings)
     return app

@@ -32,6 +32,7 @@ from shared.keys import ledger as ledger_key
 from shared.ratelimit import Decision
 from shared.relays import Relay
 from shared.solutions import Solution, iso
+from worker import metrics
 from worker.context import WorkerContext
 from worker.lease import attempt_bound_s
 from worker.ledger import LedgerState, Outcomes
@@ -254,7 +255,8 @@ class Attempt:
             extra={**self.log_extra, "attempt": doc["attempts"], "recipients": len(pending)},
         )
         try:
-            result = ctx.pool.deliver(
+            result = metrics.deliver(
+                ctx.pool,
                 relay,
                 connect_host=connect_host,
                 sender=msg["from"],
@@ -492,6 +494,7 @@ class Attempt:
         )
         if following is not None and ahead is not None:
             following.begun_with(*ahead, answer)
+        metrics.written(transition, doc, self.job)
         self._leased = False
         self._unrecorded = None
         log.info(transition, extra={**self.log_extra, **fields})

@@ -27,7 +27,7 @@ from shared import keys
 from shared.errors import InternalError
 from shared.names import SEND_TASK
 from shared.settings import Settings
-from worker import batching
+from worker import batching, metrics
 from worker.batching import Item, fits_window, install
 from worker.context import WorkerContext
 from worker.retrying import StorePatience
@@ -91,6 +91,7 @@ def run_batch_with(
         verdicts.append(done)
         store_down = not done
     ctx.pool.close_idle()
+    metrics.connections(ctx.pool)
     return verdicts
 
 
@@ -150,6 +151,7 @@ def run(
             attempt.run()
             if close_idle:
                 ctx.pool.close_idle()
+                metrics.connections(ctx.pool)
             return True
         except STORE_ERRORS:
             wait = next(waits, None)
