@@ -21,12 +21,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
-
-from celery import Celery, bootsteps
+from typing import TYPE_CHECKING, Any
 
 from shared.settings import Settings
-from worker import metrics
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 #: a heartbeat older than this many intervals means the worker is not alive
 STALE_AFTER_BEATS = 6
@@ -38,6 +38,12 @@ def touch(path: str) -> None:
 
 def install(app: Celery, settings: Settings) -> None:
     """Add the heartbeat step (worker) and the readiness step (consumer) to ``app``."""
+    # imported here: the probes below run as their own short process, every few seconds,
+    # and need neither Celery nor the metrics
+    from celery import bootsteps
+
+    from worker import metrics
+
     heartbeat_file = settings.worker_heartbeat_file
     ready_file = settings.worker_ready_file
     interval = max(0.1, settings.worker_heartbeat_interval_s)
