@@ -22,6 +22,7 @@ import pytest
 import redis
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.registry import Collector
 
 from api.app import create_app
 from shared import keys
@@ -242,9 +243,10 @@ def test_dashboard_and_alerts_use_metrics_the_code_exports(
     names = re.compile(r"^(?:# TYPE )?(postroom_\w+)", re.M)
     exported = set(names.findall(client.get("/metrics").get_data(as_text=True)))
     registry = CollectorRegistry()
+    worker = WorkerMetrics.build(per_solution=False)
     for field in dataclasses.fields(WorkerMetrics):
-        metric = getattr(WorkerMetrics.build(per_solution=False), field.name, None)
-        if hasattr(metric, "collect"):
+        metric = getattr(worker, field.name)
+        if isinstance(metric, Collector):
             registry.register(metric)
     exported |= set(names.findall(generate_latest(registry).decode()))
 
