@@ -22,7 +22,7 @@ import pytest
 import redis
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.registry import Collector
+from prometheus_client.metrics import MetricWrapperBase
 
 from api.app import create_app
 from shared import keys
@@ -246,7 +246,7 @@ def test_dashboard_and_alerts_use_metrics_the_code_exports(
     worker = WorkerMetrics.build(per_solution=False)
     for field in dataclasses.fields(WorkerMetrics):
         metric = getattr(worker, field.name)
-        if isinstance(metric, Collector):
+        if isinstance(metric, MetricWrapperBase):
             registry.register(metric)
     exported |= set(names.findall(generate_latest(registry).decode()))
 
