@@ -263,3 +263,34 @@ def test_dashboard_and_alerts_use_metrics_the_code_exports(
                    "postroom_http_request_seconds_bucket"):
         assert wanted in used
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+def test_compose_secrets_are_made_once_and_read_by_every_process(tmp_path: Path) -> None:
+    """The Compose ``secrets`` service's script (run here by /bin/sh, with the volume as a
+    directory) writes a valid admin token and secret key once, keeps them on the next
+    start, and the services' entry point exports them before running ``postroom``."""
+    services = compose()["services"]
+    volume = tmp_path / "run-postroom"
+    volume.mkdir()
+
+    def script(text: str) -> str:
+        return text.replace("$$", "$").replace("/run/postroom", str(volume))
+
+    bin_dir = str(Path(sys.executable).parent)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "POSTROOM_ADMIN_TOKEN": "",
+           "POSTROOM_SECRET_KEY": ""}
+    make = script(services["secrets"]["entrypoint"][2])
+    subprocess.run(["/bin/sh", "-c", make], env=env, check=True, timeout=60)
+    first = (volume / "secrets.env").read_text()
+    subprocess.run(["/bin/sh", "-c", make], env=env, check=True, timeout=60)
+    assert first == (volume / "secrets.env").read_text()
+    entry = services["api"]["entrypoint"]
+    assert ["tini", "--", "/bin/sh", "-c"] == entry[:4]
+    shown = subprocess.run(
+        ["/bin/sh", "-c", script(entry[4]).replace("exec postroom", "exec env"), *entry[5:]],
+        env=env, check=True, capture_output=True, text=True, timeout=60,
+    ).stdout
+    exported = dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
+    settings = Settings.from_env({k: v for k, v in exported.items()
+                                  if k.startswith("POSTROOM_")})
+    assert len(settings.admin_token) >= 32
