@@ -66,9 +66,11 @@ def api_side(requests: int, files: bool) -> dict[str, float]:
     from api.app import create_app
     from api.services import Services
     from shared import metrics_files
+    from shared.crypto import generate_key
     from shared.settings import Settings
 
-    settings = Settings(metrics_dir=tempfile.mkdtemp() if files else "")
+    settings = Settings(metrics_dir=tempfile.mkdtemp() if files else "",
+                        secret_key=generate_key())
     if files:
         metrics_files.prepare(settings, "api")
     services = dataclasses.replace(Services.build(settings), state=fakeredis.FakeRedis())
