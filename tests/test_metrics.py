@@ -219,3 +219,34 @@ def test_heartbeat_ages(tmp_path: Path) -> None:
 def _no_worker_metrics_left() -> Iterator[None]:
     yield
     metrics._current = None
+
+
+@pytest.mark.slow
+@pytest.mark.fault
+def test_a_broker_blip_unreadies_a_worker_but_never_stops_its_heartbeat(
+    loopback_stack: Any, real_redis: Any, probe_files: dict[str, Any], tmp_path: Path
+) -> None:
+    """The broker (a Redis of its own) is killed: the worker drops its readiness file (it
+    consumes nothing) while its heartbeat goes on, so a liveness probe restarts nothing;
+    with the broker back, the worker is ready again and sends."""
+    from shared.embedded_redis import EmbeddedRedis
+
+    broker = EmbeddedRedis(appendonly=True).start()
+    try:
+        stack: Stack = loopback_stack(broker_url=broker.url, **probe_files)
+        stack.solution(hLimit=100)
+        stack.start_worker(concurrency=1)
+        ready = Path(probe_files["worker_ready_file"])
+        beat = Path(probe_files["worker_heartbeat_file"])
+        wait_for(ready.exists, 30, message="the readiness file")
+        broker.kill()
+        wait_for(lambda: not ready.exists(), 30, message="the readiness file to go")
+        before = beat.stat().st_mtime
+        wait_for(lambda: beat.stat().st_mtime > before, 5, message="a heartbeat")
+        assert probes.alive(str(beat), probe_files["worker_heartbeat_interval_s"])
+        broker.start()
+        wait_for(ready.exists, 60, message="the readiness file again")
+        [task_id] = stack.send_many(1)
+        assert "sent" == stack.wait_final(task_id)["state"]
+    finally:
+        broker.cleanup()
