@@ -8,9 +8,10 @@ ever wrote (a process that ended keeps its share, so a counter never goes down),
 live gauges over the processes still running (:func:`mark_dead` and :func:`sweep` remove
 the share of those that ended).
 
-The directory is ``POSTROOM_METRICS_DIR`` (one per command: an API and a worker on one
-host each need their own), else a new temporary one. It is emptied when the command
-starts (:func:`prepare`): files left by an earlier run would add that run's counts.
+The directory is a subdirectory of ``POSTROOM_METRICS_DIR`` named for the command
+(``api``; ``worker-<metrics port>``, so that the workers of one host keep apart), else a
+new temporary one. It is emptied when the command starts (:func:`prepare`): files left by
+an earlier run would add that run's counts.
 prometheus_client finds it through ``PROMETHEUS_MULTIPROC_DIR``, which :func:`prepare`
 sets for this process and the processes it starts.
 """
@@ -40,7 +41,10 @@ _LIVE_GAUGE = re.compile(r"^gauge_live\w*?_(\d+)\.db$")
 def prepare(settings: Settings, role: str) -> str:
     """Make this process and its children keep metrics in files of one directory, emptied
     now; returns the directory. Call it before the processes that count are started."""
-    path = settings.metrics_dir or tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{role}-")
+    if settings.metrics_dir:
+        path = os.path.join(settings.metrics_dir, role)
+    else:
+        path = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{role}-")
     os.makedirs(path, exist_ok=True)
     for name in glob.glob(os.path.join(path, "*.db")):
         os.remove(name)

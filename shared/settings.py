@@ -94,8 +94,8 @@ class Settings:
     send_deadline_s: float = 120.0
     # port of the worker's Prometheus endpoint (0: none)
     worker_metrics_port: int = 9808
-    # the directory where a command's processes keep their metrics (prometheus_client's
-    # multiprocess files; emptied when the command starts); "": a new temporary one
+    # where a command's processes keep their metrics (prometheus_client's multiprocess
+    # files, in a subdirectory per command, emptied when it starts); "": a temporary one
     metrics_dir: str = ""
     # label message metrics with the solution id (one series per solution: off by default)
     metrics_solution_label: bool = False

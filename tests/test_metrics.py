@@ -93,9 +93,8 @@ def test_api_counters_add_up_across_gunicorn_processes(
                            route="/api/v1/solutions/<sid>/email")
     finally:
         api.stop()
-    assert not (tmp_path / "api-metrics").exists() or all(
-        not name.startswith("gauge_live") for name in os.listdir(tmp_path / "api-metrics")
-    )
+    assert all(not name.startswith("gauge_live")
+               for name in os.listdir(tmp_path / "api-metrics" / "api"))
 
 
 # -- the worker's endpoint and probe files ---------------------------------------------
@@ -200,7 +199,7 @@ def test_prepare_empties_the_directory(tmp_path: Path, monkeypatch: Any) -> None
     monkeypatch.setenv(metrics_files.ENV, "")
     (tmp_path / "counter_1.db").write_bytes(b"old")
     (tmp_path / "keep.txt").write_text("not ours")
-    path = metrics_files.prepare(Settings(metrics_dir=str(tmp_path)), "api")
+    path = metrics_files.prepare(Settings(metrics_dir=str(tmp_path.parent)), tmp_path.name)
     assert (str(tmp_path), ["keep.txt"]) == (path, os.listdir(tmp_path))
     assert path == metrics_files.active()
 

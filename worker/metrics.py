@@ -102,7 +102,7 @@ def install(app: Celery, settings: Settings) -> WorkerMetrics | None:
     if not settings.worker_metrics_port:
         _current = None
         return None
-    path = metrics_files.prepare(settings, "worker")
+    path = metrics_files.prepare(settings, f"worker-{settings.worker_metrics_port}")
     atexit.register(metrics_files.remove_if_temporary, path)  # the main process's exit
     _current = WorkerMetrics.build(settings.metrics_solution_label)
 
