@@ -30,7 +30,8 @@ from shared.cli import build_parser
 from shared.queue_metrics import queue_key
 from shared.settings import Settings
 from tests.helpers import auth, create_solution, make_settings
-from worker.metrics import WorkerMetrics
+from worker import metrics as worker_metrics
+from worker.metrics import HeartbeatCollector, WorkerMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -233,7 +234,7 @@ def test_compose_and_k8s_run_commands_that_exist() -> None:
 
 
 def test_dashboard_and_alerts_use_metrics_the_code_exports(
-    redis_url: str, real_redis: redis.Redis
+    redis_url: str, real_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every postroom metric the Grafana dashboard and the alert rules query is one that
     the API's or a worker's /metrics serves."""
@@ -248,6 +249,9 @@ def test_dashboard_and_alerts_use_metrics_the_code_exports(
         metric = getattr(worker, field.name)
         if isinstance(metric, MetricWrapperBase):
             registry.register(metric)
+    beat = HeartbeatCollector()
+    monkeypatch.setattr(worker_metrics, "_last_beat", 1.0)
+    registry.register(beat)
     exported |= set(names.findall(generate_latest(registry).decode()))
 
     dashboard = json.loads((DEPLOY / "grafana" / "postroom.json").read_text())

@@ -16,11 +16,13 @@ from __future__ import annotations
 import atexit
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, bootsteps
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from shared import metrics_files
 from shared.connections import redis_clients
@@ -47,7 +49,6 @@ class WorkerMetrics:
     transaction: Histogram
     in_flight: Gauge
     relay_connections: Gauge
-    heartbeat: Gauge
     per_solution: bool
 
     @classmethod
@@ -80,15 +81,27 @@ class WorkerMetrics:
                 "postroom_worker_relay_connections", "SMTP connections kept open to relays",
                 multiprocess_mode="livesum", registry=None,
             ),
-            heartbeat=Gauge(
-                "postroom_worker_heartbeat_timestamp_seconds", "When the worker's main "
-                "process last beat (Unix time)", multiprocess_mode="max", registry=None,
-            ),
             per_solution=per_solution,
         )  # fmt: skip
 
 
 _current: WorkerMetrics | None = None
+# when the main process last beat (worker.probes): a plain value, read at scrape time by
+# HeartbeatCollector. The beat comes from a thread, and a thread holding
+# prometheus_client's lock (taken by every metric write) while the pool forks a process
+# would leave that process's copy locked for good.
+_last_beat: float | None = None
+
+
+class HeartbeatCollector:
+    """``postroom_worker_heartbeat_timestamp_seconds``, once the worker has beaten."""
+
+    def collect(self) -> Iterator[Metric]:
+        if _last_beat is not None:
+            yield GaugeMetricFamily(
+                "postroom_worker_heartbeat_timestamp_seconds",
+                "When the worker's main process last beat (Unix time)", value=_last_beat,
+            )
 
 
 def current() -> WorkerMetrics | None:
@@ -129,6 +142,7 @@ def serve(settings: Settings, path: str) -> None:
         return state[0]
 
     registry.register(BacklogCollector(settings, client))
+    registry.register(HeartbeatCollector())
     try:
         start_http_server(settings.worker_metrics_port, registry=registry)
     except OSError as exc:
@@ -191,9 +205,8 @@ def connections(pool: SmtpPool) -> None:
 
 def beat() -> None:
     """The main process is alive (see :mod:`worker.probes`)."""
-    m = _current
-    if m is not None:
-        m.heartbeat.set(time.time())
+    global _last_beat
+    _last_beat = time.time()
 
 
 def reply_class(code: Any) -> str:

@@ -9,8 +9,9 @@
   removed when it stops (a lost broker connection, a shutdown). A readiness probe checks
   that it exists (``python -m worker.probes ready``).
 
-Both are off when their setting is empty. The heartbeat also sets
-``postroom_worker_heartbeat_timestamp_seconds`` (:func:`worker.metrics.beat`).
+Both are off when their setting is empty. The heartbeat also feeds
+``postroom_worker_heartbeat_timestamp_seconds`` (:func:`worker.metrics.beat`) when the
+worker serves metrics.
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ def install(app: Celery, settings: Settings) -> None:
     interval = max(0.1, settings.worker_heartbeat_interval_s)
 
     class HeartbeatStep(bootsteps.StartStopStep):
-        """Touches the heartbeat file from a thread of the main process."""
+        """Touches the heartbeat file from a thread of the main process (started once the
+        pool has forked its processes)."""
+
+        requires = ("celery.worker.components:Pool",)
 
         def __init__(self, parent: Any, **kwargs: Any) -> None:
             super().__init__(parent, **kwargs)
@@ -86,8 +90,12 @@ def install(app: Celery, settings: Settings) -> None:
 
         shutdown = stop
 
-    app.steps["worker"].add(HeartbeatStep)
-    app.steps["consumer"].add(ReadyStep)
+    # nothing is added that nothing asks for: a worker without probe files or metrics
+    # runs as it would without this module
+    if heartbeat_file or settings.worker_metrics_port:
+        app.steps["worker"].add(HeartbeatStep)
+    if ready_file:
+        app.steps["consumer"].add(ReadyStep)
 
 
 # -- the probes (exec probes in deploy/k8s) --------------------------------------------
