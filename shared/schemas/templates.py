@@ -1,0 +1,48 @@
+"""The bodies of the template routes: ``PUT …/templates/{name}`` and ``POST …/render``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from marshmallow import ValidationError, validates_schema
+from marshmallow.validate import Length
+
+from shared.schemas.fields import StrictSchema, Text
+from shared.schemas.richer import TemplateData
+from shared.schemas.text import NoControlChars
+from shared.templates import PARTS, check_syntax
+
+
+class TemplateSchema(StrictSchema):
+    """``{subject, text?, html?}``, Jinja2 sources; at least one of text and html. Each
+    compiles, and together they are at most ``max_bytes`` of UTF-8."""
+
+    subject = Text(required=True, validate=[NoControlChars(), Length(1, 10_000)])
+    text = Text(allow_none=True, validate=NoControlChars(body=True))
+    html = Text(allow_none=True, validate=NoControlChars(body=True))
+
+    def __init__(self, max_bytes: int = 64 * 1024, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_bytes = max_bytes
+
+    @validates_schema(skip_on_field_errors=True)
+    def _check(self, data: dict[str, Any], **_: Any) -> None:
+        if data.get("text") is None and data.get("html") is None:
+            raise ValidationError("A template needs text, html or both.", "text")
+        size = sum(len((data.get(p) or "").encode()) for p in PARTS)
+        if size > self.max_bytes:
+            raise ValidationError(
+                f"At most {self.max_bytes} bytes in subject, text and html together.", "subject"
+            )
+        errors = {}
+        for part in PARTS:
+            source = data.get(part)
+            problem = None if source is None else check_syntax(part, source)
+            if problem is not None:
+                errors[part] = [f"Not a valid template: {problem}"]
+        if errors:
+            raise ValidationError(errors)
+
+
+class RenderSchema(StrictSchema):
+    data = TemplateData(allow_none=True)
