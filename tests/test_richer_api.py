@@ -187,7 +187,8 @@ def test_a_scheduled_send_waits_in_the_schedule(
                              "send_at": datetime.fromtimestamp(due, UTC).isoformat()})
     assert (202, "scheduled") == (r.status_code, r.get_json()["state"]), r.get_json()
     assert 0 == queue_length(real_redis)
-    [(member, score)] = real_redis.zrange(keys.schedule(), 0, -1, withscores=True)
+    entries: Any = real_redis.zrange(keys.schedule(), 0, -1, withscores=True)
+    [score] = [float(entry[1]) for entry in entries]
     assert abs(score - due) < 0.01
     task_id = r.get_json()["task_id"]
     doc = client.get(r.get_json()["links"]["self"], headers=auth(token)).get_json()
