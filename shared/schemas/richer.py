@@ -206,9 +206,10 @@ class Base64Content(_StringLoaded):
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bytes:
         text = self._text(value)
-        compact = text.replace("\r", "").replace("\n", "")
+        if "\n" in text or "\r" in text:  # MIME-style lines; a copy only then
+            text = text.replace("\r", "").replace("\n", "")
         try:
-            return base64.b64decode(compact.encode("ascii"), validate=True)
+            return base64.b64decode(text.encode("ascii"), validate=True)
         except (binascii.Error, UnicodeEncodeError, ValueError):
             raise ValidationError(
                 "Must be standard base64 (A–Z, a–z, 0–9, +, /, = padding)."
