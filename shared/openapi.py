@@ -510,7 +510,7 @@ def _batch_result() -> Schema:
             "index": _s("integer", minimum=0, description="The message's place in messages."),
             "status": _s("integer"),
             "task_id": _s("string"),
-            "state": _s("string", enum=["queued"]),
+            "state": _s("string", enum=["queued", "scheduled"]),
             "links": _obj(self=_s("string", description="The task document's URL.")),
             "type": _s("string"),
             "error": _s("string"),
