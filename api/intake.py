@@ -74,11 +74,11 @@ def build_job(
             "html": data.get("html"),
         },
     }
-    _add_richer(job, data)
+    _add_options(job, data)
     return job
 
 
-def _add_richer(job: dict[str, Any], data: dict[str, Any]) -> None:
+def _add_options(job: dict[str, Any], data: dict[str, Any]) -> None:
     """``reply_to``, ``headers``, the attachments' names and sizes (their bytes are stored
     apart: :mod:`shared.attachments`) and a future ``send_at``, each only when given, so a
     plain send's job is what it always was."""

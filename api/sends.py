@@ -40,7 +40,7 @@ from shared.idempotency import Claim
 from shared.ratelimit import Decision
 from shared.relays import DEFAULT_PORTS
 from shared.schemas import check_sender
-from shared.schemas.richer import Attachment
+from shared.schemas.attachments import Attachment
 from shared.schemas.text import CONTROL
 from shared.solutions import Solution, iso
 

@@ -16,7 +16,7 @@ import marshmallow
 from api.services import Services
 from shared.errors import ValidationError
 from shared.schemas import convert_messages
-from shared.schemas.richer import check_inline
+from shared.schemas.attachments import check_inline
 from shared.templates import RenderError, render
 
 

@@ -16,7 +16,7 @@ import redis
 
 from shared import keys
 from shared.errors import PermanentSendError
-from shared.schemas.richer import Attachment
+from shared.schemas.attachments import Attachment
 
 
 def queue_put(pipe: Any, sid: str, task_id: str, attachments: Sequence[Attachment],

@@ -64,7 +64,7 @@ def build_spec(settings: Settings) -> dict[str, Any]:
         "BatchRequest": _batch_request(settings.max_batch),
         "BatchMessage": _batch_message(conv.components["SendRequest"]),
         **_response_schemas(conv.components["SolutionConfig"]),
-        **_richer_schemas(),
+        **_template_schemas(),
     }
     return {
         "openapi": OPENAPI_VERSION,
@@ -81,7 +81,7 @@ def build_spec(settings: Settings) -> dict[str, Any]:
         "security": [{"bearerAuth": []}],
         "tags": [{"name": name} for name in ("service", "solutions", "email", "suppressions",
                                              "templates")],
-        "paths": _richer_paths(_paths(bodies), bodies),
+        "paths": _template_and_cancel_paths(_paths(bodies), bodies),
         "components": {
             "schemas": components,
             "securitySchemes": {
@@ -542,7 +542,7 @@ def _config_view(config: Schema) -> Schema:
 # -- richer messages: templates and cancel -------------------------------------------------
 
 
-def _richer_paths(paths: dict[str, Any], bodies: dict[str, Schema]) -> dict[str, Any]:
+def _template_and_cancel_paths(paths: dict[str, Any], bodies: dict[str, Schema]) -> dict[str, Any]:
     """``paths`` with the template routes and the cancel of a task."""
     one = [_param("sid"), _param("template_name")]
     paths["/solutions/{sid}/tasks/{task_id}"]["delete"] = _op(
@@ -585,7 +585,7 @@ def _richer_paths(paths: dict[str, Any], bodies: dict[str, Schema]) -> dict[str,
     }  # fmt: skip
 
 
-def _richer_schemas() -> dict[str, Schema]:
+def _template_schemas() -> dict[str, Schema]:
     time = _s("string", format="date-time")
     return {
         "Template": _obj(

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from shared.schemas.richer import Attachment
+from shared.schemas.attachments import Attachment
 from worker.message import build_message
 
 PNG = b"\x89PNG\r\n\x1a\n" + os.urandom(3000)

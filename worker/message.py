@@ -23,7 +23,7 @@ from urllib.parse import quote
 import redis
 
 from shared import attachments as stored
-from shared.schemas.richer import Attachment
+from shared.schemas.attachments import Attachment
 
 CRLF = b"\r\n"
 MAX_LINE = 78  # RFC 5322 2.1.1: lines SHOULD be at most 78 characters

@@ -17,7 +17,7 @@ from api.services import Services, services
 from api.templating import apply_template
 from shared.errors import Conflict, NotFound, ValidationError
 from shared.schemas import load_or_raise
-from shared.schemas.richer import TEMPLATE_NAME
+from shared.schemas.templates import TEMPLATE_NAME
 from shared.schemas.text import FullMatch
 from shared.solutions import iso
 from shared.templates import MAX_TEMPLATES

@@ -10,7 +10,8 @@ A loaded request holds every key, under its JSON name::
      "reply_to": [str], "headers": {str: str}, "attachments": [Attachment],
      "template": str | None, "template_data": dict, "send_at": float | None}
 
-(the last six: :mod:`shared.schemas.richer`)
+(the last six: :mod:`shared.schemas.headers`, ``.attachments``, ``.templates``,
+``.send_at``)
 
 ``null`` is read as an absent field. ``connection.port`` defaults by scheme (587, 465, 25).
 """
@@ -25,6 +26,7 @@ from marshmallow.validate import Length, OneOf, Range
 
 from shared import errors
 from shared.relays import DEFAULT_PORTS, SCHEMES
+from shared.schemas.attachments import AttachmentList, check_attachment_size, check_inline
 from shared.schemas.fields import (
     AddressList,
     EmailAddress,
@@ -33,16 +35,9 @@ from shared.schemas.fields import (
     StrictSchema,
     Text,
 )
-from shared.schemas.richer import (
-    MAX_REPLY_TO,
-    AttachmentList,
-    HeadersField,
-    SendAt,
-    TemplateData,
-    check_attachment_size,
-    check_inline,
-    template_name_field,
-)
+from shared.schemas.headers import MAX_REPLY_TO, HeadersField
+from shared.schemas.send_at import SendAt
+from shared.schemas.templates import TemplateData, template_name_field
 from shared.schemas.text import HostName, NoControlChars, NoEncodedWords, NoWhitespace
 
 if TYPE_CHECKING:
@@ -138,7 +133,7 @@ class SendRequestSchema(StrictSchema):
         metadata={"description": "A tighter hourly limit for this message (a second bucket)."},
     )
     connection = Object(ConnectionSchema, allow_none=True)
-    # -- richer messages (shared/schemas/richer.py) --
+    # -- reply_to, headers, attachments, templates, send_at --
     reply_to = AddressList(
         allow_none=True,
         validate=Length(max=MAX_REPLY_TO, error=f"At most {MAX_REPLY_TO} addresses."),
@@ -204,7 +199,7 @@ class SendRequestSchema(StrictSchema):
         raise ValidationError("At least one recipient is required in to, cc or bcc.", "to")
 
     @validates_schema(skip_on_field_errors=True)
-    def _richer(self, data: dict[str, Any], **_: Any) -> None:
+    def _templates_and_inline_parts(self, data: dict[str, Any], **_: Any) -> None:
         """A template replaces subject, text and html; inline parts are referenced."""
         if data.get("template") is not None:
             given = [n for n in ("subject", "text", "html") if data.get(n) is not None]

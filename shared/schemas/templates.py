@@ -1,16 +1,30 @@
-"""The bodies of the template routes: ``PUT …/templates/{name}`` and ``POST …/render``."""
+"""The bodies of the template routes (``PUT …/templates/{name}``, ``POST …/render``), and a
+send's ``template`` and ``template_data``."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from marshmallow import ValidationError, validates_schema
+from marshmallow import ValidationError, fields, validates_schema
 from marshmallow.validate import Length
 
 from shared.schemas.fields import StrictSchema, Text
-from shared.schemas.richer import TemplateData
-from shared.schemas.text import NoControlChars
+from shared.schemas.text import FullMatch, NoControlChars
 from shared.templates import PARTS, check_syntax
+
+TEMPLATE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+
+
+def template_name_field(**kwargs: Any) -> Text:
+    return Text(validate=FullMatch(TEMPLATE_NAME, "Must be 1 to 64 letters, digits, '.', "
+                                   "'_' or '-', starting with a letter or digit."), **kwargs)
+
+
+class TemplateData(fields.Dict):
+    default_error_messages = {"invalid": "Must be a JSON object."}
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(keys=fields.String(), **kwargs)
 
 
 class TemplateSchema(StrictSchema):
