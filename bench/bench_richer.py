@@ -3,16 +3,19 @@
     .venv/bin/python bench/bench_richer.py                      # rates, 1,000 messages a kind
     .venv/bin/python bench/bench_richer.py --messages 2000 --rounds 3
     .venv/bin/python bench/bench_richer.py --memory 5000        # RSS with 1 MiB attachments
+    .venv/bin/python bench/bench_richer.py --in-process         # the intake's CPU alone
 
 The same stack as ``bench_pipeline.py`` (embedded Redis, counting sink in a process of its
 own, ``postroom api`` under gunicorn, ``postroom worker``). Rates: for each kind of message
 (plain, template, 100 KiB attachment) and each round, in turns, the intake alone (the
 workers paused: requests/s the API takes) and end to end (closed loop, workers running:
 messages/s at the sink); each figure is printed with its ratio to the plain send of the
-same round, and the medians at the end. Memory: ``--memory N`` posts N messages, each with
-a 1 MiB attachment, at most ``--backlog`` of them accepted but not yet at the sink, and
-samples the RSS of every process (as ``bench_memory.py``): the API and the workers must
-stay flat; Redis holds the attachments only until their task is sent.
+same round, and the medians at the end. ``--in-process``: the intake's own CPU per request
+(Flask's test client, an embedded Redis, no HTTP server, no worker), the kinds in turns,
+which the machine's noise disturbs less than the rates. Memory: ``--memory N`` posts N
+messages, each with a 1 MiB attachment, at most ``--backlog`` of them accepted but not yet
+at the sink, and samples the RSS of every process (as ``bench_memory.py``): the API and
+the workers must stay flat; Redis holds the attachments only until their task is sent.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -178,6 +183,50 @@ def memory(args: argparse.Namespace, stack: PostroomStack, sink: Sink) -> bool:
         "GROWS" in t and (" api " in t or " worker" in t) for t in lines)
 
 
+def in_process(args: argparse.Namespace) -> None:
+    """CPU and wall time per accepted request, per kind, in turns; medians and ratios."""
+    global _kind
+    from api.app import create_app
+    from shared.crypto import generate_key
+    from shared.embedded_redis import EmbeddedRedis
+    from shared.settings import Settings
+
+    server = EmbeddedRedis().start()
+    try:
+        settings = Settings(redis_url=server.url, admin_token=ADMIN, secret_key=generate_key(),
+                            default_sender_domain="bench.localhost", log_level="WARNING")
+        client = create_app(settings).test_client()
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        client.post("/api/v1/solutions", headers=admin,
+                    json={"solution_id": SID, "hLimit": 1_000_000_000})
+        client.put(f"/api/v1/solutions/{SID}/templates/invoice", json=TEMPLATE, headers=admin)
+        path, headers = f"/api/v1/solutions/{SID}/email", {
+            **admin, "Content-Type": "application/json"}  # fmt: skip
+        cpu: dict[str, list[float]] = {k: [] for k in KINDS}
+        first = 0
+        store = redis.Redis.from_url(server.url)  # emptied of queued jobs between runs
+        for round_ in range(args.rounds):
+            for kind in KINDS[round_ % 3:] + KINDS[:round_ % 3]:
+                _kind = kind
+                bodies = [body(first + n) for n in range(args.messages)]
+                first += args.messages
+                for b in bodies[:50]:  # warm: compiled templates, connections
+                    client.post(path, data=b, headers=headers)
+                started = time.process_time()
+                for b in bodies:
+                    assert client.post(path, data=b, headers=headers).status_code == 202
+                cpu[kind].append((time.process_time() - started) * 1000 / len(bodies))
+                store.delete(*store.scan_iter("postroom:*:attachments:*"), "email")
+        say(f"intake CPU per request, in process, medians of {args.rounds} rounds of "
+            f"{args.messages}:")
+        plain = statistics.median(cpu["plain"])
+        for kind in KINDS:
+            ms = statistics.median(cpu[kind])
+            say(f"  {kind:<11} {ms:.3f} ms  ({ms / plain:.2f}x plain)")
+    finally:
+        server.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=1000, help="per kind and round")
@@ -187,7 +236,12 @@ def main() -> int:
                         help="messages with a 1 MiB attachment for the RSS check (0: rates)")
     parser.add_argument("--backlog", type=int, default=200, help="accepted, not yet sent")
     parser.add_argument("--interval", type=float, default=1.0)
+    parser.add_argument("--in-process", action="store_true",
+                        help="the intake's CPU per request, without HTTP or workers")
     args = parser.parse_args()
+    if args.in_process:
+        in_process(args)
+        return 0
     options = Options(args.messages, args.concurrency, 1, None, None, 0.0, False)
     say(f"bench_richer; before: {load_avg()}")
     log_dir = Path(tempfile.mkdtemp(prefix="postroom-bench-richer-"))
