@@ -156,6 +156,8 @@ def queue(svc: Services, job: dict[str, Any], attachments: Sequence[Attachment] 
             svc.enqueuer.enqueue(job, with_writes=writes if same or attachments else None)
     except Exception:
         svc.documents.delete(sid, task_id)
+        if attachments:  # written beside the accepted entry, which the broker then refused
+            stored_attachments.delete(svc.state, sid, task_id)
         raise
 
 
