@@ -12,6 +12,8 @@ from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
 from email.message import EmailMessage
 from email.policy import default as default_policy
+from functools import partial
+from typing import Any
 
 import pytest
 import redis
@@ -144,3 +146,31 @@ def test_a_cancel_during_the_send_is_409_and_the_message_arrives_once(stack: Sta
     assert "sent" == stack.wait_final(task_id)["state"]
     assert 1 == len(stack.smtp.messages)
 
+
+
+def test_cancels_racing_the_sends_never_end_both_sent_and_canceled(stack: Stack) -> None:
+    """Forty messages queued and canceled at once while a worker sends them: each ends
+    either ``canceled`` (200, never received) or ``sent`` (409, received once)."""
+    token = stack.solution("race", hLimit=1000)
+    stack.start_worker()
+    warm = stack.send({"to": ["warm@example.com"], "text": "warm"}, "race").get_json()["task_id"]
+    assert "sent" == stack.wait_final(warm, "race")["state"]  # the worker is taking messages now
+    stack.smtp.messages.clear()
+    links = []
+    for n in range(40):
+        r = stack.send({"to": [f"race{n}@example.com"], "text": f"race {n}"}, "race")
+        links.append((f"race{n}@example.com", r.get_json()["links"]["self"]))
+    answers = {rcpt: stack.client.delete(link, headers=auth(token)).status_code
+               for rcpt, link in links}  # fmt: skip
+    assert set(answers.values()) <= {200, 409}, answers
+    def ended(task_id: str) -> dict[str, Any] | None:
+        doc = stack.task(task_id, "race")
+        return doc if doc["state"] in ("sent", "failed", "canceled") else None
+
+    for rcpt, link in links:
+        doc = wait_for(partial(ended, link.rsplit("/", 1)[1]), 20, message="every task to end")
+        expected = "canceled" if answers[rcpt] == 200 else "sent"
+        assert expected == doc["state"], (rcpt, doc["error"])
+    time.sleep(0.5)
+    received = [m.rcpt_tos[0] for m in stack.smtp.messages]
+    assert sorted(received) == sorted(r for r, status in answers.items() if status == 409)
