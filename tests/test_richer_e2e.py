@@ -56,8 +56,9 @@ def test_attachments_inline_images_templates_and_headers_arrive(
 ) -> None:
     """A template send with an attachment (non-ASCII name), an inline image, Reply-To and
     one-click unsubscribe: the relay gets the rendered text, the parts byte-identical, the
-    headers as given; the stored bytes are deleted once the task is sent. A sandbox escape
-    in a template is a 400 and sends nothing."""
+    headers as given; the stored bytes are deleted once the task is sent. A message whose
+    attachments are gone fails, sending nothing. A sandbox escape in a template is a 400
+    and sends nothing."""
     token = stack.tokens["acme"]
     put = stack.client.put("/api/v1/solutions/acme/templates/invoice", headers=auth(token),
                            json={"subject": "Invoice {{ number }} for {{ name }}",
@@ -66,6 +67,9 @@ def test_attachments_inline_images_templates_and_headers_arrive(
     assert 201 == put.status_code, put.get_json()
     stack.client.put("/api/v1/solutions/acme/templates/escape", headers=auth(token),
                      json={"subject": "x", "text": "{{ ''.__class__.__mro__ }}"})
+    lost = stack.send({"to": ["bob@example.com"], "text": "x", "attachments": [
+        {"filename": "a.txt", "content": b64(b"gone")}]}).get_json()["task_id"]
+    real_redis.delete(keys.attachments("acme", lost))  # as if expired before it was sent
     stack.start_worker()
     unsubscribe = "<https://acme.example/u/42>, <mailto:unsub@acme.example>"
     r = stack.send({
@@ -98,6 +102,10 @@ def test_attachments_inline_images_templates_and_headers_arrive(
     assert (PDF, "Rechnung März 2026 – Nr. 42.pdf") == (attached.get_payload(decode=True),
                                                         attached.get_filename())
     assert not real_redis.exists(keys.attachments("acme", task_id))
+    gone = stack.wait_final(lost)
+    assert ("failed", "the message's attachments are no longer stored") == (
+        gone["state"], gone["error"]["error"])
+    assert ["ann@example.com"] == [r for m in stack.smtp.messages for r in m.rcpt_tos]
 
     r = stack.send({"to": ["ann@example.com"], "template": "escape"})
     assert (400, ["template_data"]) == (r.status_code, list(r.get_json()["fields"]))
