@@ -57,7 +57,7 @@ def build_job(
 ) -> dict[str, Any]:
     relay = relay_spec(data, solution, box)
     sender = envelope_sender(data, relay, settings)
-    return {
+    job = {
         "task_id": str(uuid.uuid4()),
         "solution_id": solution.solution_id,
         "created_at": time.time(),
@@ -74,6 +74,24 @@ def build_job(
             "html": data.get("html"),
         },
     }
+    _add_options(job, data)
+    return job
+
+
+def _add_options(job: dict[str, Any], data: dict[str, Any]) -> None:
+    """``reply_to``, ``headers``, the attachments' names and sizes (their bytes are stored
+    apart: :mod:`shared.attachments`) and a future ``send_at``, each only when given, so a
+    plain send's job is what it always was."""
+    message = job["message"]
+    if data.get("reply_to"):
+        message["reply_to"] = data["reply_to"]
+    if data.get("headers"):
+        message["headers"] = data["headers"]
+    if data.get("attachments"):
+        job["attachments"] = [item.meta() for item in data["attachments"]]
+    send_at = data.get("send_at")
+    if send_at is not None and send_at > job["created_at"]:
+        job["send_at"] = send_at
 
 
 def body_fingerprint(body: dict[str, Any]) -> str:

@@ -17,13 +17,17 @@ the batch route alike.
 
 from __future__ import annotations
 
+import math
 import re
+import time
+from collections.abc import Sequence
 from typing import Any
 
 from api.admission import admit
 from api.auth import Principal
 from api.intake import build_job
 from api.services import Services
+from shared import attachments as stored_attachments
 from shared.documents import new_document
 from shared.errors import (
     Blocked,
@@ -36,8 +40,9 @@ from shared.idempotency import Claim
 from shared.ratelimit import Decision
 from shared.relays import DEFAULT_PORTS
 from shared.schemas import check_sender
+from shared.schemas.attachments import Attachment
 from shared.schemas.text import CONTROL
-from shared.solutions import Solution
+from shared.solutions import Solution, iso
 
 MAX_IDEMPOTENCY_KEY = 255
 _KEY_CONTROL = re.compile(f"[{CONTROL}]")
@@ -79,8 +84,10 @@ def judge(
     check_suppressions(admission.blocked)
     # an early answer when the bucket is empty now (a peek: the worker takes the token);
     # under "defer" an empty bucket is no refusal (the message waits in line), hLimit 0 is
+    # (a scheduled send is not judged on the bucket now: its token is taken when it is sent)
     decision = admission.decision
-    if not decision.allowed and (decision.retry_after is None or solution.policy == "reject"):
+    if (not decision.allowed and not scheduled(data)
+            and (decision.retry_after is None or solution.policy == "reject")):  # fmt: skip
         raise RateLimited(
             "the hourly sending limit (hLimit) is used up",
             retry_after=decision.retry_after,
@@ -103,25 +110,63 @@ def judged_job(
     return build_job(data, solution, svc.settings, svc.box), decision
 
 
-def queue(svc: Services, job: dict[str, Any]) -> None:
-    """Write ``job``'s first document and publish the job; on failure, take the document
-    back and raise (503)."""
+def scheduled(data: dict[str, Any]) -> bool:
+    """Whether the send is for later (``send_at`` in the future)."""
+    send_at = data.get("send_at")
+    return send_at is not None and send_at > time.time()
+
+
+def state_of_request(data: dict[str, Any]) -> str:
+    """The state a loaded send request's task starts in."""
+    return "scheduled" if scheduled(data) else "queued"
+
+
+def state_of(job: dict[str, Any]) -> str:
+    """The state of a job's first document: ``scheduled`` for a send later, else ``queued``."""
+    return "scheduled" if "send_at" in job else "queued"
+
+
+def queue(svc: Services, job: dict[str, Any], attachments: Sequence[Attachment] = ()) -> None:
+    """Write ``job``'s first document (and its attachments' bytes) and publish the job, or
+    park it in the schedule until its ``send_at``; on failure, take the document back and
+    raise (503).
+
+    A scheduled job's document (and attachments) live ``POSTROOM_RESULT_TTL`` past its
+    ``send_at``."""
     sid, task_id = job["solution_id"], job["task_id"]
     doc = new_document(task_id, sid, job["created_at"])
+    send_at = job.get("send_at")
+    ttl_s = svc.documents.ttl_s
+    if send_at is not None:
+        doc.update(state="scheduled", next_attempt_at=iso(send_at))
+        ttl_s += max(0, math.ceil(send_at - time.time()))
+    same = svc.results is svc.state  # the first document rides with the accepted entry
+
+    def writes(pipe: Any) -> None:
+        if same:
+            svc.documents.put(doc, pipe=pipe, ttl_s=ttl_s)
+        stored_attachments.queue_put(pipe, sid, task_id, attachments, ttl_s)
+
     try:
-        if svc.results is svc.state:  # the first document rides with the accepted entry
-            svc.enqueuer.enqueue(job, with_writes=lambda pipe: svc.documents.put(doc, pipe=pipe))
+        if not same:
+            svc.documents.put(doc, ttl_s=ttl_s)
+        if send_at is not None:
+            svc.enqueuer.schedule(job, send_at, with_writes=writes)
         else:
-            svc.documents.put(doc)
-            svc.enqueuer.enqueue(job)
+            svc.enqueuer.enqueue(job, with_writes=writes if same or attachments else None)
     except Exception:
         svc.documents.delete(sid, task_id)
+        if attachments:  # written beside the accepted entry, which the broker then refused
+            stored_attachments.delete(svc.state, sid, task_id)
         raise
 
 
 def prepared(svc: Services, data: dict[str, Any], solution: Solution) -> dict[str, Any] | None:
     """``data``'s job built from ``solution`` when ``from`` and the relay pass on it, else
-    None (the usual path judges the send again, on the record as it is now)."""
+    None (the usual path judges the send again, on the record as it is now). Attachments
+    and a ``send_at`` take the usual path: their writes are not the one-step script's."""
+    if data.get("attachments") or data.get("send_at") is not None:
+        return None
     try:
         check_sender(data, solution.config)
         check_relay(svc, data, solution)
@@ -185,7 +230,7 @@ def queue_keyed(
     if earlier is not None:
         return replayed(earlier, fingerprint, name), None
     try:
-        queue(svc, job)
+        queue(svc, job, data.get("attachments") or ())
     except Exception:
         svc.idempotency.release(sid, key, task_id)
         raise

@@ -24,6 +24,7 @@ from shared.schemas import make_schemas
 from shared.settings import Settings
 from shared.solutions import Solution, SolutionStore
 from shared.suppressions import SuppressionStore
+from shared.templates import TemplateStore
 
 PLAIN_TEXT_FIELD = (
     'Plain text ("") is allowed only toward relays listed in POSTROOM_SMTP_ALLOW_HOSTS; '
@@ -47,6 +48,8 @@ class Services:
     guard: RelayGuard
     #: the one-round-trip send, when the queue and the documents share postroom's Redis
     express: Express | None
+    #: the solutions' message templates
+    templates: TemplateStore
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -69,6 +72,7 @@ class Services:
             guard=RelayGuard(settings.smtp_allow_hosts, settings.smtp_allow_ports,
                              resolver=CachedResolver()),
             express=Express.build(settings, state, results, documents, enqueuer),
+            templates=TemplateStore(state),
         )
 
     def principal(self) -> Principal:

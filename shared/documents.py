@@ -16,8 +16,8 @@ import redis
 from shared import keys
 from shared.solutions import iso
 
-STATES = ("queued", "deferred", "retrying", "sent", "failed")
-FINAL = frozenset({"sent", "failed"})
+STATES = ("scheduled", "queued", "deferred", "retrying", "sent", "failed", "canceled")
+FINAL = frozenset({"sent", "failed", "canceled"})
 
 
 def new_document(task_id: str, sid: str, now: float) -> dict[str, Any]:
@@ -50,14 +50,15 @@ class DocumentStore:
         doc["updated_at"] = iso(time.time())
         return json.dumps(doc)
 
-    def put(self, doc: dict[str, Any], pipe: Any = None) -> None:
-        """Write a document; when it is final, wake whoever waits for it (``?wait=N``).
+    def put(self, doc: dict[str, Any], pipe: Any = None, ttl_s: int | None = None) -> None:
+        """Write a document (for ``ttl_s``, else the store's time to live); when it is
+        final, wake whoever waits for it (``?wait=N``).
 
         (The worker writes it with the ledger and the lease in one step when the result
         backend is the state's Redis: ``shared/lua/attempt_finish.lua``.)"""
         sid, tid = doc["solution_id"], doc["task_id"]
         target = pipe if pipe is not None else self._r.pipeline(transaction=False)
-        target.set(keys.task(sid, tid), self.encode(doc), ex=self.ttl_s)
+        target.set(keys.task(sid, tid), self.encode(doc), ex=ttl_s or self.ttl_s)
         if doc["state"] in FINAL:
             target.publish(keys.task_done_channel(sid, tid), doc["state"])
         if pipe is None:

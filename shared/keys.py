@@ -90,3 +90,17 @@ def accepted() -> str:
 def stats() -> str:
     """Hash: service-wide counters of outcomes (sent, failed, retried, deferred)."""
     return f"{NS}:stats"
+
+
+# -- richer messages ------------------------------------------------------------------
+
+
+def attachments(sid: str, task_id: str) -> str:
+    """Hash: attachment index -> its bytes, for one message (the document's time to live;
+    deleted when the task is final)."""
+    return f"{NS}:{{{sid}}}:attachments:{task_id}"
+
+
+def templates(sid: str) -> str:
+    """Hash: template name -> JSON ``{name, subject, text, html, created_at, updated_at}``."""
+    return f"{NS}:{{{sid}}}:templates"

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 OPENAPI_VERSION = "3.1.0"
 API_VERSION = "1.0.0"
 BASE_PATH = "/api/v1"
-TASK_STATES = ["queued", "deferred", "retrying", "sent", "failed"]
+TASK_STATES = ["scheduled", "queued", "deferred", "retrying", "sent", "failed", "canceled"]
 JSON = "application/json"
 
 Schema = dict[str, Any]
@@ -55,12 +55,16 @@ def build_spec(settings: Settings) -> dict[str, Any]:
         "BatchRequest": _ref("BatchRequest"),
         "SuppressionPut": conv.ref(schemas.suppression, "SuppressionPut"),
         "Event": conv.ref(schemas.event, "Event"),
+        "TemplatePut": conv.ref(schemas.template, "TemplatePut",
+                                "A template: Jinja2 sources, sandboxed; html autoescaped."),
+        "RenderRequest": conv.ref(schemas.render, "RenderRequest"),
     }
     components = {
         **conv.components,
         "BatchRequest": _batch_request(settings.max_batch),
         "BatchMessage": _batch_message(conv.components["SendRequest"]),
         **_response_schemas(conv.components["SolutionConfig"]),
+        **_template_schemas(),
     }
     return {
         "openapi": OPENAPI_VERSION,
@@ -75,8 +79,9 @@ def build_spec(settings: Settings) -> dict[str, Any]:
         },
         "servers": [{"url": BASE_PATH}],
         "security": [{"bearerAuth": []}],
-        "tags": [{"name": name} for name in ("service", "solutions", "email", "suppressions")],
-        "paths": _paths(bodies),
+        "tags": [{"name": name} for name in ("service", "solutions", "email", "suppressions",
+                                             "templates")],
+        "paths": _template_and_cancel_paths(_paths(bodies), bodies),
         "components": {
             "schemas": components,
             "securitySchemes": {
@@ -304,7 +309,7 @@ _ERRORS = {
     401: ("Unauthorized", "Missing or invalid token."),
     403: ("Forbidden", "A solution token on an admin-only route."),
     404: ("NotFound", "No such resource (or not this token's)."),
-    409: ("Conflict", "The solution already exists."),
+    409: ("Conflict", "The solution already exists, or the task can no longer be canceled."),
     413: ("PayloadTooLarge", "The request body is larger than allowed."),
     415: ("UnsupportedMediaType", "The request body is not application/json."),
     422: ("IdempotencyMismatch", "This Idempotency-Key was used with another body."),
@@ -344,6 +349,8 @@ def _parameters() -> dict[str, Any]:
     return {
         "sid": path("sid", {"type": "string", "pattern": f"^(?:{SOLUTION_ID})$"}, "Solution id."),
         "task_id": path("task_id", _s("string"), "Task id, from the 202."),
+        "template_name": path("template_name", {"type": "string", "pattern": "^[A-Za-z0-9]"
+                              "[A-Za-z0-9._-]{0,63}$"}, "A template's name."),
         "email": path("email", {"type": "string", "format": "email"}, "An email address."),
         "IdempotencyKey": {
             "name": "Idempotency-Key",
@@ -416,7 +423,7 @@ def _response_schemas(config: Schema) -> dict[str, Schema]:
         "BatchResult": _batch_result(),
         "Accepted": _obj(
             task_id=_s("string"),
-            state=_s("string", enum=["queued"]),
+            state=_s("string", enum=["queued", "scheduled"]),
             links=_obj(self=_s("string", description="The task document's URL.")),
         ),
         "TaskDocument": _obj(
@@ -503,7 +510,7 @@ def _batch_result() -> Schema:
             "index": _s("integer", minimum=0, description="The message's place in messages."),
             "status": _s("integer"),
             "task_id": _s("string"),
-            "state": _s("string", enum=["queued"]),
+            "state": _s("string", enum=["queued", "scheduled"]),
             "links": _obj(self=_s("string", description="The task document's URL.")),
             "type": _s("string"),
             "error": _s("string"),
@@ -530,3 +537,59 @@ def _config_view(config: Schema) -> Schema:
     for value in properties.values():
         value.pop("default", None)
     return {"type": "object", "required": list(properties), "properties": properties}
+
+
+# -- richer messages: templates and cancel -------------------------------------------------
+
+
+def _template_and_cancel_paths(paths: dict[str, Any], bodies: dict[str, Schema]) -> dict[str, Any]:
+    """``paths`` with the template routes and the cancel of a task."""
+    one = [_param("sid"), _param("template_name")]
+    paths["/solutions/{sid}/tasks/{task_id}"]["delete"] = _op(
+        "cancelTask",
+        "email",
+        "Cancel a scheduled task, or a queued one no worker has begun: 200 with the document "
+        "in state canceled; 409 once it is sending or final.",
+        {"200": _json("Canceled.", _ref("TaskDocument")), **_err(401, 404, 409)},
+    )
+    template = _ref("Template")
+    return {
+        **paths,
+        "/solutions/{sid}/templates": {
+            "parameters": [_param("sid")],
+            "get": _op("listTemplates", "templates", "The solution's templates.",
+                       {"200": _json("The templates.", _obj(templates={
+                           "type": "array", "items": template})), **_err(401, 404)}),
+        },
+        "/solutions/{sid}/templates/{template_name}": {
+            "parameters": one,
+            "get": _op("getTemplate", "templates", "One template.",
+                       {"200": _json("The template.", template), **_err(401, 404)}),
+            "put": _op("putTemplate", "templates",
+                       "Store a template (Jinja2; a syntax error is a 400 naming the part).",
+                       {"200": _json("Replaced.", template), "201": _json("Created.", template),
+                        **_err(400, 401, 404, 409)}, body=bodies["TemplatePut"]),
+            "delete": _op("deleteTemplate", "templates", "Delete a template.",
+                          {"204": {"description": "Deleted."}, **_err(401, 404)}),
+        },
+        "/solutions/{sid}/templates/{template_name}/render": {
+            "parameters": one,
+            "post": _op("renderTemplate", "templates",
+                        "Render a template with data, without sending; a render error is a "
+                        "400 naming template_data.",
+                        {"200": _json("The rendered message.", _obj(
+                            subject=_s("string"), text=_s(["string", "null"]),
+                            html=_s(["string", "null"]))), **_err(400, 401, 404)},
+                        body=bodies["RenderRequest"], body_required=False),
+        },
+    }  # fmt: skip
+
+
+def _template_schemas() -> dict[str, Schema]:
+    time = _s("string", format="date-time")
+    return {
+        "Template": _obj(
+            name=_s("string"), subject=_s("string"), text=_s(["string", "null"]),
+            html=_s(["string", "null"]), created_at=time, updated_at=time,
+        ),
+    }  # fmt: skip

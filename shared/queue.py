@@ -150,6 +150,10 @@ class JobSet:
         """Queue the addition of ``job`` on ``pipe`` (a pipeline of this set's Redis)."""
         pipe.zadd(self.key, {encode_job(job): due_ts})
 
+    def pipeline(self, transaction: bool = True) -> Any:
+        """A pipeline of this set's Redis."""
+        return self._r.pipeline(transaction=transaction)
+
     def claim_due(self, now: float, limit: int = 100) -> list[Claimed]:
         """The jobs due at ``now`` (at most ``limit``), claimed for ``claim_s``."""
         score, *members = self._claim(keys=[self.key], args=[now, limit, self.claim_s])
@@ -272,6 +276,28 @@ class Enqueuer:
                 except (RedisError, OSError):
                     log.warning("could not withdraw a job the broker refused")
             raise
+
+    def schedule(
+        self,
+        job: dict[str, Any],
+        due_ts: float,
+        with_writes: Callable[[Any], None] | None = None,
+    ) -> None:
+        """Park ``job`` until ``due_ts`` in the schedule of retries (``keys.schedule()``,
+        moved onto the queue by the workers' mover), with its accepted-set entry due a
+        redelivery window after that and ``with_writes``, in one transaction."""
+        accepted = self._accepted
+        if accepted is None:
+            raise ValueError("scheduling needs an accepted set")
+        pipe = accepted.pipeline(transaction=True)
+        accepted.add_to(pipe, job, due_ts + accepted.claim_s)
+        pipe.zadd(keys.schedule(), {encode_job(job): due_ts})
+        if with_writes is not None:
+            with_writes(pipe)
+        try:
+            pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise unavailable(exc) from None
 
     def _in_one_transaction(
         self,

@@ -88,6 +88,9 @@ class Settings:
     log_format: str = "json"  # "json" or "text"
     log_level: str = "INFO"
     check_dns: bool = False
+    # -- attachments and templates --
+    max_attachment_bytes: int = 7 * 1024 * 1024  # decoded, all of a message's together
+    max_template_bytes: int = 64 * 1024  # a stored template's subject, text and html
 
     # -- operations: metrics and probes (deploy/) -------------------------------------
     # the bound on one message's whole SMTP exchange; deploy/ sizes grace periods on it

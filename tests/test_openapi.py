@@ -41,11 +41,14 @@ API_ROUTES = {
     "/solutions/{sid}/config": {"put", "patch"},
     "/solutions/{sid}/email": {"post"},
     "/solutions/{sid}/email/batch": {"post"},
-    "/solutions/{sid}/tasks/{task_id}": {"get"},
+    "/solutions/{sid}/tasks/{task_id}": {"get", "delete"},
     "/solutions/{sid}/quota": {"get"},
     "/solutions/{sid}/suppressions": {"get"},
     "/solutions/{sid}/suppressions/{email}": {"get", "put", "delete"},
     "/solutions/{sid}/events": {"post"},
+    "/solutions/{sid}/templates": {"get"},
+    "/solutions/{sid}/templates/{template_name}": {"get", "put", "delete"},
+    "/solutions/{sid}/templates/{template_name}/render": {"post"},
 }
 METHODS = {"get", "put", "post", "patch", "delete"}
 
@@ -150,11 +153,13 @@ def test_task_document_schema(spec: dict[str, Any]) -> None:
     """The task document carries its documented fields and state names."""
     task = spec["components"]["schemas"]["TaskDocument"]
     assert task["properties"]["state"]["enum"] == [
+        "scheduled",
         "queued",
         "deferred",
         "retrying",
         "sent",
         "failed",
+        "canceled",
     ]
     assert set(task["properties"]) == {
         "task_id",

@@ -79,7 +79,7 @@ BAD: list[tuple[str, Any, str, str]] = [
     ("send", {**OK, "connection": {**RELAY, "scheme": "tls"}}, "connection.scheme", '"smtps"'),
     ("send", {**OK, "connection": {**RELAY, "tls": True}}, "connection.tls", "Unknown field."),
     ("send", {**OK, "connection": "smtp://x"}, "connection", "Must be a JSON object."),
-    ("send", {**OK, "reply_to": "a@example.com"}, "reply_to", "Unknown field."),
+    ("send", {**OK, "replyTo": "a@example.com"}, "replyTo", "Unknown field."),
     # header injection through the subject
     ("send", {**OK, "subject": "hi\r\nBcc: x@example.com"}, "subject", "control characters"),
     ("send", {**OK, "subject": "=?UTF-8?Q?=0D=0A?=Bcc: x"}, "subject", "encoded-words"),
@@ -218,6 +218,12 @@ def test_loaded_send_request_shape(schemas: Schemas) -> None:
         "html": None,
         "hLimit": None,
         "connection": None,
+        "reply_to": [],
+        "headers": {},
+        "attachments": [],
+        "template": None,
+        "template_data": {},
+        "send_at": None,
     }
 
 
@@ -246,6 +252,8 @@ def test_full_send_request(schemas: Schemas) -> None:
         "from": "Me@example.org",
         "connection": {**cast(dict[str, Any], body["connection"]),
                        "server": "smtp.example.com"},
+        "reply_to": [], "headers": {}, "attachments": [], "template": None,
+        "template_data": {}, "send_at": None,
     }
     assert len(loaded["subject"]) == 998
 

@@ -13,9 +13,17 @@ from __future__ import annotations
 import base64
 import binascii
 import uuid
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from email.header import Header
 from email.utils import format_datetime
+from typing import Any
+from urllib.parse import quote
+
+import redis
+
+from shared import attachments as stored
+from shared.schemas.attachments import Attachment
 
 CRLF = b"\r\n"
 MAX_LINE = 78  # RFC 5322 2.1.1: lines SHOULD be at most 78 characters
@@ -33,10 +41,22 @@ def build_message(
     html: str | None,
     message_id: str,
     date: datetime | None = None,
+    reply_to: Sequence[str] = (),
+    headers: Mapping[str, str] | None = None,
+    attachments: Sequence[Attachment] = (),
 ) -> bytes:
     """The message as bytes ready for SMTP ``DATA`` (CRLF line endings, 7-bit clean unless an
-    address is non-ASCII, which only an SMTPUTF8 relay is then asked to carry)."""
-    for address in (sender, *to, *cc):
+    address is non-ASCII, which only an SMTPUTF8 relay is then asked to carry).
+
+    With attachments the body is ``multipart/mixed`` around the text part(s); inline ones
+    (with a Content-ID) sit in a ``multipart/related`` beside the HTML they illustrate::
+
+        mixed ─┬─ alternative ─┬─ text/plain
+               │               └─ related ─┬─ text/html
+               │                           └─ inline image …
+               └─ attachment …
+    """
+    for address in (sender, *to, *cc, *reply_to):
         _check_address(address)
     if not message_id.startswith("<"):
         message_id = f"<{message_id}>"
@@ -52,8 +72,14 @@ def build_message(
     head.append(_subject_header(subject or ""))
     head.append(b"Date: " + _format_date(date).encode())
     head.append(b"Message-ID: " + message_id.encode())
+    if reply_to:
+        head.append(_address_header("Reply-To", list(reply_to)))
+    for name, value in (headers or {}).items():
+        head.append(_custom_header(name, value))
     head.append(b"MIME-Version: 1.0")
 
+    if attachments:
+        return CRLF.join(head) + CRLF + _with_attachments(text, html, attachments)
     if text is not None and html is not None:
         parts = [_text_part("plain", text), _text_part("html", html)]
         boundary = _boundary(parts)
@@ -66,6 +92,16 @@ def build_message(
     else:
         single = _text_part("plain", text or "")
     return CRLF.join(head) + CRLF + single
+
+
+def attachments_of(client: redis.Redis, job: dict[str, Any]) -> list[Attachment]:
+    """A job's attachments, their bytes read from postroom's Redis."""
+    metas = job.get("attachments") or []
+    if not metas:
+        return []
+    contents = stored.load(client, job["solution_id"], job["task_id"], metas)
+    return [Attachment(m["filename"], m["content_type"], m.get("content_id"), content)
+            for m, content in zip(metas, contents, strict=True)]  # fmt: skip
 
 
 def _format_date(date: datetime | None) -> str:
@@ -134,6 +170,85 @@ def _text_part(subtype: str, content: str) -> bytes:
         f'Content-Type: text/{subtype}; charset="utf-8"\r\nContent-Transfer-Encoding: {cte}\r\n\r\n'
     )
     return header.encode("ascii") + body
+
+
+def _custom_header(name: str, value: str) -> bytes:
+    """A caller's header (checked at intake; checked again here: printable ASCII only)."""
+    if not name.startswith(("X-", "List-Unsubscribe")) or not all(
+        0x21 <= ord(ch) <= 0x7E and ch != ":" for ch in name
+    ):
+        raise ValueError("a custom header name must be X-… or List-Unsubscribe(-Post)")
+    if not all(0x20 <= ord(ch) <= 0x7E for ch in value):
+        raise ValueError(f"the {name} header holds other than printable ASCII")
+    return f"{name}: {value}".encode("ascii")
+
+
+def _multipart(subtype: str, parts: list[bytes], extra: str = "") -> bytes:
+    """A ``multipart/<subtype>`` entity (its Content-Type header, a blank line, the parts)."""
+    boundary = _boundary(parts)
+    delimiter = b"--" + boundary
+    body = b"".join(delimiter + CRLF + part + CRLF for part in parts) + delimiter + b"--" + CRLF
+    header = f'Content-Type: multipart/{subtype};{extra}\r\n boundary="'.encode() + boundary
+    return header + b'"' + CRLF + CRLF + body
+
+
+def _with_attachments(text: str | None, html: str | None,
+                      attachments: Sequence[Attachment]) -> bytes:  # fmt: skip
+    """The body entity of a message with attachments (see :func:`build_message`)."""
+    inline = [a for a in attachments if a.content_id is not None]
+    regular = [a for a in attachments if a.content_id is None]
+    html_part = _text_part("html", html) if html is not None else None
+    if html_part is not None and inline:
+        html_part = _multipart("related", [html_part, *map(_attachment_part, inline)],
+                               ' type="text/html";')  # fmt: skip
+    if text is not None and html_part is not None:
+        body = _multipart("alternative", [_text_part("plain", text), html_part])
+    elif html_part is not None:
+        body = html_part
+    else:
+        body = _text_part("plain", text or "")
+    if not regular:
+        return body
+    return _multipart("mixed", [body, *map(_attachment_part, regular)])
+
+
+def _attachment_part(item: Attachment) -> bytes:
+    """One attachment, base64 in lines of 76; an inline one with its Content-ID. Names
+    that are not plain ASCII are written as RFC 2231 parameters (``filename*=utf-8''…``),
+    in continuations when long."""
+    disposition = "inline" if item.content_id is not None else "attachment"
+    lines = [
+        f"Content-Type: {item.content_type};" + _parameter("name", item.filename),
+        f"Content-Disposition: {disposition};" + _parameter("filename", item.filename),
+        "Content-Transfer-Encoding: base64",
+    ]
+    if item.content_id is not None:
+        lines.append(f"Content-ID: <{item.content_id}>")
+    encoded = base64.encodebytes(item.content).replace(b"\n", CRLF)
+    return "\r\n".join(lines).encode("ascii") + CRLF + CRLF + encoded
+
+
+_QUOTABLE = frozenset(map(chr, range(0x20, 0x7F))) - {'"', "\\"}
+_SEGMENT = 50  # characters of a parameter's value per line
+
+
+def _parameter(name: str, value: str) -> str:
+    """`` name="value"`` on a folded line, or RFC 2231 ``name*0*=utf-8''…`` segments."""
+    if set(value) <= _QUOTABLE and len(value) <= _SEGMENT:
+        return f'\r\n {name}="{value}"'
+    encoded = quote(value, safe="!#$&+-.^_`|~")
+    if len(encoded) <= _SEGMENT:
+        return f"\r\n {name}*=utf-8''{encoded}"
+    segments, start = [], 0
+    while start < len(encoded):
+        end = min(start + _SEGMENT, len(encoded))
+        while "%" in encoded[end - 2 : end] and end < len(encoded):  # never split a %XX
+            end -= 1
+        segments.append(encoded[start:end])
+        start = end
+    first = f"\r\n {name}*0*=utf-8''{segments[0]}"
+    rest = "".join(f";\r\n {name}*{n}*={seg}" for n, seg in enumerate(segments[1:], 1))
+    return first + rest
 
 
 def _boundary(parts: list[bytes]) -> bytes:

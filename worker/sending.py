@@ -36,7 +36,7 @@ from worker import metrics
 from worker.context import WorkerContext
 from worker.lease import attempt_bound_s
 from worker.ledger import LedgerState, Outcomes
-from worker.message import build_message
+from worker.message import attachments_of, build_message
 from worker.outcomes import retry_hint
 from worker.smtp import DeliveryResult
 from worker.steps import BeginCall, Begun, FirstTake, begin, begin_ahead, begun_ahead, finish
@@ -240,6 +240,11 @@ class Attempt:
             return
 
         msg = self.job["message"]
+        try:
+            parts = attachments_of(ctx.state, self.job)
+        except PermanentSendError as err:
+            self._fail(doc, state, err)
+            return
         data = build_message(
             sender=msg["from"],
             to=msg["to"],
@@ -248,6 +253,9 @@ class Attempt:
             text=msg.get("text"),
             html=msg.get("html"),
             message_id=self.job["message_id"],
+            reply_to=msg.get("reply_to", ()),
+            headers=msg.get("headers"),
+            attachments=parts,
         )
         doc["attempts"] = attempt
         log.info(

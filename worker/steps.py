@@ -270,6 +270,8 @@ def finish(
         pipe.hincrby(keys.stats(), transition, 1)
     if forget:
         pipe.zrem(keys.accepted(), encode_job(job))
+        if job.get("attachments"):  # stored once, until the task is final
+            pipe.delete(keys.attachments(sid, task_id))
     if then is not None:
         _begin_script().queue(pipe, then.keys, then.args)
     try:

@@ -39,6 +39,7 @@ from api.body import json_object
 from api.intake import body_fingerprint
 from api.routes import tasks
 from api.services import Services, services
+from api.templating import apply_template
 from shared.documents import new_document
 from shared.errors import PostroomError, ServiceUnavailable, ValidationError
 from shared.ratelimit import Decision
@@ -67,9 +68,9 @@ def _single_send_options() -> None:
         )
 
 
-def _queued(index: int, sid: str, task_id: str) -> dict[str, Any]:
+def _queued(index: int, sid: str, task_id: str, state: str = "queued") -> dict[str, Any]:
     link = tasks.link(sid, task_id)
-    return {"index": index, "status": 202, "task_id": task_id, "state": "queued",
+    return {"index": index, "status": 202, "task_id": task_id, "state": state,
             "links": {"self": link}}  # fmt: skip
 
 
@@ -104,6 +105,7 @@ def send_batch(sid: str) -> tuple[Response, int]:
                     results[index] = _queued(index, sid, task_id)
                     continue
             data = load_or_raise(svc.schemas.send, raw)
+            apply_template(svc, sid, data)
         except PostroomError as err:
             results[index] = _refused(index, err)
             continue
@@ -173,10 +175,10 @@ def _alone(
             task_id, _ = sends.queue_keyed(svc, sid, data, *keyed, known, KEY)
         else:
             job, _ = sends.judged_job(svc, sid, data, known)
-            sends.queue(svc, job)
+            sends.queue(svc, job, data["attachments"])
             task_id = job["task_id"]
     except PostroomError as err:
         return _refused(index, err)
     except (RedisConnectionError, RedisTimeoutError):
         return _refused(index, ServiceUnavailable(STORE_AWAY))
-    return _queued(index, sid, task_id)
+    return _queued(index, sid, task_id, sends.state_of_request(data))

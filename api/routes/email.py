@@ -29,6 +29,7 @@ from api.body import json_object
 from api.intake import body_fingerprint
 from api.routes import tasks
 from api.services import Services, services
+from api.templating import apply_template
 from shared.errors import PostroomError, ValidationError
 from shared.ratelimit import Decision
 from shared.schemas import load_or_raise
@@ -60,11 +61,12 @@ def _idempotency_key() -> str | None:
     return None if key is None else sends.idempotency_key(key, KEY_HEADER)
 
 
-def _accepted(sid: str, task_id: str, decision: Decision | None) -> Response:
+def _accepted(sid: str, task_id: str, decision: Decision | None,
+              state: str = "queued") -> Response:  # fmt: skip
     """The 202, built directly (not through ``url_for`` and ``jsonify``, which cost an
     accepted send a tenth of its time): the same body and headers."""
     location = tasks.link(sid, task_id)
-    body = {"task_id": task_id, "state": "queued", "links": {"self": location}}
+    body = {"task_id": task_id, "state": state, "links": {"self": location}}
     headers = [("Location", location)]
     if decision is not None:
         headers += rate_headers(decision)
@@ -100,6 +102,7 @@ def send(sid: str) -> Response | tuple[Response, int]:
             if earlier is not None:
                 return _accepted(sid, sends.replayed(earlier, fingerprint, KEY_HEADER), None)
         data: dict[str, Any] = load_or_raise(svc.schemas.send, body)
+        apply_template(svc, sid, data)
     except PostroomError:
         if known is None:
             svc.authorize(sid)  # a bad token or an unknown solution is answered first
@@ -110,7 +113,7 @@ def send(sid: str) -> Response | tuple[Response, int]:
                                            KEY_HEADER)  # fmt: skip
         if keyed is None:  # another request took the key meanwhile: its task, as a replay
             return _accepted(sid, task_id, None)
-        return _queued(svc, sid, task_id, keyed, wait)
+        return _queued(svc, sid, task_id, keyed, wait, sends.state_of_request(data))
 
     queued = sends.in_one_step(svc, sid, data)
     if queued is not None:
@@ -118,12 +121,13 @@ def send(sid: str) -> Response | tuple[Response, int]:
 
     # the caller, the solution, the suppressions and the bucket: one round trip
     job, decision = sends.judged_job(svc, sid, data, known)
-    sends.queue(svc, job)
-    return _queued(svc, sid, job["task_id"], decision, wait)
+    sends.queue(svc, job, data["attachments"])
+    return _queued(svc, sid, job["task_id"], decision, wait, sends.state_of(job))
 
 
 def _queued(
-    svc: Services, sid: str, task_id: str, decision: Decision, wait: int | None
+    svc: Services, sid: str, task_id: str, decision: Decision, wait: int | None,
+    state: str = "queued",
 ) -> Response | tuple[Response, int]:
     log.info("queued", extra={"task_id": task_id, "solution_id": sid})
     if wait is not None:
@@ -132,4 +136,4 @@ def _queued(
             response = jsonify(final)
             response.headers.extend(rate_headers(decision))
             return response, 200
-    return _accepted(sid, task_id, decision)
+    return _accepted(sid, task_id, decision, state)

@@ -18,6 +18,7 @@ from shared.schemas.solutions import (
     make_create_schema,
 )
 from shared.schemas.suppressions import EventSchema, SuppressionSchema
+from shared.schemas.templates import RenderSchema, TemplateSchema
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -32,6 +33,8 @@ class Schemas:
     config_patch: SolutionConfigSchema
     suppression: SuppressionSchema
     event: EventSchema
+    template: TemplateSchema
+    render: RenderSchema
 
 
 def make_schemas(settings: Settings) -> Schemas:
@@ -43,4 +46,6 @@ def make_schemas(settings: Settings) -> Schemas:
         config_patch=make_config_schema(settings, partial=True),
         suppression=SuppressionSchema(),
         event=EventSchema(check_dns=settings.check_dns),
+        template=TemplateSchema(max_bytes=settings.max_template_bytes),
+        render=RenderSchema(),
     )

@@ -74,8 +74,13 @@ def _item_messages(items: Mapping[int, Any]) -> list[str]:
 
 
 def _flat(value: Any) -> list[str]:
+    """An item's messages; those of an object's fields named (``"filename: Must …"``)."""
     if isinstance(value, Mapping):
-        return [message for inner in value.values() for message in _flat(inner)]
+        return [
+            message if key == SCHEMA_KEY else f"{_clip(str(key))}: {message}"
+            for key, inner in value.items()
+            for message in _flat(inner)
+        ]
     return _strings(value)
 
 

@@ -6,7 +6,12 @@ A loaded request holds every key, under its JSON name::
      "from": str | None, "subject": str | None, "text": str | None, "html": str | None,
      "hLimit": int | None,
      "connection": {"server": str, "port": int, "user": str | None,
-                    "password": str | None, "scheme": "smtp" | "smtps" | ""} | None}
+                    "password": str | None, "scheme": "smtp" | "smtps" | ""} | None,
+     "reply_to": [str], "headers": {str: str}, "attachments": [Attachment],
+     "template": str | None, "template_data": dict, "send_at": float | None}
+
+(the last six: :mod:`shared.schemas.headers`, ``.attachments``, ``.templates``,
+``.send_at``)
 
 ``null`` is read as an absent field. ``connection.port`` defaults by scheme (587, 465, 25).
 """
@@ -21,6 +26,7 @@ from marshmallow.validate import Length, OneOf, Range
 
 from shared import errors
 from shared.relays import DEFAULT_PORTS, SCHEMES
+from shared.schemas.attachments import AttachmentList, check_attachment_size, check_inline
 from shared.schemas.fields import (
     AddressList,
     EmailAddress,
@@ -29,6 +35,9 @@ from shared.schemas.fields import (
     StrictSchema,
     Text,
 )
+from shared.schemas.headers import MAX_REPLY_TO, HeadersField
+from shared.schemas.send_at import SendAt
+from shared.schemas.templates import TemplateData, template_name_field
 from shared.schemas.text import HostName, NoControlChars, NoEncodedWords, NoWhitespace
 
 if TYPE_CHECKING:
@@ -124,10 +133,32 @@ class SendRequestSchema(StrictSchema):
         metadata={"description": "A tighter hourly limit for this message (a second bucket)."},
     )
     connection = Object(ConnectionSchema, allow_none=True)
+    # -- reply_to, headers, attachments, templates, send_at --
+    reply_to = AddressList(
+        allow_none=True,
+        validate=Length(max=MAX_REPLY_TO, error=f"At most {MAX_REPLY_TO} addresses."),
+    )
+    headers = HeadersField(allow_none=True)
+    attachments = AttachmentList(allow_none=True)
+    template = template_name_field(allow_none=True, metadata={
+        "description": "A stored template rendered with template_data, instead of "
+        "subject, text and html."})  # fmt: skip
+    template_data = TemplateData(allow_none=True)
+    send_at = SendAt(allow_none=True, metadata={
+        "description": "RFC 3339 with an offset, at most 30 days ahead; the task is "
+        "scheduled until then (a time past is now)."})  # fmt: skip
 
-    def __init__(self, *, max_recipients: int = 50, check_dns: bool = False, **kwargs: Any):
+    def __init__(
+        self,
+        *,
+        max_recipients: int = 50,
+        check_dns: bool = False,
+        max_attachment_bytes: int = 7 * 1024 * 1024,
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
         self.max_recipients = max_recipients
+        self.max_attachment_bytes = max_attachment_bytes
         self.check_dns = check_dns  # read by the EmailAddress fields
         for name in RECIPIENT_FIELDS:  # fields are per instance: the limit is this one's
             field = self.fields[name]
@@ -167,17 +198,41 @@ class SendRequestSchema(StrictSchema):
             return  # a recipient field was given but is invalid: it has its own error
         raise ValidationError("At least one recipient is required in to, cc or bcc.", "to")
 
+    @validates_schema(skip_on_field_errors=True)
+    def _templates_and_inline_parts(self, data: dict[str, Any], **_: Any) -> None:
+        """A template replaces subject, text and html; inline parts are referenced."""
+        if data.get("template") is not None:
+            given = [n for n in ("subject", "text", "html") if data.get(n) is not None]
+            if given:
+                raise ValidationError(
+                    f"A template replaces subject, text and html (given: {', '.join(given)}).",
+                    "template",
+                )
+        elif data.get("template_data") is not None:
+            raise ValidationError("Given without a template.", "template_data")
+        attachments = data.get("attachments") or []
+        check_attachment_size(attachments, self.max_attachment_bytes)
+        if data.get("template") is None:  # else checked once rendered
+            check_inline(attachments, data.get("html"))
+
     @post_load
     def _complete(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
         loaded: dict[str, Any] = {name: data.get(name) or [] for name in RECIPIENT_FIELDS}
         for name in ("from", "subject", "text", "html", "hLimit", "connection"):
             loaded[name] = data.get(name)
+        loaded["reply_to"] = data.get("reply_to") or []
+        loaded["headers"] = data.get("headers") or {}
+        loaded["attachments"] = data.get("attachments") or []
+        loaded["template"] = data.get("template")
+        loaded["template_data"] = data.get("template_data") or {}
+        loaded["send_at"] = data.get("send_at")
         return loaded
 
 
 def make_send_schema(settings: Settings) -> SendRequestSchema:
     """The send schema for ``settings`` (``max_recipients``, ``check_dns``); build it once."""
-    return SendRequestSchema(max_recipients=settings.max_recipients, check_dns=settings.check_dns)
+    return SendRequestSchema(max_recipients=settings.max_recipients, check_dns=settings.check_dns,
+                             max_attachment_bytes=settings.max_attachment_bytes)
 
 
 def check_sender(data: Mapping[str, Any], solution_config: Mapping[str, Any]) -> None:
