@@ -24,6 +24,7 @@ from api.admission import admit
 from api.auth import Principal
 from api.intake import build_job
 from api.services import Services
+from shared import tasklist
 from shared.documents import new_document
 from shared.errors import (
     Blocked,
@@ -107,12 +108,20 @@ def queue(svc: Services, job: dict[str, Any]) -> None:
     """Write ``job``'s first document and publish the job; on failure, take the document
     back and raise (503)."""
     sid, task_id = job["solution_id"], job["task_id"]
-    doc = new_document(task_id, sid, job["created_at"])
+    doc = new_document(task_id, sid, job["created_at"], job.get("metadata"))
+
+    def first_writes(pipe: Any) -> None:  # the document and its task-list entry
+        svc.documents.put(doc, pipe=pipe)
+        tasklist.add_to(pipe, sid, task_id, job["created_at"], recipients_of(job["message"]),
+                        svc.documents.ttl_s)
+
     try:
         if svc.results is svc.state:  # the first document rides with the accepted entry
-            svc.enqueuer.enqueue(job, with_writes=lambda pipe: svc.documents.put(doc, pipe=pipe))
+            svc.enqueuer.enqueue(job, with_writes=first_writes)
         else:
-            svc.documents.put(doc)
+            pipe = svc.results.pipeline(transaction=True)
+            first_writes(pipe)
+            pipe.execute()
             svc.enqueuer.enqueue(job)
     except Exception:
         svc.documents.delete(sid, task_id)
@@ -140,7 +149,7 @@ def in_one_step(svc: Services, sid: str, data: dict[str, Any]) -> tuple[str, Dec
     job = prepared(svc, data, solution)
     if job is None:
         return None
-    doc = new_document(job["task_id"], sid, job["created_at"])
+    doc = new_document(job["task_id"], sid, job["created_at"], job.get("metadata"))
     decision = express.send(job, doc, recipients_of(data), data.get("hLimit"), solution)
     return None if decision is None else (job["task_id"], decision)
 

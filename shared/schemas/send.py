@@ -6,7 +6,8 @@ A loaded request holds every key, under its JSON name::
      "from": str | None, "subject": str | None, "text": str | None, "html": str | None,
      "hLimit": int | None,
      "connection": {"server": str, "port": int, "user": str | None,
-                    "password": str | None, "scheme": "smtp" | "smtps" | ""} | None}
+                    "password": str | None, "scheme": "smtp" | "smtps" | ""} | None,
+     "metadata": {str: str}}                        # empty when none was given
 
 ``null`` is read as an absent field. ``connection.port`` defaults by scheme (587, 465, 25).
 """
@@ -25,6 +26,7 @@ from shared.schemas.fields import (
     AddressList,
     EmailAddress,
     JsonInteger,
+    Metadata,
     Object,
     StrictSchema,
     Text,
@@ -124,6 +126,11 @@ class SendRequestSchema(StrictSchema):
         metadata={"description": "A tighter hourly limit for this message (a second bucket)."},
     )
     connection = Object(ConnectionSchema, allow_none=True)
+    metadata = Metadata(
+        allow_none=True,
+        metadata={"description": "Your own string keys and values, kept in the task "
+                  "document and in every delivery event of the message."},
+    )
 
     def __init__(self, *, max_recipients: int = 50, check_dns: bool = False, **kwargs: Any):
         super().__init__(**kwargs)
@@ -172,6 +179,7 @@ class SendRequestSchema(StrictSchema):
         loaded: dict[str, Any] = {name: data.get(name) or [] for name in RECIPIENT_FIELDS}
         for name in ("from", "subject", "text", "html", "hLimit", "connection"):
             loaded[name] = data.get(name)
+        loaded["metadata"] = data.get("metadata") or {}
         return loaded
 
 
