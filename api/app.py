@@ -5,7 +5,17 @@ from __future__ import annotations
 from flask import Flask
 
 from api import errors, metrics
-from api.routes import batch, email, health, openapi, quota, solutions, suppressions, tasks
+from api.routes import (
+    batch,
+    email,
+    health,
+    openapi,
+    quota,
+    solutions,
+    suppressions,
+    tasks,
+    webhooks,
+)
 from api.services import Services
 from shared.settings import Settings
 
@@ -18,7 +28,8 @@ def create_app(settings: Settings, services: Services | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.url_map.strict_slashes = False
     app.extensions["postroom"] = services or Services.build(settings)
-    for module in (health, solutions, email, batch, tasks, quota, suppressions, openapi):
+    for module in (health, solutions, email, batch, tasks, quota, suppressions, webhooks,
+                   openapi):
         app.register_blueprint(module.bp, url_prefix=API_PREFIX)
     metrics.register(app)
     errors.register(app)

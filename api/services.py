@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -21,9 +21,17 @@ from shared.queue import Enqueuer, make_enqueuer
 from shared.ratelimit import TokenBucket
 from shared.relays import DEFAULT_PORTS
 from shared.schemas import make_schemas
+from shared.schemas.webhooks import WebhookCreateSchema, WebhookPatchSchema
 from shared.settings import Settings
 from shared.solutions import Solution, SolutionStore
 from shared.suppressions import SuppressionStore
+from shared.webhooks import WebhookGuard, WebhookStore
+
+
+@dataclass(frozen=True)
+class WebhookSchemas:
+    create: WebhookCreateSchema = field(default_factory=WebhookCreateSchema)
+    patch: WebhookPatchSchema = field(default_factory=WebhookPatchSchema)
 
 PLAIN_TEXT_FIELD = (
     'Plain text ("") is allowed only toward relays listed in POSTROOM_SMTP_ALLOW_HOSTS; '
@@ -47,6 +55,10 @@ class Services:
     guard: RelayGuard
     #: the one-round-trip send, when the queue and the documents share postroom's Redis
     express: Express | None
+    # -- webhooks --
+    webhooks: WebhookStore
+    webhook_guard: WebhookGuard
+    schemas_webhooks: WebhookSchemas
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -69,6 +81,9 @@ class Services:
             guard=RelayGuard(settings.smtp_allow_hosts, settings.smtp_allow_ports,
                              resolver=CachedResolver()),
             express=Express.build(settings, state, results, documents, enqueuer),
+            webhooks=WebhookStore(state, box),
+            webhook_guard=WebhookGuard(settings.webhook_allow_hosts, resolver=CachedResolver()),
+            schemas_webhooks=WebhookSchemas(),
         )
 
     def principal(self) -> Principal:

@@ -55,7 +55,7 @@ ALL = "*"
 SECRET_PREFIX = "whsec_"
 
 #: the events a task document's state makes when it is written
-_BY_STATE = {
+_BY_STATE: dict[str, tuple[str, ...]] = {
     "sent": (EMAIL_SENT,),
     "failed": (EMAIL_FAILED,),
     "retrying": (EMAIL_RETRYING,),

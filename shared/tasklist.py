@@ -74,7 +74,9 @@ def page(client: redis.Redis, sid: str, *, limit: int, state: str | None = None,
     scanned = 0
     last: float | None = None
     while scanned < SCAN_MAX:
-        rows = client.zrevrangebyscore(key, high, "-inf", start=0, num=SLICE, withscores=True)
+        rows: list[tuple[bytes, float]] = client.zrevrangebyscore(  # type: ignore[assignment]
+            key, high, "-inf", start=0, num=SLICE, withscores=True
+        )
         if not rows:
             return Page(tasks, None)
         ids: list[tuple[str, float]] = []
