@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING, Any
 
+from shared import openapi_webhooks
 from shared.schemas.bundle import make_schemas
 from shared.schemas.json_schema import REF_PREFIX, Converter
 from shared.schemas.solutions import SOLUTION_ID
@@ -56,12 +57,15 @@ def build_spec(settings: Settings) -> dict[str, Any]:
         "SuppressionPut": conv.ref(schemas.suppression, "SuppressionPut"),
         "Event": conv.ref(schemas.event, "Event"),
     }
+    bodies.update(openapi_webhooks.bodies(conv))
     components = {
         **conv.components,
         "BatchRequest": _batch_request(settings.max_batch),
         "BatchMessage": _batch_message(conv.components["SendRequest"]),
         **_response_schemas(conv.components["SolutionConfig"]),
+        **openapi_webhooks.components(),
     }
+    components["TaskDocument"]["properties"]["metadata"] = openapi_webhooks.METADATA
     return {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -75,8 +79,10 @@ def build_spec(settings: Settings) -> dict[str, Any]:
         },
         "servers": [{"url": BASE_PATH}],
         "security": [{"bearerAuth": []}],
-        "tags": [{"name": name} for name in ("service", "solutions", "email", "suppressions")],
-        "paths": _paths(bodies),
+        "tags": [{"name": name}
+                 for name in ("service", "solutions", "email", "suppressions", "webhooks")],
+        "paths": {**_paths(bodies),
+                  **openapi_webhooks.paths(_param, _op, _err, _json, _ref, bodies)},
         "components": {
             "schemas": components,
             "securitySchemes": {
@@ -86,7 +92,7 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                     "description": "The admin token, or a solution's token for its own routes.",
                 }
             },
-            "parameters": _parameters(),
+            "parameters": {**_parameters(), **openapi_webhooks.parameters()},
             "responses": _responses(),
         },
     }

@@ -46,6 +46,12 @@ API_ROUTES = {
     "/solutions/{sid}/suppressions": {"get"},
     "/solutions/{sid}/suppressions/{email}": {"get", "put", "delete"},
     "/solutions/{sid}/events": {"post"},
+    "/solutions/{sid}/tasks": {"get"},
+    "/solutions/{sid}/webhooks": {"get", "post"},
+    "/solutions/{sid}/webhooks/{webhook_id}": {"get", "patch", "delete"},
+    "/solutions/{sid}/webhooks/{webhook_id}/test": {"post"},
+    "/solutions/{sid}/webhooks/{webhook_id}/rotate-secret": {"post"},
+    "/solutions/{sid}/webhooks/{webhook_id}/deliveries": {"get"},
 }
 METHODS = {"get", "put", "post", "patch", "delete"}
 
@@ -167,6 +173,7 @@ def test_task_document_schema(spec: dict[str, Any]) -> None:
         "result",
         "error",
         "pending",
+        "metadata",
     }
     result = spec["components"]["schemas"]["TaskResult"]["properties"]
     assert set(result) == {"status", "accepted", "rejected", "envelope", "response", "messageId"}
