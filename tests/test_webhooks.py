@@ -9,6 +9,7 @@ import json
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -431,3 +432,27 @@ def test_405_carries_allow(harness: Callable[..., Harness]) -> None:
     r = h.api.put(f"/api/v1/solutions/{SID}/email", headers=auth(ADMIN))
     assert (405, "MethodNotAllowed") == (r.status_code, r.get_json()["type"])
     assert "POST" in r.headers["Allow"]
+
+
+def test_the_readme_verifier_accepts_our_signatures(
+    harness: Callable[..., Harness], receivers: Callable[..., Receiver]
+) -> None:
+    """The standard-library verifier printed in the README accepts a real delivery, under
+    the old and the new secret after a rotation, and refuses a changed body or a wrong
+    secret."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("```python\nimport base64") + len("```python\n")
+    namespace: dict[str, Any] = {}
+    exec(readme[start:readme.index("```", start)], namespace)  # noqa: S102 (our own README)
+    verify = namespace["verify"]
+    h = harness()
+    receiver = receivers()
+    created = h.create(receiver.url)
+    new = h.call("POST", f"/{created['id']}/rotate-secret").get_json()["secret"]
+    h.deliver()
+    h.call("POST", f"/{created['id']}/test")
+    hit = wait_for(lambda: receiver.hits[:1], 10, message="the test event")[0]
+    assert verify(created["secret"], hit.headers, hit.body)
+    assert verify(new, hit.headers, hit.body)
+    assert not verify(new, hit.headers, hit.body + b" ")
+    assert not verify(events.new_secret(), hit.headers, hit.body)

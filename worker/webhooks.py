@@ -44,13 +44,15 @@ from shared.settings import Settings
 from shared.solutions import iso
 from shared.text import as_str
 from shared.webhooks import LOG_SIZE, WebhookGuard, WebhookStore
-from worker.webhook_http import Answer, post
+from worker.webhook_http import Answer, KeptConnections, post
 
 log = logging.getLogger("postroom.webhooks")
 
 #: seconds a taken event stays taken beyond the POST's own timeout
 LEASE_MARGIN_S = 5.0
 USER_AGENT = "postroom-webhooks/1"
+#: seconds between reads of the set of endpoints
+ENDPOINTS_READ_S = 1.0
 
 
 def retry_delay(settings: Settings, attempt: int, rng: random.Random | None = None) -> float:
@@ -80,6 +82,9 @@ class Deliverer:
         self._claim = script("webhook_claim")
         self._finish = script("webhook_finish")
         self._secrets: dict[str, str] = {}
+        self._kept = KeptConnections()
+        self._endpoints: list[str] = []
+        self._endpoints_read = 0.0
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="postroom-webhooks",
@@ -94,6 +99,7 @@ class Deliverer:
         if self._thread is not None:
             self._thread.join(timeout)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._kept.close_all()
 
     # -- the loop -------------------------------------------------------------------
 
@@ -112,8 +118,7 @@ class Deliverer:
         """Take the due events of every endpoint with a free slot and hand them to the
         threads; how many were taken."""
         took = 0
-        for raw in self._r.smembers(keys.webhook_endpoints()):
-            endpoint = as_str(raw)
+        for endpoint in self._endpoint_list():
             sid, _, wid = endpoint.partition("/")
             with self._lock:
                 free = min(self.settings.webhook_endpoint_concurrency
@@ -126,6 +131,7 @@ class Deliverer:
             answer = self._claim(self._r, self._keys(sid, wid), [wid, repr(now), repr(lease), free])
             if answer[0] is None:  # the endpoint is gone
                 self._r.srem(keys.webhook_endpoints(), endpoint)
+                self._endpoints_read = 0.0
                 continue
             record = json.loads(answer[0])
             for n in range(1, len(answer), 2):
@@ -136,6 +142,16 @@ class Deliverer:
                 self._pool.submit(self._deliver, endpoint, sid, wid, record, event_id, pending)
                 took += 1
         return took
+
+    def _endpoint_list(self) -> list[str]:
+        """Every endpoint, read again at most every :data:`ENDPOINTS_READ_S` (a new one
+        gets its first event within that)."""
+        now = time.monotonic()
+        if now - self._endpoints_read >= ENDPOINTS_READ_S:
+            self._endpoints = sorted(as_str(m) for m in
+                                     self._r.smembers(keys.webhook_endpoints()))  # fmt: skip
+            self._endpoints_read = now
+        return self._endpoints
 
     # -- one attempt ----------------------------------------------------------------
 
@@ -173,7 +189,7 @@ class Deliverer:
         }
         answer = post(record["url"], body, headers, guard=self._guard, ssl_context=self._ssl,
                       connect_timeout_s=settings.webhook_connect_timeout_s,
-                      timeout_s=settings.webhook_timeout_s)  # fmt: skip
+                      timeout_s=settings.webhook_timeout_s, kept=self._kept)  # fmt: skip
         now = time.time()
         if answer.delivered:
             outcome, next_at = "delivered", ""
