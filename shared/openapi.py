@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING, Any
 
-from shared import openapi_webhooks
+from shared import openapi_rules, openapi_webhooks
 from shared.schemas.bundle import make_schemas
 from shared.schemas.json_schema import REF_PREFIX, Converter
 from shared.schemas.solutions import SOLUTION_ID
@@ -66,7 +66,7 @@ def build_spec(settings: Settings) -> dict[str, Any]:
         **openapi_webhooks.components(),
     }
     components["TaskDocument"]["properties"]["metadata"] = openapi_webhooks.METADATA
-    return {
+    spec = {
         "openapi": OPENAPI_VERSION,
         "info": {
             "title": "postroom",
@@ -96,6 +96,8 @@ def build_spec(settings: Settings) -> dict[str, Any]:
             "responses": _responses(),
         },
     }
+    openapi_rules.state_rules(spec, settings)
+    return spec
 
 
 # -- paths ----------------------------------------------------------------------------
@@ -310,7 +312,7 @@ _ERRORS = {
     401: ("Unauthorized", "Missing or invalid token."),
     403: ("Forbidden", "A solution token on an admin-only route."),
     404: ("NotFound", "No such resource (or not this token's)."),
-    409: ("Conflict", "The solution already exists."),
+    409: ("Conflict", "The solution already exists, or a limit is reached."),
     413: ("PayloadTooLarge", "The request body is larger than allowed."),
     415: ("UnsupportedMediaType", "The request body is not application/json."),
     422: ("IdempotencyMismatch", "This Idempotency-Key was used with another body."),

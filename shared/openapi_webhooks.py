@@ -9,6 +9,7 @@ from shared.documents import STATES
 from shared.events import ALL, EVENT_TYPES
 from shared.schemas.json_schema import REF_PREFIX, Converter
 from shared.schemas.webhooks import WebhookCreateSchema, WebhookPatchSchema
+from shared.tasklist import CURSOR_PATTERN
 
 JSON = "application/json"
 Schema = dict[str, Any]
@@ -33,6 +34,15 @@ def paths(param: Any, op: Any, err: Any, json_: Any, ref: Any,
     sid = [param("sid")]
     one = [param("sid"), param("webhook_id")]
     endpoint = ref("Webhook")
+    created = json_("Created.", ref("WebhookCreated"))
+    created["links"] = {  # what a client (or a stateful fuzzer) does next with the new id
+        name: {"operationId": target,
+               "parameters": {"sid": "$request.path.sid", "webhook_id": "$response.body#/id"}}
+        for name, target in (("GetWebhook", "getWebhook"), ("UpdateWebhook", "updateWebhook"),
+                             ("DeleteWebhook", "deleteWebhook"), ("TestWebhook", "testWebhook"),
+                             ("RotateWebhookSecret", "rotateWebhookSecret"),
+                             ("ListWebhookDeliveries", "listWebhookDeliveries"))
+    }  # fmt: skip
     return {
         "/solutions/{sid}/tasks": {
             "parameters": sid,
@@ -54,7 +64,7 @@ def paths(param: Any, op: Any, err: Any, json_: Any, ref: Any,
                 "createWebhook",
                 "webhooks",
                 "Add an endpoint; its secret is in this answer only. " + EVENTS_DESCRIPTION,
-                {"201": json_("Created.", ref("WebhookCreated")), **err(400, 401, 404)},
+                {"201": created, **err(400, 401, 404, 409)},
                 body=bodies["WebhookCreate"],
             ),
         },
@@ -119,7 +129,7 @@ def parameters() -> dict[str, Any]:
                            "Only tasks to this address (to, cc or bcc; any case)."),
         "limit": query("limit", {"type": "integer", "minimum": 1, "maximum": 100,
                                  "default": 20}, "Tasks per page."),
-        "cursor": query("cursor", {"type": "string", "pattern": "^[A-Za-z0-9_-]+$"},
+        "cursor": query("cursor", {"type": "string", "pattern": CURSOR_PATTERN},
                         "next_cursor of the previous page."),
     }
 

@@ -8,14 +8,14 @@ time to live and gives the set that time to live, so the index is never larger t
 documents it points to. The list reads the index newest first, filters by recipient on the
 members, loads the documents (one MGET per slice) and filters by state; a page scans at most
 :data:`SCAN_MAX` entries, so a rare state costs a short page (with a cursor), not an
-unbounded read. The cursor is opaque: the score of the last entry examined.
+unbounded read. The cursor is opaque to callers: the creation time of the last entry
+examined (entries created in the same microsecond as a page's last one may be skipped).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -50,17 +50,18 @@ class Page:
     next_cursor: str | None
 
 
+#: what a cursor looks like (any such string is one: the list goes on below it)
+CURSOR_PATTERN = r"^[0-9]{1,12}(\.[0-9]{1,9})?$"
+_CURSOR = re.compile(CURSOR_PATTERN)
+
+
 def encode_cursor(score: float) -> str:
-    return base64.urlsafe_b64encode(repr(score).encode()).decode().rstrip("=")
+    return f"{score:.6f}"
 
 
 def decode_cursor(cursor: str) -> float | None:
-    """The score a cursor names, or None when it is not one of ours."""
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        return float(text)
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        return None
+    """The score a cursor names, or None when it is not one."""
+    return float(cursor) if _CURSOR.match(cursor) else None
 
 
 def page(client: redis.Redis, sid: str, *, limit: int, state: str | None = None,

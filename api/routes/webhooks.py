@@ -18,7 +18,7 @@ from flask import Blueprint, Response, jsonify
 from api.body import json_object
 from api.services import Services, services
 from shared import events
-from shared.errors import InvalidRelay, NotFound, ValidationError
+from shared.errors import Conflict, InvalidRelay, NotFound, ValidationError
 from shared.schemas import load_or_raise
 from shared.solutions import iso
 from shared.webhooks import MAX_ENDPOINTS, url_target, view
@@ -61,7 +61,7 @@ def create(sid: str) -> tuple[Response, int]:
     data = load_or_raise(svc.schemas_webhooks.create, json_object())
     _check_url(svc, data["url"])
     if svc.webhooks.count(sid) >= MAX_ENDPOINTS:
-        raise ValidationError(f"a solution has at most {MAX_ENDPOINTS} webhook endpoints")
+        raise Conflict(f"a solution has at most {MAX_ENDPOINTS} webhook endpoints")
     record, secret = svc.webhooks.create(sid, data["url"], data["events"],
                                          data.get("description"))  # fmt: skip
     return jsonify({**view(record), "secret": secret}), 201

@@ -57,6 +57,7 @@ class EventList(fields.List):
                                 error=f"Must be one of {', '.join((ALL, *EVENT_TYPES))}.")),
             validate=Length(min=1, max=len(EVENT_TYPES) + 1,
                             error="Must list 1 to {max} event types."),
+            metadata={**kwargs.pop("metadata", {}), "json_schema": {"uniqueItems": True}},
             **kwargs,
         )  # fmt: skip
 
