@@ -45,7 +45,7 @@ def test_every_email_event_of_real_sends_arrives_signed_with_metadata(
     """A sent message (email.sent), one a recipient refused (email.sent + email.rejected),
     one deferred once by the relay (email.retrying, then email.sent) and one every
     recipient refused (email.failed): each event verified by standardwebhooks, its data the
-    task document with the send's metadata."""
+    task document with the send's metadata; the endpoint's secret is not in the logs."""
     stack = loopback_stack(**WEBHOOKS)
     stack.solution("acme")
     secret = _endpoint(stack, receiver.url, ["*"])["secret"]
@@ -83,6 +83,8 @@ def test_every_email_event_of_real_sends_arrives_signed_with_metadata(
         assert ids[name] == body["data"]["task_id"]
     rejected = [h.json()["data"] for h in receiver.of_type("email.rejected")]
     assert ["rej@example.com"] == rejected[0]["result"]["rejected"]
+    logs = stack.logs()
+    assert logs and secret[6:].encode() not in logs  # the worker's log never holds it
 
 
 @pytest.mark.fault
