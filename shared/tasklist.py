@@ -56,7 +56,7 @@ _CURSOR = re.compile(CURSOR_PATTERN)
 
 
 def encode_cursor(score: float) -> str:
-    return f"{score:.6f}"
+    return repr(score)  # the exact score: the next page starts strictly below it
 
 
 def decode_cursor(cursor: str) -> float | None:

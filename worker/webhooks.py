@@ -3,7 +3,9 @@
 Each worker instance runs one :class:`Deliverer` in its main process (a bootstep: no
 process for operators to add): a loop that looks at every endpoint (``keys.webhook_endpoints``)
 and takes its due events for a lease (``webhook_claim.lua``), and a pool of threads that
-POST them (:mod:`worker.webhook_http`) and record each attempt (``webhook_finish.lua``).
+POST them (:mod:`worker.webhook_http`); the loop records the attempts they made
+(``webhook_finish.lua``, one script each, all that ended since its last turn in one round
+trip: a round trip per event cost about 0.1 ms of CPU at both ends on loopback).
 The sends themselves run in the pool processes, which this never touches, so a slow
 endpoint cannot hold up mail.
 
@@ -34,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis
+from redis.exceptions import NoScriptError
 
 from shared import keys
 from shared.crypto import SecretBox
@@ -44,7 +47,7 @@ from shared.settings import Settings
 from shared.solutions import iso
 from shared.text import as_str
 from shared.webhooks import LOG_SIZE, WebhookGuard, WebhookStore
-from worker.webhook_http import Answer, KeptConnections, post
+from worker.webhook_http import KeptConnections, post
 
 log = logging.getLogger("postroom.webhooks")
 
@@ -83,6 +86,8 @@ class Deliverer:
         self._finish = script("webhook_finish")
         self._secrets: dict[str, str] = {}
         self._kept = KeptConnections()
+        #: attempts made and not yet recorded (:meth:`flush`)
+        self._done: list[tuple[list[str], list[str | int]]] = []
         self._endpoints: list[str] = []
         self._endpoints_read = 0.0
 
@@ -106,6 +111,7 @@ class Deliverer:
     def _loop(self) -> None:
         while not self._stopping.is_set():
             try:
+                self.flush()
                 took = self.take_due()
             except redis.RedisError as err:
                 log.warning("webhook events not readable now: %s", type(err).__name__)
@@ -113,6 +119,33 @@ class Deliverer:
             if not took:
                 self._wake.wait(self.settings.webhook_poll_s)
             self._wake.clear()
+        try:
+            self.flush()
+        except redis.RedisError:
+            pass  # not recorded: those events are taken again when their lease ends
+
+    def flush(self) -> None:
+        """Record the attempts the threads made since the last flush, in one round trip
+        (each its own script: ``webhook_finish.lua``). Unrecorded when Redis does not
+        answer: they are kept for the next flush."""
+        with self._lock:
+            done, self._done = self._done, []
+        if not done:
+            return
+        pipe = self._r.pipeline(transaction=False)
+        for script_keys, args in done:
+            self._finish.queue(pipe, script_keys, args)
+        try:
+            replies = pipe.execute(raise_on_error=False)
+        except (redis.ConnectionError, redis.TimeoutError):
+            with self._lock:
+                self._done = done + self._done
+            raise
+        for (script_keys, args), reply in zip(done, replies, strict=True):
+            if isinstance(reply, NoScriptError):  # Redis restarted: load it, run it alone
+                self._finish(self._r, script_keys, args)
+            elif isinstance(reply, Exception):
+                log.warning("webhook attempt not recorded: %s", reply)
 
     def take_due(self) -> int:
         """Take the due events of every endpoint with a free slot and hand them to the
@@ -158,7 +191,9 @@ class Deliverer:
     def _deliver(self, endpoint: str, sid: str, wid: str, record: dict[str, Any],
                  event_id: str, pending: dict[str, Any]) -> None:  # fmt: skip
         try:
-            self.attempt(sid, wid, record, event_id, pending)
+            call = self.post_once(sid, wid, record, event_id, pending)
+            with self._lock:
+                self._done.append(call)
         except Exception:  # the event stays taken until its lease ends, then it is retried
             log.exception("webhook delivery not recorded", extra={"solution_id": sid,
                                                                     "webhook_id": wid})
@@ -173,8 +208,14 @@ class Deliverer:
             self._wake.set()
 
     def attempt(self, sid: str, wid: str, record: dict[str, Any], event_id: str,
-                pending: dict[str, Any]) -> Answer:  # fmt: skip
-        """POST one event once and record what happened."""
+                pending: dict[str, Any]) -> None:  # fmt: skip
+        """POST one event once and record what happened, now."""
+        self._finish(self._r, *self.post_once(sid, wid, record, event_id, pending))
+
+    def post_once(self, sid: str, wid: str, record: dict[str, Any], event_id: str,
+                  pending: dict[str, Any]) -> tuple[list[str], list[str | int]]:  # fmt: skip
+        """POST one event once; the keys and arguments of ``webhook_finish.lua`` that
+        record what happened."""
         settings = self.settings
         attempt = int(pending.get("attempt", 0)) + 1
         body = str(pending["body"]).encode()
@@ -206,15 +247,14 @@ class Deliverer:
             "error": answer.error,
             "at": iso(now),
         }
-        self._finish(self._r, self._keys(sid, wid), [
-            wid, event_id, repr(now), outcome, next_at, attempt, json.dumps(entry), LOG_SIZE,
-            settings.webhook_disable_after_s,
-        ])  # fmt: skip
         if not answer.delivered:
             log.info("webhook attempt failed", extra={
                 "solution_id": sid, "webhook_id": wid, "event_id": event_id,
                 "attempt": attempt, "outcome": outcome, "error": answer.error})  # fmt: skip
-        return answer
+        return self._keys(sid, wid), [
+            wid, event_id, repr(now), outcome, next_at, attempt, json.dumps(entry), LOG_SIZE,
+            settings.webhook_disable_after_s,
+        ]  # fmt: skip
 
     def _secrets_of(self, record: dict[str, Any]) -> list[str]:
         """The secrets signing now (decrypted once per process and sealed value)."""

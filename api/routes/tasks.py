@@ -52,11 +52,11 @@ def index(sid: str) -> Response:
     if unknown:
         raise ValidationError(f"invalid fields: {unknown[0]}", fields={
             name: ["Unknown query parameter."] for name in unknown})  # fmt: skip
-    state = args.get("state") or None
+    state = args.get("state")
     if state is not None and state not in STATES:
         raise ValidationError("invalid fields: state", fields={
             "state": [f"Must be one of {', '.join(STATES)}."]})  # fmt: skip
-    recipient = args.get("recipient") or None
+    recipient = args.get("recipient")
     if recipient is not None:
         recipient = email_param(recipient, field="recipient")
     raw_limit = args.get("limit", str(LIST_LIMIT_DEFAULT))
@@ -65,7 +65,7 @@ def index(sid: str) -> Response:
             "limit": [f"Must be an integer from 1 to {LIST_LIMIT_MAX}."]})  # fmt: skip
     before = None
     cursor = args.get("cursor")
-    if cursor:
+    if cursor is not None:
         before = tasklist.decode_cursor(cursor)
         if before is None:
             raise ValidationError("invalid fields: cursor", fields={
