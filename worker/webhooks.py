@@ -9,6 +9,8 @@ trip: a round trip per event cost about 0.1 ms of CPU at both ends on loopback).
 The sends themselves run in the pool processes, which this never touches, so a slow
 endpoint cannot hold up mail.
 
+- Mail first: the delivering threads run at niceness 10 (Linux), so on a host whose CPU is
+  all taken the sends keep their pace and the events catch up when it frees.
 - Isolation: at most ``POSTROOM_WEBHOOK_ENDPOINT_CONCURRENCY`` POSTs in flight per endpoint,
   ``POSTROOM_WEBHOOK_CONCURRENCY`` in all: an endpoint that hangs holds its own slots for
   at most ``POSTROOM_WEBHOOK_TIMEOUT_S`` each, never the others'.
@@ -27,8 +29,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import ssl
+import sys
 import threading
 import time
 import uuid
@@ -56,6 +60,20 @@ LEASE_MARGIN_S = 5.0
 USER_AGENT = "postroom-webhooks/1"
 #: seconds between reads of the set of endpoints
 ENDPOINTS_READ_S = 1.0
+#: the niceness of the delivering threads (the pool processes that send mail keep 0)
+NICE = 10
+
+
+def lower_priority() -> None:
+    """Run the calling thread at :data:`NICE` (Linux schedules threads one by one): when
+    the host's CPU is all taken, sending mail comes first and events catch up after.
+    Elsewhere, or when not permitted, the thread keeps its priority."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
+    except OSError:
+        log.debug("webhook threads keep their priority")
 
 
 def retry_delay(settings: Settings, attempt: int, rng: random.Random | None = None) -> float:
@@ -75,7 +93,8 @@ class Deliverer:
         self._guard = WebhookGuard(settings.webhook_allow_hosts, resolver=CachedResolver())
         self._ssl = ssl.create_default_context()
         self._pool = ThreadPoolExecutor(settings.webhook_concurrency,
-                                        thread_name_prefix="postroom-webhook")  # fmt: skip
+                                        thread_name_prefix="postroom-webhook",
+                                        initializer=lower_priority)  # fmt: skip
         self._lock = threading.Lock()
         self._in_flight: dict[str, int] = {}
         self._total = 0
@@ -109,6 +128,7 @@ class Deliverer:
     # -- the loop -------------------------------------------------------------------
 
     def _loop(self) -> None:
+        lower_priority()
         while not self._stopping.is_set():
             try:
                 self.flush()
