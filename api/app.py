@@ -15,6 +15,7 @@ from api.routes import (
     suppressions,
     tasks,
     templates,
+    webhooks,
 )
 from api.services import Services
 from shared.settings import Settings
@@ -29,7 +30,7 @@ def create_app(settings: Settings, services: Services | None = None) -> Flask:
     app.url_map.strict_slashes = False
     app.extensions["postroom"] = services or Services.build(settings)
     for module in (health, solutions, email, batch, tasks, quota, suppressions, templates,
-                   openapi):  # fmt: skip
+                   webhooks, openapi):  # fmt: skip
         app.register_blueprint(module.bp, url_prefix=API_PREFIX)
     metrics.register(app)
     errors.register(app)

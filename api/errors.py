@@ -53,6 +53,9 @@ def register(app: Flask) -> None:
             {"type": _HTTP_TYPES.get(status, "HttpError"), "error": message, "status": status}
         )
         response.status_code = status
+        if status == 405:  # RFC 9110: a 405 says which methods the route takes
+            allowed = getattr(err, "valid_methods", None) or []
+            response.headers["Allow"] = ", ".join(sorted(allowed))
         return response
 
     def _store_down(err: Exception) -> Response:

@@ -31,7 +31,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.auth import bearer_token, is_admin
-from shared import keys
+from shared import keys, tasklist
 from shared.crypto import hash_token
 from shared.documents import DocumentStore
 from shared.errors import Unauthorized
@@ -156,6 +156,7 @@ class Express:
     ) -> tuple[list[str], list[str | int | float]]:
         """The keys and arguments of ``intake_send.lua`` for one send."""
         sid = solution.solution_id
+        recipients = list(recipients)
         capacity = solution.config.get("hLimit")
         capacity = self._settings.hlimit_default if capacity is None else int(capacity)
         request = -1 if request_hlimit is None or request_hlimit >= capacity else request_hlimit
@@ -168,6 +169,7 @@ class Express:
             self._one_step.accepted.key,
             self._one_step.queue,
             keys.bucket(sid),
+            keys.task_index(sid),
         ]
         if request >= 0:
             script_keys.append(keys.request_bucket(sid, request))
@@ -182,6 +184,9 @@ class Express:
             member,
             repr(due),
             self._one_step.framing.frame(job, member),
+            tasklist.entry(job["task_id"], recipients),
+            repr(job["created_at"]),
+            repr(job["created_at"] - self._documents.ttl_s),
             *dict.fromkeys(address_key(r) for r in recipients),
         ]
         return script_keys, args

@@ -73,6 +73,7 @@ def build_job(
             "text": data.get("text"),
             "html": data.get("html"),
         },
+        "metadata": data.get("metadata") or {},
     }
     _add_options(job, data)
     return job

@@ -28,6 +28,7 @@ from api.auth import Principal
 from api.intake import build_job
 from api.services import Services
 from shared import attachments as stored_attachments
+from shared import tasklist
 from shared.documents import new_document
 from shared.errors import (
     Blocked,
@@ -134,7 +135,7 @@ def queue(svc: Services, job: dict[str, Any], attachments: Sequence[Attachment] 
     A scheduled job's document (and attachments) live ``POSTROOM_RESULT_TTL`` past its
     ``send_at``."""
     sid, task_id = job["solution_id"], job["task_id"]
-    doc = new_document(task_id, sid, job["created_at"])
+    doc = new_document(task_id, sid, job["created_at"], job.get("metadata"))
     send_at = job.get("send_at")
     ttl_s = svc.documents.ttl_s
     if send_at is not None:
@@ -142,14 +143,21 @@ def queue(svc: Services, job: dict[str, Any], attachments: Sequence[Attachment] 
         ttl_s += max(0, math.ceil(send_at - time.time()))
     same = svc.results is svc.state  # the first document rides with the accepted entry
 
+    def first_writes(pipe: Any) -> None:  # the document and its task-list entry
+        svc.documents.put(doc, pipe=pipe, ttl_s=ttl_s)
+        tasklist.add_to(pipe, sid, task_id, job["created_at"], recipients_of(job["message"]),
+                        ttl_s)
+
     def writes(pipe: Any) -> None:
         if same:
-            svc.documents.put(doc, pipe=pipe, ttl_s=ttl_s)
+            first_writes(pipe)
         stored_attachments.queue_put(pipe, sid, task_id, attachments, ttl_s)
 
     try:
         if not same:
-            svc.documents.put(doc, ttl_s=ttl_s)
+            pipe = svc.results.pipeline(transaction=True)
+            first_writes(pipe)
+            pipe.execute()
         if send_at is not None:
             svc.enqueuer.schedule(job, send_at, with_writes=writes)
         else:
@@ -185,7 +193,7 @@ def in_one_step(svc: Services, sid: str, data: dict[str, Any]) -> tuple[str, Dec
     job = prepared(svc, data, solution)
     if job is None:
         return None
-    doc = new_document(job["task_id"], sid, job["created_at"])
+    doc = new_document(job["task_id"], sid, job["created_at"], job.get("metadata"))
     decision = express.send(job, doc, recipients_of(data), data.get("hLimit"), solution)
     return None if decision is None else (job["task_id"], decision)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -21,10 +21,18 @@ from shared.queue import Enqueuer, make_enqueuer
 from shared.ratelimit import TokenBucket
 from shared.relays import DEFAULT_PORTS
 from shared.schemas import make_schemas
+from shared.schemas.webhooks import WebhookCreateSchema, WebhookPatchSchema
 from shared.settings import Settings
 from shared.solutions import Solution, SolutionStore
 from shared.suppressions import SuppressionStore
 from shared.templates import TemplateStore
+from shared.webhooks import WebhookGuard, WebhookStore
+
+
+@dataclass(frozen=True)
+class WebhookSchemas:
+    create: WebhookCreateSchema = field(default_factory=WebhookCreateSchema)
+    patch: WebhookPatchSchema = field(default_factory=WebhookPatchSchema)
 
 PLAIN_TEXT_FIELD = (
     'Plain text ("") is allowed only toward relays listed in POSTROOM_SMTP_ALLOW_HOSTS; '
@@ -50,6 +58,10 @@ class Services:
     express: Express | None
     #: the solutions' message templates
     templates: TemplateStore
+    # -- webhooks --
+    webhooks: WebhookStore
+    webhook_guard: WebhookGuard
+    schemas_webhooks: WebhookSchemas
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -73,6 +85,9 @@ class Services:
                              resolver=CachedResolver()),
             express=Express.build(settings, state, results, documents, enqueuer),
             templates=TemplateStore(state),
+            webhooks=WebhookStore(state, box),
+            webhook_guard=WebhookGuard(settings.webhook_allow_hosts, resolver=CachedResolver()),
+            schemas_webhooks=WebhookSchemas(),
         )
 
     def principal(self) -> Principal:

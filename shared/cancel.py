@@ -4,9 +4,10 @@ A task may be canceled while it is ``scheduled`` (its ``send_at`` has not come) 
 ``queued`` and not yet begun by a worker; ``canceled`` is final. One script
 (``shared/lua/task_cancel.lua``) checks that no worker holds the message's lease and that
 its ledger shows no attempt, and then leaves a lease of its own (so a worker that reaches
-the message now finds it held, and then its document final), deletes the attachments and
-writes the document. A task already sending, sent, failed, retrying or deferred is a 409
-``Conflict``; a cancel racing the send ends as exactly one of them.
+the message now finds it held, and then its document final), deletes the attachments,
+writes the document and queues the ``email.canceled`` event for the solution's webhooks.
+A task already sending, sent, failed, retrying or deferred is a 409 ``Conflict``; a cancel
+racing the send ends as exactly one of them.
 
 The job itself stays where it is (the schedule, the queue) until a worker meets it: the
 worker finds the document final and drops it, as for any job whose task has ended.
@@ -20,7 +21,7 @@ from typing import Any
 
 import redis
 
-from shared import keys
+from shared import events, keys
 from shared.documents import DocumentStore
 from shared.errors import Conflict, NotFound
 from shared.scripts import script
@@ -50,14 +51,15 @@ def cancel_task(
         canceled = {**doc, "state": "canceled", "next_attempt_at": None, "error": None,
                     "updated_at": iso(time.time())}  # fmt: skip
         script_keys = [keys.lease(sid, task_id), keys.ledger(sid, task_id),
-                       keys.attachments(sid, task_id)]  # fmt: skip
-        args: list[str | int] = [HOLDER, LEASE_MS]
+                       keys.attachments(sid, task_id), keys.webhooks(sid)]  # fmt: skip
+        args: list[str | int] = [HOLDER, LEASE_MS, "", "", ""]
         encoded = json.dumps(canceled)
         if same:
             script_keys.append(keys.task(sid, task_id))
-            args += [raw.decode() if isinstance(raw, bytes) else raw, encoded,
-                     keys.task_done_channel(sid, task_id)]  # fmt: skip
-        answer = script("task_cancel")(state, script_keys, args)
+            args[2:5] = [raw.decode() if isinstance(raw, bytes) else raw, encoded,
+                         keys.task_done_channel(sid, task_id)]  # fmt: skip
+        args += events.emit_args(sid, [(events.EMAIL_CANCELED, canceled)])[1]
+        answer = script("task_cancel", functions=("event_emit",))(state, script_keys, args)
         answer = answer.decode() if isinstance(answer, bytes) else answer
         if answer == "changed":
             continue

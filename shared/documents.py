@@ -20,7 +20,9 @@ STATES = ("scheduled", "queued", "deferred", "retrying", "sent", "failed", "canc
 FINAL = frozenset({"sent", "failed", "canceled"})
 
 
-def new_document(task_id: str, sid: str, now: float) -> dict[str, Any]:
+def new_document(
+    task_id: str, sid: str, now: float, metadata: dict[str, str] | None = None
+) -> dict[str, Any]:
     stamp = iso(now)
     return {
         "task_id": task_id,
@@ -33,6 +35,7 @@ def new_document(task_id: str, sid: str, now: float) -> dict[str, Any]:
         "result": None,
         "error": None,
         "pending": [],
+        "metadata": metadata or {},
     }
 
 

@@ -104,3 +104,40 @@ def attachments(sid: str, task_id: str) -> str:
 def templates(sid: str) -> str:
     """Hash: template name -> JSON ``{name, subject, text, html, created_at, updated_at}``."""
     return f"{NS}:{{{sid}}}:templates"
+# -- delivery events (webhooks) and the task list -------------------------------------
+
+
+def webhooks(sid: str) -> str:
+    """Hash: webhook id -> JSON endpoint record (url, events, secrets sealed, state)."""
+    return f"{NS}:{{{sid}}}:webhooks"
+
+
+def webhook_prefix(sid: str) -> str:
+    """The prefix of one endpoint's keys: ``<prefix><id>:due`` (sorted set: event id ->
+    when to try it next), ``<prefix><id>:pending`` (hash: event id -> JSON of the event
+    and its attempts), ``<prefix><id>:log`` (list: the delivery log, newest first). The Lua
+    scripts build these names from the prefix (same hash tag, same slot)."""
+    return f"{NS}:{{{sid}}}:webhook:"
+
+
+def webhook_due(sid: str, wid: str) -> str:
+    return f"{webhook_prefix(sid)}{wid}:due"
+
+
+def webhook_pending(sid: str, wid: str) -> str:
+    return f"{webhook_prefix(sid)}{wid}:pending"
+
+
+def webhook_log(sid: str, wid: str) -> str:
+    return f"{webhook_prefix(sid)}{wid}:log"
+
+
+def webhook_endpoints() -> str:
+    """Set of every endpoint, as ``sid/id``: where the workers look for events to deliver."""
+    return f"{NS}:webhook_endpoints"
+
+
+def task_index(sid: str) -> str:
+    """Sorted set: the solution's tasks, member ``<task_id> <recipient keys, comma-joined>``,
+    scored by creation time; entries older than the documents' time to live are trimmed."""
+    return f"{NS}:{{{sid}}}:tasks"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING, Any
 
+from shared import openapi_rules, openapi_webhooks
 from shared.schemas.bundle import make_schemas
 from shared.schemas.json_schema import REF_PREFIX, Converter
 from shared.schemas.solutions import SOLUTION_ID
@@ -59,14 +60,17 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                                 "A template: Jinja2 sources, sandboxed; html autoescaped."),
         "RenderRequest": conv.ref(schemas.render, "RenderRequest"),
     }
+    bodies.update(openapi_webhooks.bodies(conv))
     components = {
         **conv.components,
         "BatchRequest": _batch_request(settings.max_batch),
         "BatchMessage": _batch_message(conv.components["SendRequest"]),
         **_response_schemas(conv.components["SolutionConfig"]),
         **_template_schemas(),
+        **openapi_webhooks.components(),
     }
-    return {
+    components["TaskDocument"]["properties"]["metadata"] = openapi_webhooks.METADATA
+    spec = {
         "openapi": OPENAPI_VERSION,
         "info": {
             "title": "postroom",
@@ -80,8 +84,9 @@ def build_spec(settings: Settings) -> dict[str, Any]:
         "servers": [{"url": BASE_PATH}],
         "security": [{"bearerAuth": []}],
         "tags": [{"name": name} for name in ("service", "solutions", "email", "suppressions",
-                                             "templates")],
-        "paths": _template_and_cancel_paths(_paths(bodies), bodies),
+                                             "templates", "webhooks")],
+        "paths": {**_template_and_cancel_paths(_paths(bodies), bodies),
+                  **openapi_webhooks.paths(_param, _op, _err, _json, _ref, bodies)},
         "components": {
             "schemas": components,
             "securitySchemes": {
@@ -91,10 +96,12 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                     "description": "The admin token, or a solution's token for its own routes.",
                 }
             },
-            "parameters": _parameters(),
+            "parameters": {**_parameters(), **openapi_webhooks.parameters()},
             "responses": _responses(),
         },
     }
+    openapi_rules.state_rules(spec, settings)
+    return spec
 
 
 # -- paths ----------------------------------------------------------------------------
@@ -309,7 +316,8 @@ _ERRORS = {
     401: ("Unauthorized", "Missing or invalid token."),
     403: ("Forbidden", "A solution token on an admin-only route."),
     404: ("NotFound", "No such resource (or not this token's)."),
-    409: ("Conflict", "The solution already exists, or the task can no longer be canceled."),
+    409: ("Conflict", "The solution already exists, a limit is reached, or the task can no "
+               "longer be canceled."),
     413: ("PayloadTooLarge", "The request body is larger than allowed."),
     415: ("UnsupportedMediaType", "The request body is not application/json."),
     422: ("IdempotencyMismatch", "This Idempotency-Key was used with another body."),

@@ -30,6 +30,7 @@ class Lua:
 
     def __init__(self, *names: str, functions: Sequence[str] = ()) -> None:
         folder = resources.files("shared").joinpath("lua")
+        self.names = names
 
         def text(name: str) -> str:
             return folder.joinpath(f"{name}.lua").read_text(encoding="utf-8")
@@ -37,6 +38,11 @@ class Lua:
         parts = [f"local function {name}(KEYS, ARGV)\n{text(name)}\nend" for name in functions]
         self.source = "\n".join([*parts, *(text(name) for name in names)])
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+    def function_text(self) -> str:
+        """This script as a local function of its name taking ``(KEYS, ARGV)``, to join
+        before another script (a script made of one file only)."""
+        return f"local function {self.names[0]}(KEYS, ARGV)\n{self.source}\nend"
 
     def __call__(self, client: redis.Redis, script_keys: Args, args: Args) -> Any:
         try:

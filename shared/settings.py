@@ -108,6 +108,18 @@ class Settings:
     worker_heartbeat_interval_s: float = 10.0
     # -- end of operations ----------------------------------------------------------------
 
+    # -- delivery events (webhooks) ------------------------------------------------
+    webhook_allow_hosts: tuple[str, ...] = ()
+    webhook_retry_base_s: float = 5.0
+    webhook_retry_max_delay_s: float = 6 * 3600.0
+    webhook_max_attempts: int = 8
+    webhook_timeout_s: float = 10.0
+    webhook_connect_timeout_s: float = 5.0
+    webhook_disable_after_s: int = 86400
+    webhook_concurrency: int = 16
+    webhook_endpoint_concurrency: int = 4
+    webhook_poll_s: float = 0.2
+
     # -- construction -------------------------------------------------------------
 
     def __post_init__(self) -> None:

@@ -192,6 +192,7 @@ class SolutionStore:
         pipe = self._r.pipeline()
         pipe.delete(keys.solution(sid), keys.token(doc["token_hash"]))
         pipe.delete(keys.bucket(sid), keys.suppressions(sid))
+        pipe.delete(keys.webhooks(sid))  # the workers drop the endpoints' queues after it
         pipe.srem(keys.solutions_index(), sid)
         pipe.execute()
 

@@ -26,19 +26,24 @@ from typing import Any
 import redis
 
 from shared import keys
+from shared.events import SUPPRESSION_CREATED, emit_args, emit_with
 from shared.schemas.addresses import address_key
+from shared.scripts import script
+from shared.solutions import iso
 from shared.text import as_str
 
 BOUNCE_WINDOW_S = 7 * 86400
 # the stronger reason wins when an event meets an entry that is already there
 RANK = {"manual": 0, "bounce": 1, "complaint": 2}
 
-# KEYS[1] the address's bounce set, KEYS[2] the solution's suppression hash
+# KEYS[1] the address's bounce set, KEYS[2] the solution's suppression hash,
+# KEYS[3] the solution's webhook endpoints (keys.webhooks)
 # ARGV[1] now (s), ARGV[2] window (s), ARGV[3] threshold, ARGV[4] member (the message),
-# ARGV[5] the hash field, ARGV[6] the entry to write when the threshold is reached
+# ARGV[5] the hash field, ARGV[6] the entry to write when the threshold is reached,
+# ARGV[7...] event_emit's arguments for the suppression.created event it then makes
 # Returns 1 when this bounce suppressed the address, else 0. An entry already there and
 # not expired is kept (a complaint stays a complaint); the count restarts once suppressed.
-_RECORD_BOUNCE = """
+_RECORD_BOUNCE_BODY = """
 local now = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
@@ -56,6 +61,7 @@ if current then
   end
 end
 redis.call('HSET', KEYS[2], ARGV[5], ARGV[6])
+event_emit({ KEYS[3] }, { unpack(ARGV, 7) })
 return 1
 """
 
@@ -114,7 +120,9 @@ class SuppressionStore:
         self._r = client
         self.bounce_threshold = bounce_threshold
         self.bounce_window_s = bounce_window_s
-        self._record_bounce = client.register_script(_RECORD_BOUNCE)
+        self._record_bounce = client.register_script(
+            script("event_emit").function_text() + "\n" + _RECORD_BOUNCE_BODY
+        )
         self._delete_if_same = client.register_script(_DELETE_IF_SAME)
 
     # -- reads ----------------------------------------------------------------------
@@ -179,7 +187,16 @@ class SuppressionStore:
         moment = _now(now)
         created = self.get(sid, email, moment) is None
         entry = Suppression(email, reason, moment, expires_at, detail)
-        self._r.hset(keys.suppressions(sid), address_key(email), entry.to_json())
+
+        def write(pipe: Any) -> None:
+            pipe.hset(keys.suppressions(sid), address_key(email), entry.to_json())
+
+        if created:  # the entry and its suppression.created event, in one step
+            emit_with(self._r, sid, [(SUPPRESSION_CREATED, event_data(sid, entry))], write)
+        else:
+            pipe = self._r.pipeline(transaction=False)
+            write(pipe)
+            pipe.execute()
         return entry, created
 
     def ingest(
@@ -234,7 +251,10 @@ class SuppressionStore:
                 repr(moment), repr(float(self.bounce_window_s)), self.bounce_threshold,
                 member, field, entry.to_json(),
             ]
-            script_keys = [keys.bounces(sid, field), keys.suppressions(sid)]
+            _, emit_args_ = emit_args(sid, [(SUPPRESSION_CREATED, event_data(sid, entry))],
+                                      now=moment)
+            args += emit_args_
+            script_keys = [keys.bounces(sid, field), keys.suppressions(sid), keys.webhooks(sid)]
             if self._record_bounce(keys=script_keys, args=args):
                 suppressed.append(email)
         return suppressed
@@ -247,6 +267,18 @@ class SuppressionStore:
 
     # alias: the worker records a transaction's outcomes, the store keeps the bounces
     record_outcomes = record_bounces
+
+
+def event_data(sid: str, entry: Suppression) -> dict[str, Any]:
+    """A ``suppression.created`` event's ``data``."""
+    return {
+        "solution_id": sid,
+        "email": entry.email,
+        "reason": entry.reason,
+        "created_at": iso(entry.created_at),
+        "expires_at": None if entry.expires_at is None else iso(entry.expires_at),
+        "detail": entry.detail,
+    }
 
 
 def _hard_bounce(outcome: Mapping[str, Any]) -> bool:

@@ -49,6 +49,12 @@ API_ROUTES = {
     "/solutions/{sid}/templates": {"get"},
     "/solutions/{sid}/templates/{template_name}": {"get", "put", "delete"},
     "/solutions/{sid}/templates/{template_name}/render": {"post"},
+    "/solutions/{sid}/tasks": {"get"},
+    "/solutions/{sid}/webhooks": {"get", "post"},
+    "/solutions/{sid}/webhooks/{webhook_id}": {"get", "patch", "delete"},
+    "/solutions/{sid}/webhooks/{webhook_id}/test": {"post"},
+    "/solutions/{sid}/webhooks/{webhook_id}/rotate-secret": {"post"},
+    "/solutions/{sid}/webhooks/{webhook_id}/deliveries": {"get"},
 }
 METHODS = {"get", "put", "post", "patch", "delete"}
 
@@ -172,6 +178,7 @@ def test_task_document_schema(spec: dict[str, Any]) -> None:
         "result",
         "error",
         "pending",
+        "metadata",
     }
     result = spec["components"]["schemas"]["TaskResult"]["properties"]
     assert set(result) == {"status", "accepted", "rejected", "envelope", "response", "messageId"}
@@ -206,8 +213,9 @@ def test_request_bodies_come_from_the_schemas(spec: dict[str, Any]) -> None:
     send = components["SendRequest"]["properties"]
     assert send["hLimit"]["type"] == ["integer", "null"]
     assert send["hLimit"]["minimum"] == 0
-    assert components["Connection"]["properties"]["port"]["maximum"] == 65535
-    assert components["Connection"]["properties"]["scheme"]["enum"] == ["smtp", "smtps", "", None]
+    # without POSTROOM_SMTP_ALLOW_HOSTS only the allowed ports and TLS (shared.openapi_rules)
+    assert components["Connection"]["properties"]["port"]["enum"] == [25, 465, 587, 2525, None]
+    assert components["Connection"]["properties"]["scheme"]["enum"] == ["smtp", "smtps", None]
     assert components["SolutionCreate"]["required"] == ["solution_id"]
 
 
@@ -268,3 +276,37 @@ def test_published_schema_refuses_what_the_api_refuses(spec: dict[str, Any], bod
 def test_built_once_is_stable() -> None:
     """Two builds from the same settings are equal (the app may build it at start-up)."""
     assert build_spec(Settings()) == build_spec(Settings())
+
+
+def test_the_spec_states_what_the_server_enforces(spec: dict[str, Any]) -> None:
+    """Rules a fuzzer found refused although the document allowed them are stated in forms
+    a generator can use: the relay port list (and no plain text) without exempt hosts, a
+    suppression's expires_at in the future, control characters in text (the pattern
+    compiles in the JSON Schema engine a generator uses), special-use mail domains."""
+    import time
+
+    jsonschema_rs = _need("jsonschema_rs")
+    schemas = spec["components"]["schemas"]
+    for name, port, scheme in (("SolutionCreate", "connection_port", "connection_scheme"),
+                               ("SolutionConfigPatch", "connection_port", "connection_scheme"),
+                               ("Connection", "port", "scheme")):  # fmt: skip
+        props = schemas[name]["properties"]
+        assert [25, 465, 587, 2525, None] == props[port]["enum"]
+        assert "" not in props[scheme]["enum"]
+    allowing = build_spec(Settings(smtp_allow_hosts=("10.0.0.0/8",)))
+    assert "enum" not in allowing["components"]["schemas"]["Connection"]["properties"]["port"]
+
+    def valid(schema: dict[str, Any], value: Any) -> bool:
+        return bool(jsonschema_rs.validator_for(schema).is_valid(value))
+
+    expires = schemas["SuppressionPut"]["properties"]["expires_at"]
+    year = time.gmtime().tm_year
+    assert not valid(expires, f"{year - 1}-06-01T00:00:00Z")
+    assert valid(expires, f"{year + 1}-06-01T00:00:00Z")
+    text = schemas["SendRequest"]["properties"]["text"]
+    assert not valid(text, "a\x0bb") and not valid(text, "a\x00b")
+    assert valid(text, "line 1\r\nline 2\tend")
+    subject = schemas["SendRequest"]["properties"]["subject"]
+    assert not valid({k: v for k, v in subject.items() if k != "not"}, "a\x85b")
+    to = schemas["SendRequest"]["properties"]["to"]
+    assert not valid(to, ["someone@example.test"]) and valid(to, ["someone@example.com"])

@@ -224,6 +224,7 @@ def test_loaded_send_request_shape(schemas: Schemas) -> None:
         "template": None,
         "template_data": {},
         "send_at": None,
+        "metadata": {},
     }
 
 
@@ -245,6 +246,7 @@ def test_full_send_request(schemas: Schemas) -> None:
             "password": "pass word",
             "scheme": "smtps",
         },
+        "metadata": {"order": "A-17", "k" * 40: "v" * 256},
     }
     loaded = load_or_raise(schemas.send, body)
     assert loaded == {

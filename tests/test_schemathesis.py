@@ -98,3 +98,68 @@ def _explore(strategy: Any, tokens: dict[str, str]) -> None:
             case.call_and_validate(headers=auth(token), checks=CHECKS)
 
     run()
+
+
+# -- every check, and the stateful phase, on the webhook and task-list operations -------
+
+NEW_OPERATIONS = ("webhooks",)
+
+
+def _skip_forced(case: Any) -> bool:
+    """Cases whose deliberate fault the harness undoes (it always sends a token and the
+    existing solution's id): their answers say nothing about the document."""
+    from schemathesis.core.parameters import ParameterLocation
+
+    meta = case.meta
+    if meta is None:
+        return False
+    forced = (ParameterLocation.HEADER, ParameterLocation.PATH)
+    return any(loc in forced and info.mode.is_negative for loc, info in meta.components.items())
+
+
+def test_webhook_and_task_list_operations_pass_every_check(
+    api: tuple[Any, dict[str, str]]
+) -> None:
+    """The webhook routes and the task list, positive and negative requests, under every
+    check schemathesis has (schema-valid requests accepted, invalid ones refused, ...)."""
+    _, tokens = api
+    operations = [op for op in _operations(api)
+                  if set(op.definition.raw.get("tags", [])) & set(NEW_OPERATIONS)
+                  or op.definition.raw.get("operationId") == "listTasks"]  # fmt: skip
+    assert 9 == len(operations)
+    for operation in operations:
+        strategy = st.one_of(
+            operation.as_strategy(generation_mode=GenerationMode.POSITIVE),
+            operation.as_strategy(generation_mode=GenerationMode.NEGATIVE),
+        )
+
+        @given(case=strategy)
+        @settings(max_examples=25, derandomize=True, database=None, deadline=None,
+                  suppress_health_check=list(HealthCheck))
+        def run(case: Any) -> None:
+            if _skip_forced(case):
+                return
+            case.path_parameters = {**(case.path_parameters or {}), "sid": "acme"}
+            for token in (tokens["solution"], tokens["admin"]):
+                case.call_and_validate(headers=auth(token))
+
+        run()
+
+
+def test_webhook_workflows_stateful(api: tuple[Any, dict[str, str]]) -> None:
+    """The stateful phase over the webhook routes: create an endpoint, then follow the
+    document's links with its id (read, change, test, rotate, read the log, delete), every
+    check on every answer."""
+    schema, tokens = api
+    machine = schema.include(tag="webhooks").as_state_machine()
+
+    class Workflow(machine):  # type: ignore[misc, valid-type]
+        def before_call(self, case: Any) -> None:
+            case.path_parameters = {**(case.path_parameters or {}), "sid": "acme"}
+
+        def get_call_kwargs(self, case: Any) -> dict[str, Any]:
+            return {"headers": auth(tokens["solution"])}
+
+    Workflow.run(settings=settings(max_examples=10, stateful_step_count=6, derandomize=True,
+                                   database=None, deadline=None,
+                                   suppress_health_check=list(HealthCheck)))  # fmt: skip

@@ -13,6 +13,7 @@ from typing import Any
 from celery import Celery, bootsteps
 from celery.signals import worker_process_shutdown, worker_shutting_down
 
+from shared.connections import redis_clients
 from shared.queue import Enqueuer, accepted_jobs, celery_config
 from shared.settings import Settings
 from worker import batching, metrics, probes, tasks
@@ -20,6 +21,7 @@ from worker.broker import transport_for
 from worker.context import WorkerContext
 from worker.lease import check_timeouts
 from worker.schedule import Mover, Watcher
+from worker.webhooks import Deliverer
 
 
 class _Contexts:
@@ -74,6 +76,7 @@ def make_celery(settings: Settings) -> Celery:
     worker_process_shutdown.connect(contexts.close, weak=False)
     worker_shutting_down.connect(batching.stop_soon, weak=False)
     app.conf.postroom_contexts = contexts
+    app.conf.postroom_settings = settings
 
     class SchedulerStep(bootsteps.StartStopStep):
         """Moves due retries and deferred sends back onto the queue, and publishes again
@@ -101,4 +104,26 @@ def make_celery(settings: Settings) -> Celery:
     app.steps["worker"].add(SchedulerStep)
     metrics.install(app, settings)  # before the pool forks: its processes count in files
     probes.install(app, settings)
+    app.steps["worker"].add(WebhookStep)
     return app
+
+
+class WebhookStep(bootsteps.StartStopStep):
+    """Delivers the solutions' events to their webhook endpoints (main process, threads:
+    :mod:`worker.webhooks`)."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.deliverer: Deliverer | None = None
+
+    def start(self, parent: Any) -> None:
+        settings: Settings = parent.app.conf.postroom_settings
+        state, _ = redis_clients(settings, socket_timeout=10.0)
+        self.deliverer = Deliverer(settings, state)
+        self.deliverer.start()
+
+    def stop(self, parent: Any) -> None:
+        if self.deliverer is not None:
+            self.deliverer.stop()

@@ -103,7 +103,8 @@ class Attempt:
         self._leased = begun.leased
         doc = begun.doc
         if doc is None:  # expired, or lost with the result backend: start it again
-            doc = new_document(self.task_id, self.sid, self.job["created_at"])
+            doc = new_document(self.task_id, self.sid, self.job["created_at"],
+                               self.job.get("metadata"))
         if doc["state"] in FINAL:
             log.info("already final; nothing to do", extra=self.log_extra)
             finish(ctx, self.job, release=self._leased, forget=True)
@@ -188,7 +189,8 @@ class Attempt:
         document is final already."""
         doc = self.ctx.documents.get(self.sid, self.task_id)
         if doc is None:
-            doc = new_document(self.task_id, self.sid, self.job["created_at"])
+            doc = new_document(self.task_id, self.sid, self.job["created_at"],
+                               self.job.get("metadata"))
         if doc["state"] in FINAL:
             return None
         return doc, self._with_unrecorded(self.ctx.ledger.load(self.sid, self.task_id))

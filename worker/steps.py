@@ -12,7 +12,8 @@ for a later attempt, or with a result backend of its own):
    empty) :func:`begin` makes this take itself, in the same script, when asked
    (:class:`FirstTake`): the same bucket script, keys and arguments, one round trip less;
 3. :func:`finish` — one pipeline: a script (``shared/lua/attempt_finish.lua``) records the
-   outcomes in the ledger, writes the document, releases the lease; beside it, the job is
+   outcomes in the ledger, writes the document (and queues the delivery events it makes:
+   :mod:`shared.events`), releases the lease; beside it, the job is
    parked in the schedule or taken out of the accepted set, and the transition counted.
    With a result backend of its own: the ledger first, then the document, then the rest.
 
@@ -42,6 +43,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import keys
 from shared.documents import FINAL
+from shared.events import email_event_types, emit, finish_events
 from shared.queue import encode_job
 from shared.ratelimit import Decision, decision_of
 from shared.schemas.addresses import address_key
@@ -237,15 +239,19 @@ def finish(
             outcomes = None
         if doc is not None:
             ctx.documents.put(doc)
+            emit(ctx.state, sid, [(kind, doc) for kind in email_event_types(doc)])
             doc = None
         then = None  # its document is elsewhere: begin reads it on its own
     script_keys = [keys.ledger(sid, task_id), keys.lease(sid, task_id)]
-    doc_json, channel, state = "", "", ""
+    doc_json, channel, state, events = "", "", "", ""
     if doc is not None:
         script_keys.append(keys.task(sid, task_id))
         doc_json = ctx.documents.encode(doc)
         if doc["state"] in FINAL:
             channel, state = keys.task_done_channel(sid, task_id), doc["state"]
+        events = finish_events(sid, doc)  # queued with the document, in the same step
+        if events:
+            script_keys.append(keys.webhooks(sid))
     fields = [] if outcomes is None else [x for kv in outcomes.fields().items() for x in kv]
     args: list[str | int] = [
         holder() if release else "",
@@ -255,12 +261,13 @@ def finish(
         ctx.documents.ttl_s,
         channel,
         state,
+        events,
         *fields,
     ]
     # parking the job and releasing the lease are one atomic step: no moment when neither
     # holds the job (the watcher would publish it again)
     pipe = ctx.state.pipeline(transaction=schedule_at is not None)
-    run = script("attempt_finish")
+    run = script("attempt_finish", functions=("event_emit",))
     scripted = release or outcomes is not None or doc is not None
     if scripted:
         run.queue(pipe, script_keys, args)

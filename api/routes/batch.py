@@ -143,7 +143,8 @@ def _in_one_step(
         return [None] * len(ready)
     express.remember(solution)  # read just now
     calls = [
-        (job, new_document(job["task_id"], solution.solution_id, job["created_at"]),
+        (job, new_document(job["task_id"], solution.solution_id, job["created_at"],
+                           job.get("metadata")),
          sends.recipients_of(data), data.get("hLimit"))
         for data, job in built
     ]  # fmt: skip

@@ -4,6 +4,8 @@
 -- KEYS[1]  the message's ledger, a hash                            (keys.ledger(sid, id))
 -- KEYS[2]  the message's lease, a string naming its holder         (keys.lease(sid, id))
 -- KEYS[3]  the task document, JSON; only when ARGV[4] is not ""    (keys.task(sid, id))
+-- KEYS[4]  the solution's webhook endpoints; only when ARGV[8] is not ""
+--                                                                  (keys.webhooks(sid))
 --
 -- ARGV[1]  the holder whose lease to release ("host:pid"), or "" to leave the lease alone
 -- ARGV[2]  the ledger's time to live, seconds
@@ -13,7 +15,12 @@
 -- ARGV[5]  the document's time to live, seconds
 -- ARGV[6]  the channel that announces a final document (keys.task_done_channel), or ""
 -- ARGV[7]  what it announces: the final state
--- ARGV[8], ARGV[9], ...  ledger fields and values: `rcpt:<address>` -> JSON outcome,
+-- ARGV[8]  the delivery events this document's write makes (shared/events.py,
+--          finish_events), JSON {prefix, now, timestamp, events: [[id, type], ...]}, or "";
+--          each event's body is {type, timestamp, data: the document}; queued by
+--          event_emit (joined before this file as a function) only when the document is
+--          written, in this same step
+-- ARGV[9], ARGV[10], ...  ledger fields and values: `rcpt:<address>` -> JSON outcome,
 --          `response` -> the reply to the end of DATA
 --
 -- Returns 1. Every part may be run again (the step is retried after a lost reply): the
@@ -21,8 +28,8 @@
 -- holder named still holds it.
 
 if ARGV[3] == "1" then
-  if #ARGV >= 9 then
-    redis.call("HSET", KEYS[1], unpack(ARGV, 8))
+  if #ARGV >= 10 then
+    redis.call("HSET", KEYS[1], unpack(ARGV, 9))
   end
   redis.call("HDEL", KEYS[1], "sending")
 end
@@ -32,6 +39,18 @@ if ARGV[4] ~= "" then
   redis.call("SET", KEYS[3], ARGV[4], "EX", ARGV[5])
   if ARGV[6] ~= "" then
     redis.call("PUBLISH", ARGV[6], ARGV[7])
+  end
+  if ARGV[8] ~= "" then
+    local spec = cjson.decode(ARGV[8])
+    local emit_args = { spec["prefix"], spec["now"], "" }
+    for _, event in ipairs(spec["events"]) do
+      local body = '{"type":' .. cjson.encode(event[2]) .. ',"timestamp":'
+        .. cjson.encode(spec["timestamp"]) .. ',"data":' .. ARGV[4] .. "}"
+      emit_args[#emit_args + 1] = event[1]
+      emit_args[#emit_args + 1] = event[2]
+      emit_args[#emit_args + 1] = body
+    end
+    event_emit({ KEYS[4] }, emit_args)
   end
 end
 

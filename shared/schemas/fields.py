@@ -78,3 +78,44 @@ class Object(fields.Nested):
     """A nested JSON object."""
 
     default_error_messages = {"null": NULL, "required": REQUIRED}
+
+
+#: the limits of a send's ``metadata``
+METADATA_MAX_KEYS = 10
+METADATA_KEY_MAX = 40
+METADATA_VALUE_MAX = 256
+
+
+class Metadata(fields.Field):
+    """A send's ``metadata``: an object of at most 10 string keys (1–40 characters) to
+    string values (at most 256 characters), kept in the task document and its events."""
+
+    json_schema: dict[str, Any] = {
+        "type": "object",
+        "maxProperties": METADATA_MAX_KEYS,
+        "propertyNames": {"minLength": 1, "maxLength": METADATA_KEY_MAX},
+        "additionalProperties": {"type": "string", "maxLength": METADATA_VALUE_MAX},
+    }
+    default_error_messages = {
+        "invalid": (
+            f"Must be an object of at most {METADATA_MAX_KEYS} keys of 1 to "
+            f"{METADATA_KEY_MAX} characters, each to a string of at most "
+            f"{METADATA_VALUE_MAX} characters."
+        ),
+        "null": NULL,
+        "required": REQUIRED,
+    }
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any,
+                     **kwargs: Any) -> dict[str, str]:  # fmt: skip
+        if (
+            not isinstance(value, dict)
+            or len(value) > METADATA_MAX_KEYS
+            or not all(
+                isinstance(k, str) and 1 <= len(k) <= METADATA_KEY_MAX
+                and isinstance(v, str) and len(v) <= METADATA_VALUE_MAX
+                for k, v in value.items()
+            )
+        ):
+            raise self.make_error("invalid")
+        return dict(value)

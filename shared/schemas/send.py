@@ -8,9 +8,10 @@ A loaded request holds every key, under its JSON name::
      "connection": {"server": str, "port": int, "user": str | None,
                     "password": str | None, "scheme": "smtp" | "smtps" | ""} | None,
      "reply_to": [str], "headers": {str: str}, "attachments": [Attachment],
-     "template": str | None, "template_data": dict, "send_at": float | None}
+     "template": str | None, "template_data": dict, "send_at": float | None,
+     "metadata": {str: str}}                        # empty when none was given
 
-(the last six: :mod:`shared.schemas.headers`, ``.attachments``, ``.templates``,
+(reply_to … send_at: :mod:`shared.schemas.headers`, ``.attachments``, ``.templates``,
 ``.send_at``)
 
 ``null`` is read as an absent field. ``connection.port`` defaults by scheme (587, 465, 25).
@@ -31,6 +32,7 @@ from shared.schemas.fields import (
     AddressList,
     EmailAddress,
     JsonInteger,
+    Metadata,
     Object,
     StrictSchema,
     Text,
@@ -147,6 +149,11 @@ class SendRequestSchema(StrictSchema):
     send_at = SendAt(allow_none=True, metadata={
         "description": "RFC 3339 with an offset, at most 30 days ahead; the task is "
         "scheduled until then (a time past is now)."})  # fmt: skip
+    metadata = Metadata(
+        allow_none=True,
+        metadata={"description": "Your own string keys and values, kept in the task "
+                  "document and in every delivery event of the message."},
+    )
 
     def __init__(
         self,
@@ -226,6 +233,7 @@ class SendRequestSchema(StrictSchema):
         loaded["template"] = data.get("template")
         loaded["template_data"] = data.get("template_data") or {}
         loaded["send_at"] = data.get("send_at")
+        loaded["metadata"] = data.get("metadata") or {}
         return loaded
 
 

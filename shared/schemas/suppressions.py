@@ -95,10 +95,11 @@ class EventSchema(StrictSchema):
         self.check_dns = check_dns
 
 
-def email_param(value: str, *, check_dns: bool = False) -> str:
-    """A path's ``{email}``, normalized; a 400 naming ``email`` when it is not valid."""
+def email_param(value: str, *, check_dns: bool = False, field: str = "email") -> str:
+    """A path's ``{email}`` (or the parameter ``field``), normalized; a 400 naming it when
+    it is not valid."""
     try:
         return normalize_address(value, check_dns=check_dns)
     except ValidationError as error:
         messages = [str(m) for m in error.messages] if isinstance(error.messages, list) else []
-        raise errors.ValidationError("invalid fields: email", fields={"email": messages}) from None
+        raise errors.ValidationError(f"invalid fields: {field}", fields={field: messages}) from None

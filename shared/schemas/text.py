@@ -15,6 +15,7 @@ from marshmallow.validate import Validator
 
 # C0, DEL, C1 (which holds U+0085 NEXT LINE), LINE and PARAGRAPH SEPARATOR, and lone
 # UTF-16 surrogates (JSON "\ud800" decodes to one; it cannot be encoded as UTF-8).
+_SURROGATES = "\ud800-\udfff"
 CONTROL = "\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff"
 # Message bodies may hold tabs, line breaks and form feeds; nothing else from C0.
 BODY_CONTROL = "\x00-\x08\x0b\x0e-\x1f\ud800-\udfff"
@@ -40,7 +41,11 @@ class NoControlChars(Validator):
     def __init__(self, *, body: bool = False) -> None:
         self.chars = BODY_CONTROL if body else CONTROL
         self.regex = re.compile(f"[{self.chars}]")
-        self.json_schema: dict[str, Any] = {"pattern": f"^[^{_escape(self.chars)}]*$"}
+        # published without the surrogate range: ECMA/Rust regex engines cannot hold one
+        # (a generator then dropped the whole pattern), and JSON text cannot carry a lone
+        # surrogate anyway (its escape is refused here all the same)
+        published = self.chars.replace(_SURROGATES, "")
+        self.json_schema: dict[str, Any] = {"pattern": f"^[^{_escape(published)}]*$"}
 
     def __call__(self, value: str) -> str:
         found = self.regex.search(value)
