@@ -24,9 +24,18 @@ if TYPE_CHECKING:
 
 Schema = dict[str, Any]
 
+
+def _any_case(word: str) -> str:
+    """``word`` as a pattern matching it in any case (ECMA-262 patterns, which JSON Schema
+    uses, have no inline ``(?i)`` flag)."""
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in word)
+
+
 SPECIAL_USE = {
     "type": "string",
-    "pattern": "(?i)@(?:[^@]*\\.)?(?:" + "|".join(SPECIAL_USE_DOMAIN_NAMES) + ")\\.?$",
+    "pattern": "@(?:[^@]*\\.)?(?:"
+    + "|".join(_any_case(name) for name in SPECIAL_USE_DOMAIN_NAMES)
+    + ")\\.?$",
 }
 
 
