@@ -22,6 +22,7 @@ import redis
 
 from shared.crypto import SecretBox, generate_key
 from shared.errors import ConfigError, PostroomError
+from shared.redis_client import redis_client
 from shared.settings import Settings
 from shared.solutions import SolutionStore
 
@@ -111,7 +112,7 @@ def _store() -> SolutionStore:
             "POSTROOM_SECRET_KEY must be set (the key the service runs with; "
             "generate one with `postroom keygen`)"
         )
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings.redis_url, socket_timeout=None)
     return SolutionStore(client, SecretBox(settings.secret_key), settings.hlimit_default)
 
 

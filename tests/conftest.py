@@ -15,7 +15,7 @@ import redis
 
 from shared.embedded_redis import EmbeddedRedis
 
-pytest_plugins = ["tests.smtp_fixtures", "tests.e2e"]
+pytest_plugins = ["tests.smtp_fixtures", "tests.e2e", "tests.topologies"]
 
 DEFAULT_TEST_REDIS = "redis://127.0.0.1:6379/13"
 
