@@ -25,7 +25,7 @@ from typing import Any
 from amqp.exceptions import AMQPError, MessageNacked
 
 from shared.errors import ConfigError
-from shared.redis_client import is_cluster, is_sentinel, parse_endpoints
+from shared.redis_client import is_cluster_url, is_sentinel, parse_endpoints
 
 AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
 #: a publish that raises one of these was not confirmed: the intake answers 503
@@ -46,7 +46,7 @@ def is_sentinel_broker(url: str) -> bool:
 def default_broker_url(redis_url: str) -> str:
     """The broker when ``POSTROOM_BROKER_URL`` is not set: the state Redis itself (for
     Sentinel, kombu's spelling of the same sentinels); ConfigError for a cluster."""
-    if is_cluster(redis_url):
+    if is_cluster_url(redis_url):
         raise ConfigError(
             "POSTROOM_REDIS_URL is a Redis Cluster (redis+cluster://), which cannot be a "
             "Celery broker (kombu has no cluster transport): set POSTROOM_BROKER_URL to "
@@ -61,7 +61,7 @@ def default_broker_url(redis_url: str) -> str:
 
 def check_broker_url(broker_url: str) -> None:
     """ConfigError for a broker kombu cannot use."""
-    if is_cluster(broker_url):
+    if is_cluster_url(broker_url):
         raise ConfigError(
             "POSTROOM_BROKER_URL cannot be a Redis Cluster (kombu has no cluster transport): "
             "use RabbitMQ (amqp://…) or a plain redis:// server; Redis Cluster serves "

@@ -20,7 +20,7 @@ from typing import Any, cast
 from urllib.parse import unquote
 
 import redis
-from redis.cluster import ClusterNode, RedisCluster
+from redis.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.sentinel import Sentinel
 
 from shared.errors import ConfigError
@@ -39,8 +39,13 @@ class Endpoints:
     db: int = 0
 
 
-def is_cluster(url: str) -> bool:
+def is_cluster_url(url: str) -> bool:
     return url.startswith(CLUSTER_SCHEME)
+
+
+def is_cluster(client: Any) -> bool:
+    """Whether ``client`` (a client or a pipeline) talks to a Redis Cluster."""
+    return isinstance(client, (RedisCluster, ClusterPipeline))
 
 
 def is_sentinel(url: str) -> bool:
@@ -50,7 +55,7 @@ def is_sentinel(url: str) -> bool:
 def parse_endpoints(url: str) -> Endpoints:
     """The hosts (and master, db) of a ``redis+cluster://`` or ``redis+sentinel://`` URL;
     ConfigError naming what is wrong."""
-    scheme = CLUSTER_SCHEME if is_cluster(url) else SENTINEL_SCHEME
+    scheme = CLUSTER_SCHEME if is_cluster_url(url) else SENTINEL_SCHEME
     rest = url[len(scheme) :].split("?", 1)[0]
     netloc, _, path = rest.partition("/")
     password = None
@@ -96,7 +101,7 @@ def redis_client(
         "socket_connect_timeout": connect_timeout,
         **options,
     }
-    if is_cluster(url):
+    if is_cluster_url(url):
         ends = parse_endpoints(url)
         cluster = RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in ends.hosts],

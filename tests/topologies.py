@@ -106,8 +106,9 @@ def rabbit() -> Iterator[Rabbit]:
 class Server:
     """One ``redis-server`` (or ``--sentinel``) process on a free loopback port."""
 
-    def __init__(self, directory: Path, *options: str, sentinel: bool = False) -> None:
-        self.port = free_port()
+    def __init__(self, directory: Path, *options: str, sentinel: bool = False,
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
         self.dir = directory / str(self.port)
         self.dir.mkdir(parents=True)
         self.options = options
@@ -165,10 +166,28 @@ class Cluster:
             node.client().flushall()
 
 
+def cluster_port() -> int:
+    """A free port whose cluster bus port (the port + 10000) is free too."""
+    import socket
+
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no free port pair for a cluster node")
+
+
 def start_cluster(directory: Path, masters: int = 3) -> Cluster:
     """``masters`` cluster-enabled servers, the 16384 slots split between them, all met."""
     nodes = [Server(directory, "cluster-enabled yes", "cluster-node-timeout 2000",
-                    "cluster-config-file nodes.conf").start() for _ in range(masters)]  # fmt: skip
+                    "cluster-config-file nodes.conf", port=cluster_port()).start()
+             for _ in range(masters)]  # fmt: skip
     per = 16384 // masters
     for i, node in enumerate(nodes):
         last = 16383 if i == masters - 1 else (i + 1) * per - 1
@@ -178,12 +197,11 @@ def start_cluster(directory: Path, masters: int = 3) -> Cluster:
     deadline = time.monotonic() + 20
     while True:
         infos = [n.client().execute_command("CLUSTER INFO") for n in nodes]
-        texts = [i.decode() if isinstance(i, bytes) else str(i) for i in infos]
-        if all("cluster_state:ok" in t and f"cluster_known_nodes:{masters}" in t
-               for t in texts):  # fmt: skip
+        if all(i["cluster_state"] == "ok" and int(i["cluster_known_nodes"]) == masters
+               for i in infos):  # fmt: skip
             return Cluster(nodes)
         if time.monotonic() > deadline:
-            raise AssertionError(f"the cluster did not form: {texts}")
+            raise AssertionError(f"the cluster did not form: {infos}")
         time.sleep(0.1)
 
 
@@ -198,6 +216,18 @@ def redis_cluster() -> Iterator[Cluster]:
         for node in cluster.nodes:
             node.stop()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster_redis(redis_cluster: Cluster) -> Iterator[redis.Redis]:
+    """A client of the tests' Redis Cluster (``redis+cluster://``), flushed before and after."""
+    from shared.redis_client import redis_client
+
+    redis_cluster.flush()
+    client = redis_client(redis_cluster.url)
+    yield client
+    redis_cluster.flush()
+    client.close()
 
 
 @dataclass
