@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import shutil
+import subprocess
+
 import pytest
 import redis
 
 from tests.e2e import Stack
-from tests.topologies import Cluster, Rabbit
+from tests.topologies import Rabbit, rabbitmqctl
 
 pytestmark = [pytest.mark.slow]
 
@@ -26,14 +29,60 @@ def test_a_message_goes_through_rabbitmq(
     assert "sent" == doc["state"]
 
 
-def test_smoke_cluster(rabbit: Rabbit, redis_cluster: Cluster,
-                       loopback_stack: Callable[..., Stack]) -> None:
-    redis_cluster.flush()
-    stack = loopback_stack(redis_url=redis_cluster.url, broker_url=rabbit.url,
-                           queue=rabbit.new_queue())
+def test_the_queue_is_a_quorum_queue(
+    rabbit: Rabbit, real_redis: redis.Redis, loopback_stack: Callable[..., Stack]
+) -> None:
+    """The queue the API publishes to and the worker consumes is a quorum queue (replicated
+    and durable on a RabbitMQ cluster)."""
+    if rabbit.vhost is None:
+        pytest.skip("needs rabbitmqctl")
+    queue = rabbit.new_queue()
+    stack = loopback_stack(broker_url=rabbit.url, queue=queue)
     stack.solution("acme", hLimit=100)
-    stack.start_worker()
+    assert 202 == stack.send({"to": ["a@example.com"], "text": "x"}).status_code
+    listed = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", rabbit.vhost, "name",
+                             "type"], capture_output=True, text=True, check=True)
+    assert [queue, "quorum"] in [line.split() for line in listed.stdout.splitlines()]
+
+
+def test_a_publish_rabbitmq_does_not_confirm_is_a_503(
+    rabbit: Rabbit, real_redis: redis.Redis, loopback_stack: Callable[..., Stack]
+) -> None:
+    """A queue that refuses new messages once full (a policy: ``max-length`` 1,
+    ``reject-publish``; no worker drains it): the sends it takes are confirmed (202), the
+    next one is nacked by RabbitMQ and answered 503 ``ServiceUnavailable``, and only the
+    accepted sends have task documents (the refused one's was taken back)."""
+    if rabbit.vhost is None or shutil.which("rabbitmqctl") is None:
+        pytest.skip("needs rabbitmqctl")
+    queue = rabbit.new_queue().replace("-q-", "-full-")
+    rabbit.queues.append(queue)
+    rabbitmqctl("set_policy", "-p", rabbit.vhost, "--apply-to", "queues", "full", ".*-full-.*",
+                '{"max-length": 1, "overflow": "reject-publish"}')
+    try:
+        stack = loopback_stack(broker_url=rabbit.url, queue=queue)
+        stack.solution("acme", hLimit=100)
+        answers = []
+        for i in range(5):
+            answers.append(stack.send({"to": [f"u{i}@example.com"], "text": "x"}))
+            if answers[-1].status_code != 202:
+                break
+    finally:
+        rabbitmqctl("clear_policy", "-p", rabbit.vhost, "full")
+    *accepted, refused = answers
+    assert [202] * len(accepted) == [r.status_code for r in accepted]
+    assert (503, "ServiceUnavailable") == (refused.status_code, refused.get_json()["type"])
+    assert len(accepted) == len(list(real_redis.scan_iter("postroom:{acme}:task:*")))
+
+
+def test_rabbitmq_down_at_intake_is_503(
+    real_redis: redis.Redis, loopback_stack: Callable[..., Stack]
+) -> None:
+    """No RabbitMQ where the broker URL points: a send answers 503 and nothing is kept."""
+    from tests.smtp_server import free_port
+
+    stack = loopback_stack(broker_url=f"amqp://guest:guest@127.0.0.1:{free_port()}//",
+                           broker_confirm_timeout_s=1.0)  # fmt: skip
+    stack.solution("acme", hLimit=100)
     r = stack.send({"to": ["a@example.com"], "text": "x"})
-    assert 202 == r.status_code, r.get_json()
-    doc = stack.wait_final(r.get_json()["task_id"], timeout=20)
-    assert "sent" == doc["state"]
+    assert (503, "ServiceUnavailable") == (r.status_code, r.get_json()["type"])
+    assert [] == list(real_redis.scan_iter("postroom:{acme}:task:*"))
