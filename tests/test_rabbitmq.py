@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import shutil
 import subprocess
+from collections.abc import Callable
 
 import pytest
 import redis
@@ -86,3 +85,42 @@ def test_rabbitmq_down_at_intake_is_503(
     r = stack.send({"to": ["a@example.com"], "text": "x"})
     assert (503, "ServiceUnavailable") == (r.status_code, r.get_json()["type"])
     assert [] == list(real_redis.scan_iter("postroom:{acme}:task:*"))
+
+
+def test_switching_from_the_redis_broker_to_rabbitmq_loses_nothing_queued(
+    rabbit: Rabbit, real_redis: redis.Redis, redis_url: str,
+    loopback_stack: Callable[..., Stack], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A deployment on one Redis has 12 messages queued (one of them half moved by an
+    interrupted earlier run, one reserved unacknowledged by a worker that stopped); it is
+    restarted with ``POSTROOM_BROKER_URL`` on RabbitMQ and ``postroom queue move --from
+    <the old Redis>`` is run: a worker on RabbitMQ sends all 12, each exactly once."""
+    from shared.cli import main
+    from tests.helpers import env_of
+
+    queue = rabbit.new_queue()
+    old = loopback_stack(queue=queue)
+    old.solution("acme", hLimit=100)
+    ids = old.send_many(12)
+    assert 12 == real_redis.llen(queue)
+    real_redis.lmove(queue, f"{queue}.moving", "RIGHT", "LEFT")  # an interrupted move
+    raw = real_redis.rpop(queue)  # as kombu's Redis transport holds a reserved message
+    assert isinstance(raw, bytes)
+    real_redis.hset("unacked", "tag-1", f'[{raw.decode()}, "", "{queue}"]')
+    real_redis.zadd("unacked_index", {"tag-1": 1.0})
+
+    new = loopback_stack(queue=queue, broker_url=rabbit.url)
+    new.tokens = old.tokens
+    for name, value in env_of(new.settings).items():
+        monkeypatch.setenv(name, value)
+    assert 0 == main(["queue", "move", "--from", redis_url])
+    assert "moved 11 queued and 1 unacknowledged" in capsys.readouterr().out
+    assert (0, 0, 0) == (real_redis.llen(queue), real_redis.llen(f"{queue}.moving"),
+                         real_redis.hlen("unacked"))  # fmt: skip
+    new.start_worker()
+
+    docs = new.wait_all_final(ids, timeout=30)
+    assert ["sent"] * 12 == [d["state"] for d in docs]
+    assert sorted(d["result"]["messageId"] for d in docs) == sorted(
+        str(m.message_id) for m in new.smtp.messages)
