@@ -43,7 +43,7 @@ class Moved:
     skipped: int
 
 
-def job_of(raw: bytes) -> dict[str, Any] | None:
+def job_of(raw: bytes | str) -> dict[str, Any] | None:
     """The send job in a message as kombu's Redis transport stores it, else None."""
     try:
         message = json.loads(raw)
@@ -71,7 +71,7 @@ def move_jobs(
     queued = skipped = 0
     # what an earlier, interrupted run left half moved comes first
     while True:
-        raw = source.lindex(moving, -1) or source.lmove(queue, moving, "RIGHT", "LEFT")
+        raw: Any = source.lindex(moving, -1) or source.lmove(queue, moving, "RIGHT", "LEFT")
         if raw is None:
             break
         job = job_of(raw)
