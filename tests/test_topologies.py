@@ -66,9 +66,9 @@ def admin_call(stack: Stack, method: str, path: str, **kwargs: Any) -> Any:
 
 
 def test_the_service_works_the_same(topology: MakeStack) -> None:
-    """Administration (configuration, suppressions), a send and
-    its document, an idempotency key, the batch route and a transient reply retried: each
-    answers as it does on one Redis."""
+    """Administration (configuration, suppressions), a send and its document, an
+    idempotency key, the batch route, a transient reply retried and ``?wait``: each answers
+    as it does on one Redis."""
     stack = topology()
     stack.smtp.script.data_replies.append("451 4.3.0 try again")
     stack.start_worker()
@@ -103,6 +103,8 @@ def test_the_service_works_the_same(topology: MakeStack) -> None:
     r = stack.client.get("/api/v1/solutions/acme/quota", headers=auth(stack.tokens["acme"]))
     assert (200, 100000) == (r.status_code, r.get_json()["hLimit"])
 
+    r = stack.send({"to": ["c@example.com"], "text": "c"}, query="?wait=20")
+    assert (200, "sent") == (r.status_code, r.get_json()["state"])  # announced, then read
     r = stack.client.delete("/api/v1/solutions/acme/suppressions/blocked@example.com",
                             headers=auth(stack.tokens["acme"]))
     assert r.status_code in (200, 204)
