@@ -30,9 +30,9 @@ from shared.redis_client import is_cluster_url, is_sentinel, parse_endpoints
 AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
 #: a publish that raises one of these was not confirmed: the intake answers 503
 PUBLISH_ERRORS: tuple[type[BaseException], ...] = (AMQPError, MessageNacked, socket.timeout)
-#: seconds between AMQP heartbeats of a worker: RabbitMQ closes a silent consumer's
-#: connection (and requeues what it held) after about twice this
-AMQP_HEARTBEAT_S = 10
+#: the AMQP heartbeat timeout of a worker: RabbitMQ closes the connection of a consumer
+#: it has not heard from for about twice this (a lost host) and requeues what it held
+AMQP_HEARTBEAT_S = 5
 
 
 def is_amqp(url: str) -> bool:

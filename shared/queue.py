@@ -84,6 +84,9 @@ def restore_interval_s(visibility_timeout_s: int) -> int:
 def make_producer(settings: Settings) -> Celery:
     app = Celery("postroom-api", set_as_current=False)
     app.conf.update(celery_config(settings))
+    # an API process serves no AMQP heartbeats between requests: its connection would be
+    # closed by RabbitMQ while idle (the workers keep theirs, to be noticed when lost)
+    app.conf.broker_heartbeat = 0
     return app
 
 
