@@ -5,8 +5,9 @@
   suffix) with ``rabbitmqctl``, and delete it at the end; without ``rabbitmqctl`` they use
   ``/`` with queues named uniquely, and delete those. Each test gets a queue of its own.
 - Redis Cluster: three masters (``redis-server --cluster-enabled yes``) on free loopback
-  ports, their slots assigned and met through ``CLUSTER ADDSLOTSRANGE``/``MEET`` (what
-  ``redis-cli --cluster create … --cluster-replicas 0`` does), for the whole session.
+  ports, their slots assigned and met through ``CLUSTER ADDSLOTS``/``MEET`` (what
+  ``redis-cli --cluster create … --cluster-replicas 0`` does, without needing
+  ``redis-cli``), for the whole session.
 - Sentinel: a master, one replica and one sentinel, started per test (a test kills them).
 
 A missing RabbitMQ is a skip on a laptop and a failure in CI.
@@ -191,7 +192,7 @@ def start_cluster(directory: Path, masters: int = 3) -> Cluster:
     per = 16384 // masters
     for i, node in enumerate(nodes):
         last = 16383 if i == masters - 1 else (i + 1) * per - 1
-        node.client().execute_command("CLUSTER ADDSLOTSRANGE", i * per, last)
+        node.client().execute_command("CLUSTER ADDSLOTS", *range(i * per, last + 1))
     for node in nodes[1:]:
         node.client().execute_command("CLUSTER MEET", "127.0.0.1", nodes[0].port)
     deadline = time.monotonic() + 20
