@@ -23,11 +23,10 @@ from tests.e2e import Stack
 from tests.helpers import ADMIN, auth
 from tests.smtp_server import ScriptedSmtpServer
 from tests.stack import terminate_worker, wait_for
-from tests.topologies import Cluster, Rabbit
+from tests.topologies import TOPOLOGIES, topology_settings
 
 pytestmark = [pytest.mark.slow]
 
-TOPOLOGIES = ["redis", "rabbitmq", "rabbitmq+cluster"]
 MakeStack = Callable[..., Stack]
 
 
@@ -35,19 +34,7 @@ MakeStack = Callable[..., Stack]
 def topology(request: pytest.FixtureRequest, loopback_stack: MakeStack) -> MakeStack:
     """Make a stack (with solution ``acme``, hLimit 100000) on the parametrized topology;
     overrides go to its settings."""
-    name: str = request.param
-    options: dict[str, Any] = {}
-    if name == "redis":
-        request.getfixturevalue("real_redis")
-    if name.startswith("rabbitmq"):
-        rabbit: Rabbit = request.getfixturevalue("rabbit")
-        options.update(broker_url=rabbit.url, queue=rabbit.new_queue())
-        if name == "rabbitmq":
-            request.getfixturevalue("real_redis")
-    if name.endswith("cluster"):
-        cluster: Cluster = request.getfixturevalue("redis_cluster")
-        cluster.flush()
-        options.update(redis_url=cluster.url)
+    options = topology_settings(request, request.param)
 
     def make(**overrides: Any) -> Stack:
         stack = loopback_stack(**{**options, **overrides})

@@ -11,6 +11,11 @@
 - Sentinel: a master, one replica and one sentinel, started per test (a test kills them).
 
 A missing RabbitMQ is a skip on a laptop and a failure in CI.
+
+:func:`topology_settings` gives a test the settings of one topology (``redis``,
+``rabbitmq``, ``rabbitmq+cluster``), starting what it needs through these fixtures.
+``tests/test_topologies.py`` runs on all three; ``tests/test_e2e.py`` on those named in
+``TEST_E2E_TOPOLOGIES`` (comma-separated, or ``all``; default ``redis``).
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 from shared.embedded_redis import free_port, redis_server_binary
 
+TOPOLOGIES = ("redis", "rabbitmq", "rabbitmq+cluster")
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672")
 VHOST_PREFIX = os.environ.get("TEST_AMQP_VHOST_PREFIX", "postroom-test-")
 
@@ -49,6 +56,30 @@ def _amqp_reachable(url: str) -> bool:
         return True
     except Exception:  # noqa: BLE001 - any failure means: not usable here
         return False
+
+
+def e2e_topologies() -> list[str]:
+    """The topologies ``tests/test_e2e.py`` runs on (``TEST_E2E_TOPOLOGIES``)."""
+    raw = os.environ.get("TEST_E2E_TOPOLOGIES", "redis")
+    return list(TOPOLOGIES) if raw == "all" else [t for t in raw.split(",") if t]
+
+
+def topology_settings(request: pytest.FixtureRequest, name: str) -> dict[str, Any]:
+    """Settings overrides for a stack on topology ``name``: a flushed database of the
+    tests' Redis, or the session's cluster (flushed), and for RabbitMQ the tests' vhost
+    and a queue of the test's own."""
+    assert name in TOPOLOGIES, name
+    options: dict[str, Any] = {}
+    if name.startswith("rabbitmq"):
+        rabbit: Rabbit = request.getfixturevalue("rabbit")
+        options.update(broker_url=rabbit.url, queue=rabbit.new_queue())
+    if name.endswith("cluster"):
+        cluster: Cluster = request.getfixturevalue("redis_cluster")
+        cluster.flush()
+        options.update(redis_url=cluster.url)
+    else:
+        request.getfixturevalue("real_redis")
+    return options
 
 
 def rabbitmqctl(*args: str) -> None:
