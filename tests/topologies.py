@@ -14,7 +14,8 @@ A missing RabbitMQ is a skip on a laptop and a failure in CI.
 
 :func:`topology_settings` gives a test the settings of one topology (``redis``,
 ``rabbitmq``, ``rabbitmq+cluster``), starting what it needs through these fixtures.
-``tests/test_topologies.py`` runs on all three; ``tests/test_e2e.py`` on those named in
+``tests/test_topologies.py`` runs on all three; ``tests/test_e2e.py`` and the fault tests
+of ``tests/test_faults.py`` built on its ``stack`` fixture on those named in
 ``TEST_E2E_TOPOLOGIES`` (comma-separated, or ``all``; default ``redis``).
 """
 
