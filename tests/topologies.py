@@ -218,9 +218,21 @@ def cluster_port() -> int:
 
 def start_cluster(directory: Path, masters: int = 3) -> Cluster:
     """``masters`` cluster-enabled servers, the 16384 slots split between them, all met."""
-    nodes = [Server(directory, "cluster-enabled yes", "cluster-node-timeout 2000",
-                    "cluster-config-file nodes.conf", port=cluster_port()).start()
-             for _ in range(masters)]  # fmt: skip
+    nodes: list[Server] = []
+    try:
+        for _ in range(masters):
+            nodes.append(Server(directory, "cluster-enabled yes", "cluster-node-timeout 2000",
+                                "cluster-config-file nodes.conf", port=cluster_port()))
+            nodes[-1].start()
+        return _form(nodes)
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+
+
+def _form(nodes: list[Server]) -> Cluster:
+    masters = len(nodes)
     per = 16384 // masters
     for i, node in enumerate(nodes):
         last = 16383 if i == masters - 1 else (i + 1) * per - 1
@@ -285,20 +297,28 @@ class SentinelSet:
 def sentinel_set(tmp_path: Path) -> Iterator[SentinelSet]:
     """A master, a replica of it and one sentinel watching them (quorum 1, a master is
     down after 1 s without an answer)."""
-    master = Server(tmp_path).start()
-    replica = Server(tmp_path, f"replicaof 127.0.0.1 {master.port}").start()
     name = "postroom"
-    sentinel = Server(tmp_path, f"sentinel monitor {name} 127.0.0.1 {master.port} 1",
-                      f"sentinel down-after-milliseconds {name} 1000",
-                      f"sentinel failover-timeout {name} 5000",
-                      sentinel=True).start()  # fmt: skip
-    deadline = time.monotonic() + 15
-    while b"master_link_status:up" not in replica.client().execute_command("INFO replication"):
-        if time.monotonic() > deadline:
-            raise AssertionError("the replica did not catch up with the master")
-        time.sleep(0.1)
+    servers: list[Server] = []
     try:
+        master = Server(tmp_path)
+        servers.append(master)
+        master.start()
+        replica = Server(tmp_path, f"replicaof 127.0.0.1 {master.port}")
+        servers.append(replica)
+        replica.start()
+        sentinel = Server(tmp_path, f"sentinel monitor {name} 127.0.0.1 {master.port} 1",
+                          f"sentinel down-after-milliseconds {name} 1000",
+                          f"sentinel failover-timeout {name} 5000", sentinel=True)  # fmt: skip
+        servers.append(sentinel)
+        sentinel.start()
+        deadline = time.monotonic() + 15
+        while b"master_link_status:up" not in replica.client().execute_command(
+            "INFO replication"
+        ):
+            if time.monotonic() > deadline:
+                raise AssertionError("the replica did not catch up with the master")
+            time.sleep(0.1)
         yield SentinelSet(master, replica, sentinel, name)
     finally:
-        for server in (sentinel, replica, master):
+        for server in reversed(servers):
             server.stop()
