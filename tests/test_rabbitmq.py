@@ -76,7 +76,8 @@ def test_a_publish_rabbitmq_does_not_confirm_is_a_503(
 def test_rabbitmq_down_at_intake_is_503(
     real_redis: redis.Redis, loopback_stack: Callable[..., Stack]
 ) -> None:
-    """No RabbitMQ where the broker URL points: a send answers 503 and nothing is kept."""
+    """No RabbitMQ where the broker URL points: a send answers 503 and nothing is kept;
+    the readiness check says 503 too."""
     from tests.smtp_server import free_port
 
     stack = loopback_stack(broker_url=f"amqp://guest:guest@127.0.0.1:{free_port()}//",
@@ -85,6 +86,7 @@ def test_rabbitmq_down_at_intake_is_503(
     r = stack.send({"to": ["a@example.com"], "text": "x"})
     assert (503, "ServiceUnavailable") == (r.status_code, r.get_json()["type"])
     assert [] == list(real_redis.scan_iter("postroom:{acme}:task:*"))
+    assert 503 == stack.client.get("/api/v1/solution/ready").status_code
 
 
 def test_switching_from_the_redis_broker_to_rabbitmq_loses_nothing_queued(

@@ -54,11 +54,12 @@ def admin_call(stack: Stack, method: str, path: str, **kwargs: Any) -> Any:
 
 def test_the_service_works_the_same(topology: MakeStack) -> None:
     """Administration (configuration, suppressions), a send and its document, an
-    idempotency key, the batch route, a transient reply retried and ``?wait``: each answers
-    as it does on one Redis."""
+    idempotency key, the batch route, a transient reply retried, ``?wait`` and the
+    readiness check: each answers as it does on one Redis."""
     stack = topology()
     stack.smtp.script.data_replies.append("451 4.3.0 try again")
     stack.start_worker()
+    assert 200 == stack.client.get("/api/v1/solution/ready").status_code
 
     r = admin_call(stack, "PATCH", "/solutions/acme/config", json={"hLimit_policy": "defer"})
     assert (200, "defer") == (r.status_code, r.get_json()["config"]["hLimit_policy"])
