@@ -23,6 +23,7 @@ import redis
 from shared import metrics_files
 from shared.crypto import SecretBox, generate_key
 from shared.errors import ConfigError, PostroomError
+from shared.redis_client import redis_client
 from shared.settings import Settings
 from shared.solutions import SolutionStore
 
@@ -108,6 +109,28 @@ def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+# -- queue ---------------------------------------------------------------------------
+
+
+def cmd_queue_move(args: argparse.Namespace, extra: list[str]) -> int:
+    from shared.broker_move import move_jobs
+    from shared.queue import make_enqueuer
+
+    settings = load_settings(require_secrets=False)
+    source: str = args.source
+    if not source.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"--from must be the old Redis broker's redis:// URL, got {source!r}")
+    if source == settings.broker_url:
+        raise ConfigError("--from names the broker in use now (POSTROOM_BROKER_URL)")
+    enqueuer = make_enqueuer(settings, redis_client(settings.redis_url))
+    moved = move_jobs(redis_client(source), settings.queue, enqueuer.enqueue,
+                      include_unacked=not args.keep_unacked)  # fmt: skip
+    print(f"moved {moved.queued} queued and {moved.unacked} unacknowledged job(s) to the "
+          f"broker in use now; {moved.skipped} other message(s) set aside in "
+          f"{settings.queue}.unknown")  # fmt: skip
+    return 0
+
+
 # -- solution ------------------------------------------------------------------------
 
 
@@ -118,7 +141,7 @@ def _store() -> SolutionStore:
             "POSTROOM_SECRET_KEY must be set (the key the service runs with; "
             "generate one with `postroom keygen`)"
         )
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings.redis_url, socket_timeout=None)
     return SolutionStore(client, SecretBox(settings.secret_key), settings.hlimit_default)
 
 
@@ -305,6 +328,22 @@ def build_parser() -> argparse.ArgumentParser:
     q = ssub.add_parser("delete", help="delete a solution, its token, bucket and suppressions")
     q.add_argument("sid", metavar="SID")
     q.set_defaults(handler=cmd_solution_delete, passthrough=False)
+
+    p = sub.add_parser("queue", help="operate on the broker's queue")
+    qsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = qsub.add_parser(
+        "move",
+        help="move the jobs waiting on an old Redis broker to POSTROOM_BROKER_URL",
+        description="Move the send jobs waiting on a Redis broker that is no longer "
+        "POSTROOM_BROKER_URL (and those its stopped workers held unacknowledged) to the "
+        "broker in use now. Run it after the old workers have stopped; running it again "
+        "is safe (a job published twice is sent once).",
+    )
+    q.add_argument("--from", dest="source", required=True, metavar="URL",
+                   help="the old broker (a redis:// URL)")  # fmt: skip
+    q.add_argument("--keep-unacked", action="store_true",
+                   help="leave the old workers' unacknowledged jobs where they are")  # fmt: skip
+    q.set_defaults(handler=cmd_queue_move, passthrough=False)
 
     p = sub.add_parser(
         "dev",

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import redis
 
+from shared.redis_client import redis_client
 from shared.settings import Settings
 
 
 def redis_clients(settings: Settings, socket_timeout: float) -> tuple[redis.Redis, redis.Redis]:
     """Clients of ``POSTROOM_REDIS_URL`` and of ``POSTROOM_RESULT_BACKEND``: one and the
     same client when the two URLs are the same (then their writes can share a pipeline)."""
-    state = redis.Redis.from_url(
-        settings.redis_url, socket_connect_timeout=2.0, socket_timeout=socket_timeout
-    )
+    state = redis_client(settings.redis_url, socket_timeout=socket_timeout)
     if settings.result_backend == settings.redis_url:
         return state, state
-    results = redis.Redis.from_url(
-        settings.result_backend, socket_connect_timeout=2.0, socket_timeout=socket_timeout
-    )
+    results = redis_client(settings.result_backend, socket_timeout=socket_timeout)
     return state, results

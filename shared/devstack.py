@@ -24,10 +24,9 @@ from dataclasses import dataclass
 from types import FrameType
 from urllib.parse import urlsplit
 
-import redis
-
 from shared.crypto import SecretBox, generate_key
 from shared.errors import ConfigError, Conflict
+from shared.redis_client import redis_client
 from shared.settings import Settings
 from shared.solutions import SolutionStore
 
@@ -155,7 +154,7 @@ def start_sink(stack: ExitStack, env: dict[str, str], options: DevOptions) -> No
 
 def ensure_demo(settings: Settings) -> None:
     """Solution ``demo`` exists and answers to ``demo-token``."""
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings.redis_url, socket_timeout=None)
     try:
         store = SolutionStore(client, SecretBox(settings.secret_key), settings.hlimit_default)
         try:

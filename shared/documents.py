@@ -14,6 +14,7 @@ from typing import Any
 import redis
 
 from shared import keys
+from shared.redis_client import is_cluster
 from shared.solutions import iso
 
 STATES = ("scheduled", "queued", "deferred", "retrying", "sent", "failed", "canceled")
@@ -62,10 +63,16 @@ class DocumentStore:
         sid, tid = doc["solution_id"], doc["task_id"]
         target = pipe if pipe is not None else self._r.pipeline(transaction=False)
         target.set(keys.task(sid, tid), self.encode(doc), ex=ttl_s or self.ttl_s)
-        if doc["state"] in FINAL:
+        final = doc["state"] in FINAL
+        # a Redis Cluster pipeline refuses PUBLISH: it goes on its own, after the write
+        # (with a caller's pipeline, maybe before it: a waiter re-reads within a second)
+        clustered = is_cluster(target)
+        if final and not clustered:
             target.publish(keys.task_done_channel(sid, tid), doc["state"])
         if pipe is None:
             target.execute()
+        if final and clustered:
+            self._r.publish(keys.task_done_channel(sid, tid), doc["state"])
 
     def delete(self, sid: str, task_id: str) -> None:
         self._r.delete(keys.task(sid, task_id))

@@ -27,9 +27,11 @@ from kombu.exceptions import KombuError, OperationalError
 from redis.exceptions import RedisError
 
 from shared import keys
+from shared.brokers import PUBLISH_ERRORS, broker_config, publish_options
 from shared.errors import ServiceUnavailable
 from shared.framing import TaskFraming, redacted
 from shared.names import SEND_TASK
+from shared.redis_client import redis_client
 from shared.settings import Settings
 
 log = logging.getLogger("postroom.queue")
@@ -38,7 +40,7 @@ log = logging.getLogger("postroom.queue")
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Configuration common to the producer (API) and the consumer (worker)."""
     transport: dict[str, Any] = {}
-    if settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
+    if settings.broker_url.startswith(("redis://", "rediss://", "unix://", "sentinel://")):
         transport = {
             # a message is redelivered when not acknowledged within this window; it is
             # longer than the longest send (the worker checks it at start-up)
@@ -53,7 +55,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "retry_on_timeout": True,
             "health_check_interval": 25,
         }
-    return {
+    config = {
         "broker_url": settings.broker_url,
         "broker_transport_options": transport,
         "broker_connection_timeout": 2.0,
@@ -66,7 +68,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_queue": settings.queue,
         "task_create_missing_queues": True,
         "enable_utc": True,
+        "postroom_confirm_timeout_s": settings.broker_confirm_timeout_s,
     }
+    # RabbitMQ (quorum queues, publisher confirms) and Sentinel: shared/brokers.py
+    config.update(broker_config(settings.broker_url, settings.redis_url,
+                                settings.broker_master_name, transport))  # fmt: skip
+    return config
 
 
 def restore_interval_s(visibility_timeout_s: int) -> int:
@@ -77,6 +84,9 @@ def restore_interval_s(visibility_timeout_s: int) -> int:
 def make_producer(settings: Settings) -> Celery:
     app = Celery("postroom-api", set_as_current=False)
     app.conf.update(celery_config(settings))
+    # an API process serves no AMQP heartbeats between requests: its connection would be
+    # closed by RabbitMQ while idle (the workers keep theirs, to be noticed when lost)
+    app.conf.broker_heartbeat = 0
     return app
 
 
@@ -181,6 +191,10 @@ def accepted_jobs(client: redis.Redis, settings: Settings) -> JobSet:
     return JobSet(client, keys.accepted(), float(settings.visibility_timeout_s))
 
 
+#: what a publish that did not reach the broker (or was not confirmed by it) raises
+_PUBLISH_FAILURES: tuple[type[BaseException], ...] = (
+    OperationalError, KombuError, RedisError, OSError, *PUBLISH_ERRORS
+)
 _PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
 
 
@@ -234,6 +248,9 @@ class Enqueuer:
         self._queue = queue
         self._accepted = accepted
         self._direct = direct
+        self._publish_options = publish_options(
+            str(app.conf.broker_url), float(app.conf.get("postroom_confirm_timeout_s", 5.0))
+        )
 
     def one_step(self) -> OneStep | None:
         """The parts for queueing a job inside a script, when the broker's queue and the
@@ -334,8 +351,9 @@ class Enqueuer:
                 argsrepr="()",
                 kwargsrepr=redacted(job),
                 countdown=countdown,
+                **self._publish_options,
             )
-        except (OperationalError, KombuError, RedisError, OSError) as exc:
+        except _PUBLISH_FAILURES as exc:
             raise unavailable(exc) from None
 
     def ping(self) -> bool:
@@ -355,9 +373,7 @@ def make_enqueuer(settings: Settings, state: redis.Redis) -> Enqueuer:
     if settings.broker_url == settings.redis_url:
         direct = DirectBroker(state, TaskFraming(settings.queue), shares_state=True)
     elif settings.broker_url.startswith(("redis://", "rediss://")):
-        client = redis.Redis.from_url(
-            settings.broker_url, socket_connect_timeout=2.0, socket_timeout=5.0
-        )
+        client = redis_client(settings.broker_url)
         direct = DirectBroker(client, TaskFraming(settings.queue), shares_state=False)
     return Enqueuer(
         make_producer(settings), settings.queue, accepted_jobs(state, settings), direct

@@ -120,11 +120,21 @@ class Settings:
     webhook_endpoint_concurrency: int = 4
     webhook_poll_s: float = 0.2
 
+    # -- brokers and Redis topologies (docs/scaling.md) ----------------------------
+    #: the Sentinel master of a sentinel:// broker; "" = the one in a redis+sentinel:// URL
+    broker_master_name: str = ""
+    #: how long a publish to RabbitMQ waits for the broker's confirm (then 503)
+    broker_confirm_timeout_s: float = 5.0
+    # -- end of brokers and Redis topologies -----------------------------------------
+
     # -- construction -------------------------------------------------------------
 
     def __post_init__(self) -> None:
+        from shared.brokers import check_broker_url, default_broker_url
+
         if not self.broker_url:
-            object.__setattr__(self, "broker_url", self.redis_url)
+            object.__setattr__(self, "broker_url", default_broker_url(self.redis_url))
+        check_broker_url(self.broker_url)
         if not self.result_backend:
             object.__setattr__(self, "result_backend", self.redis_url)
         if self.log_format not in ("json", "text"):

@@ -174,14 +174,24 @@ class SolutionStore:
         return self._update(sid, apply)
 
     def rotate_token(self, sid: str) -> str:
+        """A new token for ``sid``; the old one stops working. The token entries live
+        outside the solution's hash slot (Redis Cluster), so they are written beside the
+        record's transaction: the new entry before it, the old one removed after it."""
         token = new_token()
+        new_hash = hash_token(token)
+        replaced: list[str] = []
 
         def change(doc: dict[str, Any], pipe: Any) -> None:
-            pipe.delete(keys.token(doc["token_hash"]))
-            doc["token_hash"] = hash_token(token)
-            pipe.set(keys.token(doc["token_hash"]), sid)
+            replaced.append(doc["token_hash"])
+            doc["token_hash"] = new_hash
 
-        self._rewrite(sid, change)
+        self._r.set(keys.token(new_hash), sid)
+        try:
+            self._rewrite(sid, change)
+        except BaseException:
+            self._r.delete(keys.token(new_hash))
+            raise
+        self._r.delete(keys.token(replaced[-1]))
         return token
 
     def delete(self, sid: str) -> None:
@@ -190,8 +200,10 @@ class SolutionStore:
             raise NotFound(f"solution {sid!r} not found")
         doc = json.loads(raw)
         pipe = self._r.pipeline()
-        pipe.delete(keys.solution(sid), keys.token(doc["token_hash"]))
-        pipe.delete(keys.bucket(sid), keys.suppressions(sid))
+        pipe.delete(keys.solution(sid))
+        pipe.delete(keys.token(doc["token_hash"]))  # another hash slot: a command of its own
+        pipe.delete(keys.bucket(sid))
+        pipe.delete(keys.suppressions(sid))
         pipe.delete(keys.webhooks(sid))  # the workers drop the endpoints' queues after it
         pipe.srem(keys.solutions_index(), sid)
         pipe.execute()
@@ -222,7 +234,7 @@ class SolutionStore:
         on the transaction it is given), write it back: all or nothing, and again from
         the start if another process changed the record meanwhile."""
         key = keys.solution(sid)
-        with self._r.pipeline() as pipe:
+        with self._r.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     pipe.watch(key)

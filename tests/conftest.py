@@ -15,7 +15,7 @@ import redis
 
 from shared.embedded_redis import EmbeddedRedis
 
-pytest_plugins = ["tests.smtp_fixtures", "tests.e2e"]
+pytest_plugins = ["tests.smtp_fixtures", "tests.e2e", "tests.topologies"]
 
 DEFAULT_TEST_REDIS = "redis://127.0.0.1:6379/13"
 
@@ -61,9 +61,10 @@ def fake_redis() -> Iterator[redis.Redis]:
     client.flushall()
 
 
-@pytest.fixture(params=["real", "fake"])
+@pytest.fixture(params=["real", "fake", "cluster"])
 def any_redis(request: pytest.FixtureRequest) -> redis.Redis:
-    """The same Redis logic run against real Redis and against fakeredis (with Lua)."""
-    name = "real_redis" if request.param == "real" else "fake_redis"
-    client: redis.Redis = request.getfixturevalue(name)
+    """The same Redis logic run against real Redis, fakeredis (with Lua) and a real
+    three-master Redis Cluster (``cluster_redis``, of ``tests/topologies.py``)."""
+    name = {"real": "real_redis", "fake": "fake_redis", "cluster": "cluster_redis"}
+    client: redis.Redis = request.getfixturevalue(name[request.param])
     return client

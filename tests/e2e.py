@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,15 @@ class Stack:
         return worker
 
     def stop(self) -> None:
+        """Warm shutdown of every worker, all at once (then each is waited for)."""
+        running = [w for w in self.workers if w.proc is not None and w.proc.poll() is None]
+        for worker in running:
+            assert worker.proc is not None
+            worker.proc.send_signal(signal.SIGTERM)
+        for worker in running:
+            assert worker.proc is not None
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.proc.wait(20)
         for worker in self.workers:
             worker.stop()
 

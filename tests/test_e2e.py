@@ -9,17 +9,19 @@ from email.policy import default as default_policy
 from pathlib import Path
 
 import pytest
-import redis
 
 from tests.e2e import Stack
 from tests.smtp_server import Script, ScriptedSmtpServer
+from tests.topologies import e2e_topologies, topology_settings
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def stack(real_redis: redis.Redis, loopback_stack: Callable[..., Stack]) -> Stack:
-    s = loopback_stack()
+@pytest.fixture(params=e2e_topologies())
+def stack(request: pytest.FixtureRequest, loopback_stack: Callable[..., Stack]) -> Stack:
+    """A stack with solution ``acme``, on each topology of ``TEST_E2E_TOPOLOGIES``
+    (default: one Redis; ``all`` adds RabbitMQ and RabbitMQ + Redis Cluster)."""
+    s = loopback_stack(**topology_settings(request, request.param))
     s.solution("acme")
     return s
 

@@ -28,6 +28,7 @@ from tests.e2e import Stack
 from tests.helpers import auth, queue_length
 from tests.smtp_server import Script, ScriptedSmtpServer, SilentServer, TlsFiles
 from tests.stack import ApiProcess, kill_pool_child, terminate_worker, wait_for
+from tests.topologies import e2e_topologies, topology_settings
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
@@ -51,10 +52,13 @@ def make_stack(loopback_stack: Callable[..., Stack]) -> MakeStack:
     return make
 
 
-@pytest.fixture
-def stack(make_stack: MakeStack, real_redis: redis.Redis, redis_url: str) -> Stack:
-    """A stack on the tests' Redis database, retries about a second apart."""
-    return make_stack(redis_url, retry_base_s=1.0, retry_max_delay_s=1.0)
+@pytest.fixture(params=e2e_topologies())
+def stack(request: pytest.FixtureRequest, make_stack: MakeStack) -> Stack:
+    """A stack on the tests' Redis database, retries about a second apart; on each
+    topology of ``TEST_E2E_TOPOLOGIES`` (default: one Redis; see tests/topologies.py)."""
+    options = topology_settings(request, request.param)
+    url = options.pop("redis_url", None) or request.getfixturevalue("redis_url")
+    return make_stack(url, retry_base_s=1.0, retry_max_delay_s=1.0, **options)
 
 
 @pytest.fixture

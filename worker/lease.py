@@ -83,7 +83,19 @@ def dead_here(holder: str) -> bool:
         return True
     except PermissionError:
         return False
-    return False
+    return _unreaped(int(pid))
+
+
+def _unreaped(pid: int) -> bool:
+    """Whether ``pid`` is a zombie: killed, but not yet reaped by its parent (or, once
+    orphaned, by init, which may take a second, or forever in a container without one).
+    It still answers ``kill(pid, 0)``; a broker that redelivers at once (RabbitMQ) meets it."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return False
+    return bool(fields) and fields[0] == b"Z"
 
 
 class Leases:

@@ -46,6 +46,7 @@ from shared.documents import FINAL
 from shared.events import email_event_types, emit, finish_events
 from shared.queue import encode_job
 from shared.ratelimit import Decision, decision_of
+from shared.redis_client import is_cluster
 from shared.schemas.addresses import address_key
 from shared.scripts import Lua, script
 from shared.solutions import CONFIG_DEFAULTS, Solution
@@ -266,6 +267,11 @@ def finish(
     ]
     # parking the job and releasing the lease are one atomic step: no moment when neither
     # holds the job (the watcher would publish it again)
+    if schedule_at is not None and is_cluster(ctx.state):
+        # on a Redis Cluster the schedule is in another hash slot: the job is parked first,
+        # on its own (for a moment both hold it; the lease still keeps the send single)
+        ctx.state.zadd(ctx.schedule.key, {encode_job(job): schedule_at})
+        schedule_at = None
     pipe = ctx.state.pipeline(transaction=schedule_at is not None)
     run = script("attempt_finish", functions=("event_emit",))
     scripted = release or outcomes is not None or doc is not None
