@@ -89,6 +89,18 @@ class Settings:
     log_level: str = "INFO"
     check_dns: bool = False
 
+    # -- delivery to relays far away: sends in flight, per-relay cap, send deadline ----
+    #: SMTP transactions in flight at once in one ``postroom worker`` instance
+    sends_in_flight: int = 100
+    #: transactions in flight at once to one relay (host, port, user, scheme) per instance
+    relay_concurrency: int = 20
+    #: one message's whole SMTP exchange (connect to the end of DATA) ends within this
+    send_deadline_s: float = 120.0
+    #: a worker instance refreshes its heartbeat this often; one silent for
+    #: ``instance_dead_after_s`` is dead and its unacknowledged messages are taken back
+    instance_heartbeat_s: float = 3.0
+    instance_dead_after_s: float = 15.0
+
     # -- construction -------------------------------------------------------------
 
     def __post_init__(self) -> None:
@@ -102,6 +114,16 @@ class Settings:
             raise ConfigError(f"{PREFIX}WORKER_BATCH must be >= 1, got {self.worker_batch}")
         if self.max_batch < 1:
             raise ConfigError(f"{PREFIX}MAX_BATCH must be >= 1, got {self.max_batch}")
+        for name in ("sends_in_flight", "relay_concurrency"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{PREFIX}{name.upper()} must be >= 1, got {getattr(self, name)}")
+        if self.send_deadline_s <= 0:
+            raise ConfigError(f"{PREFIX}SEND_DEADLINE_S must be > 0, got {self.send_deadline_s}")
+        if not 0 < self.instance_heartbeat_s < self.instance_dead_after_s:
+            raise ConfigError(
+                f"{PREFIX}INSTANCE_HEARTBEAT_S must be > 0 and shorter than "
+                f"{PREFIX}INSTANCE_DEAD_AFTER_S"
+            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], *, require_secrets: bool = True) -> Settings:

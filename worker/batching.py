@@ -55,7 +55,8 @@ class Item:
         return f"Item(task_id={self.job.get('task_id')!r}, delivered_at={self.delivered_at!r})"
 
 
-def fits_window(item: Item, now: float, smtp_timeout_s: float, window_s: float) -> bool:
+def fits_window(item: Item, now: float, smtp_timeout_s: float, window_s: float,
+                deadline_s: float | None = None) -> bool:  # fmt: skip
     """Whether one attempt at ``item`` started ``now`` surely ends inside the redelivery
     window that began when the broker delivered it.
 
@@ -65,7 +66,8 @@ def fits_window(item: Item, now: float, smtp_timeout_s: float, window_s: float) 
     since ``check_timeouts`` holds the window longer than the longest attempt."""
     msg = item.job.get("message") or {}
     recipients = sum(len(msg.get(k) or ()) for k in ("to", "cc", "bcc"))
-    return (now - item.delivered_at) + attempt_bound_s(smtp_timeout_s, recipients) < window_s
+    bound = attempt_bound_s(smtp_timeout_s, recipients, deadline_s)
+    return (now - item.delivered_at) + bound < window_s
 
 
 def decode_job(body: Any) -> dict[str, Any]:

@@ -6,7 +6,7 @@ is gone (a killed pool child) is taken over at once. An attempt takes and releas
 within its first and last Redis steps (:mod:`worker.steps`, ``shared/lua/attempt_*.lua``),
 with the same rules as :meth:`Leases.acquire` and :meth:`Leases.release` here.
 
-The same bound ties the broker's redelivery window to the SMTP timeouts
+The same bound ties the broker's redelivery window to the send deadline
 (:func:`check_timeouts`): a message the broker hands out again while its first send may
 still be talking SMTP would be sent twice, were it not for this lease.
 """
@@ -31,21 +31,33 @@ FIXED_EXCHANGES = 11
 BOOKKEEPING_S = 2.0
 
 
-def attempt_bound_s(smtp_timeout_s: float, recipients: int) -> float:
-    """The longest one delivery attempt to ``recipients`` addresses can take."""
-    return smtp_timeout_s * (FIXED_EXCHANGES + recipients) + BOOKKEEPING_S
+def send_deadline_s(smtp_timeout_s: float, recipients: int, deadline_s: float | None) -> float:
+    """How long one message's SMTP exchange (waiting for a connection, connect, TLS, AUTH,
+    the transaction) may last: ``POSTROOM_SEND_DEADLINE_S``, or less when the SMTP timeout
+    per exchange bounds it more tightly."""
+    by_exchanges = smtp_timeout_s * (FIXED_EXCHANGES + recipients)
+    return by_exchanges if deadline_s is None else min(deadline_s, by_exchanges)
+
+
+def attempt_bound_s(smtp_timeout_s: float, recipients: int,
+                    deadline_s: float | None = None) -> float:  # fmt: skip
+    """The longest one delivery attempt to ``recipients`` addresses can take: its send
+    deadline (:func:`send_deadline_s`) plus the Redis work around it."""
+    return send_deadline_s(smtp_timeout_s, recipients, deadline_s) + BOOKKEEPING_S
 
 
 def check_timeouts(settings: Settings) -> None:
     """The broker's redelivery window must outlast the longest send; raises ConfigError."""
-    longest = attempt_bound_s(settings.smtp_timeout_s, settings.max_recipients)
+    longest = attempt_bound_s(settings.smtp_timeout_s, settings.max_recipients,
+                              settings.send_deadline_s)  # fmt: skip
     if settings.visibility_timeout_s <= longest:
         raise ConfigError(
             f"POSTROOM_VISIBILITY_TIMEOUT_S ({settings.visibility_timeout_s} s) must be longer "
-            f"than the longest send ({longest:g} s = POSTROOM_SMTP_TIMEOUT_S "
+            f"than the longest send ({longest:g} s = POSTROOM_SEND_DEADLINE_S "
+            f"{settings.send_deadline_s:g} s, or less when POSTROOM_SMTP_TIMEOUT_S "
             f"{settings.smtp_timeout_s:g} s x ({FIXED_EXCHANGES} exchanges + "
-            f"POSTROOM_MAX_RECIPIENTS {settings.max_recipients}) + {BOOKKEEPING_S:g} s): "
-            "raise it, or lower the SMTP timeout or the recipient limit"
+            f"POSTROOM_MAX_RECIPIENTS {settings.max_recipients}) is shorter, "
+            f"+ {BOOKKEEPING_S:g} s): raise it, or lower the send deadline"
         )
 
 # KEYS[1] the lease; ARGV[1] the holder expected; ARGV[2] the new holder; ARGV[3] ttl ms

@@ -160,7 +160,9 @@ class Attempt:
             self.ctx.leases.release(self.sid, self.task_id)
 
     def _lease_seconds(self) -> float:
-        return attempt_bound_s(self.ctx.settings.smtp_timeout_s, len(self.recipients))
+        settings = self.ctx.settings
+        return attempt_bound_s(settings.smtp_timeout_s, len(self.recipients),
+                               settings.send_deadline_s)  # fmt: skip
 
     def crashed(self, exc: BaseException) -> None:
         """An unexpected error ended the attempt: the document ends ``failed`` with an

@@ -97,7 +97,8 @@ def run_batch_with(
 def _may_start(item: Item, settings: Settings) -> bool:
     """Not while the worker stops, nor when the attempt might outlast the window."""
     return not batching.stopping() and fits_window(
-        item, time.time(), settings.smtp_timeout_s, settings.visibility_timeout_s
+        item, time.time(), settings.smtp_timeout_s, settings.visibility_timeout_s,
+        settings.send_deadline_s,
     )
 
 
