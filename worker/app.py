@@ -15,7 +15,7 @@ from celery.signals import worker_process_shutdown, worker_shutting_down
 
 from shared.queue import Enqueuer, accepted_jobs, celery_config
 from shared.settings import Settings
-from worker import batching, tasks
+from worker import batching, budgets, tasks
 from worker.broker import transport_for
 from worker.context import WorkerContext
 from worker.lease import check_timeouts
@@ -98,5 +98,23 @@ def make_celery(settings: Settings) -> Celery:
             if self.mover is not None:
                 self.mover.stop()
 
+    class BudgetStep(bootsteps.Step):
+        """Splits the instance's send budgets over its pool processes (main process, before
+        the pool forks: each process inherits its share, :mod:`worker.budgets`), and sizes
+        batches and the prefetch so that every process can keep its share in flight with
+        the next batch waiting."""
+
+        requires = ("celery.worker.components:Pool",)
+
+        def __init__(self, parent: Any, **kwargs: Any) -> None:
+            super().__init__(parent, **kwargs)
+            processes = int(getattr(parent, "max_concurrency", None) or parent.concurrency)
+            share = budgets.split(settings, processes)
+            budgets.configure(share)
+            batch = max(settings.worker_batch, share.sends)
+            app.conf.postroom_worker_batch = batch
+            parent.prefetch_multiplier = 2 * batch
+
     app.steps["worker"].add(SchedulerStep)
+    app.steps["worker"].add(BudgetStep)
     return app

@@ -1,0 +1,55 @@
+"""A pool process's sends in flight: a batch run in lanes, one thread each.
+
+A pool process is handed a batch of jobs (:mod:`worker.batching`). It runs them in up to
+``Budgets.sends`` lanes at once (:mod:`worker.budgets`); each lane runs its share of the
+batch in order, one attempt after another, so the round-trip savings of a batch (an
+attempt's last Redis step carries the next one's first) hold within each lane. While one
+lane waits for a relay far away, the others send: a process keeps as many SMTP
+transactions in flight as it has lanes, bounded per relay by its connection pool.
+
+Threads, not processes, because the wait is on the network: a thread costs a few hundred
+kilobytes, a pool process tens of megabytes. The threads live as long as the process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_executor: ThreadPoolExecutor | None = None
+_size = 0
+
+
+def _threads(size: int) -> ThreadPoolExecutor:
+    """This process's sending threads besides its own (made on first use: after the pool
+    has forked; made again only for a wider budget)."""
+    global _executor, _size
+    if _executor is None or _size < size:
+        if _executor is not None:
+            _executor.shutdown(wait=False)
+        _executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="postroom-send")
+        _size = size
+    return _executor
+
+
+def run_in_lanes(items: Sequence[T], width: int,
+                 run_lane: Callable[[list[T]], list[R]]) -> list[R]:  # fmt: skip
+    """``run_lane`` over ``items`` split into at most ``width`` lanes (item i in lane
+    i mod lanes), at once; the answers in the order of ``items``. One lane runs in the
+    calling thread, the others on this process's threads."""
+    lanes = max(1, min(width, len(items)))
+    if lanes == 1:
+        return run_lane(list(items))
+    shares = [list(items[i::lanes]) for i in range(lanes)]
+    pool = _threads(width - 1)
+    futures = [pool.submit(run_lane, share) for share in shares[1:]]
+    answers = [run_lane(shares[0])] + [f.result() for f in futures]
+    out: list[R] = [None] * len(items)  # type: ignore[list-item]
+    for lane, answer in enumerate(answers):
+        for j, value in enumerate(answer):
+            out[lane + j * lanes] = value
+    return out
