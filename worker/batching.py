@@ -162,6 +162,7 @@ class BatchStrategy:
         self.batch_max = max(1, int(app.conf.get("postroom_worker_batch", 1)))
         self.waiting: deque[_Waiting] = deque()
         self.busy = 0
+        self._dispatch_due = False
 
     def __call__(self, message: Any, payload: Any, ack: Any, reject: Any,
                  callbacks: Any = None, **_: Any) -> None:
@@ -173,13 +174,30 @@ class BatchStrategy:
             reject(log, self.connection_errors, False)
             return
         self.waiting.append(_Waiting(Item(job, time.time()), message, ack, reject))
+        self._dispatch_soon()
+
+    def _dispatch_soon(self) -> None:
+        """Dispatch once the broker has delivered everything it took in one step (the
+        event loop's next turn): the messages are then shared among the free processes
+        rather than the first one going out alone."""
+        if self.hub is None:
+            self.dispatch()
+        elif not self._dispatch_due:
+            self._dispatch_due = True
+            self.hub.call_soon(self._dispatch_now)
+
+    def _dispatch_now(self) -> None:
+        self._dispatch_due = False
         self.dispatch()
 
     def dispatch(self) -> None:
-        """Hand what waits to free pool processes, at most ``batch_max`` messages each."""
+        """Hand what waits to free pool processes, shared evenly among them, at most
+        ``batch_max`` messages each."""
         while self.waiting and self.busy < self._slots() and not stopping():
+            share = -(-len(self.waiting) // (self._slots() - self.busy))  # rounded up
+            size = min(self.batch_max, share)
             batch = [self.waiting.popleft()]
-            while (not batch[0].alone and self.waiting and len(batch) < self.batch_max
+            while (not batch[0].alone and self.waiting and len(batch) < size
                    and not self.waiting[0].alone):
                 batch.append(self.waiting.popleft())
             self.busy += 1

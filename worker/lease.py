@@ -22,6 +22,7 @@ from shared import keys
 from shared.errors import ConfigError
 from shared.settings import Settings
 from shared.text import as_str
+from worker import instances
 
 # The SMTP exchanges of one attempt that each wait at most POSTROOM_SMTP_TIMEOUT_S, besides
 # one RCPT TO per recipient: connect and greeting, EHLO, STARTTLS, EHLO again, AUTH (up to
@@ -79,14 +80,25 @@ return 0
 
 
 def holder() -> str:
-    """This process, as a lease names its holder: ``host:pid``."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """This process, as a lease names its holder: ``host:pid``, and ``/instance`` in a
+    worker instance (:mod:`worker.instances`)."""
+    instance = instances.current()
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    return me if instance is None else f"{me}/{instance}"
+
+
+def holder_dead(client: redis.Redis, holder: str) -> bool:
+    """Whether ``holder`` is gone: a process of this host that no longer runs, or one of
+    a worker instance that stopped beating (its lease may be taken over at once)."""
+    if dead_here(holder):
+        return True
+    _, _, instance = holder.partition("/")
+    return bool(instance) and not instances.is_alive(client, instance)
 
 
 def dead_here(holder: str) -> bool:
-    """Whether ``holder`` is a process of this host that is gone (its lease may be taken
-    over at once)."""
-    host, _, pid = holder.rpartition(":")
+    """Whether ``holder`` is a process of this host that is gone."""
+    host, _, pid = holder.partition("/")[0].rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return False
     try:
@@ -114,7 +126,7 @@ class Leases:
         if current is None:
             return bool(self._r.set(key, me, nx=True, px=ttl_ms))
         current_holder = as_str(current)
-        if current_holder == me or dead_here(current_holder):
+        if current_holder == me or holder_dead(self._r, current_holder):
             return bool(self._take_over(keys=[key], args=[current_holder, me, ttl_ms]))
         return False
 

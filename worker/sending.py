@@ -148,7 +148,7 @@ class Attempt:
     def begun_with(self, relay: Judged, call: BeginCall, answer: Any) -> None:
         """Keep what the previous attempt's last step began for this one (unless its answer
         is not to be used: then :meth:`run` begins as usual)."""
-        begun = begun_ahead(call, answer)
+        begun = begun_ahead(self.ctx, call, answer)
         self._ahead = None if begun is None else (relay, begun)
 
     def drop_ahead(self) -> None:
