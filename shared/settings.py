@@ -78,7 +78,7 @@ class Settings:
     retry_max_attempts: int = 30
     retry_max_age_s: int = 86400
     visibility_timeout_s: int = 7200
-    worker_batch: int = 32
+    worker_batch: int = 50
     result_ttl: int = 7 * 86400
     max_recipients: int = 50
     max_batch: int = 500

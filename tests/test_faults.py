@@ -326,8 +326,9 @@ def test_sigterm_finishes_or_requeues_what_the_worker_holds(make_stack: MakeStac
                                                             redis_url: str) -> None:
     """SIGTERM to a worker in the middle of 20 sends to a slow relay: it finishes what it
     is sending, hands back what it had reserved, and exits 0; a new worker sends the rest.
-    All 20 end ``sent``, each Message-ID received exactly once."""
-    stack = make_stack(redis_url)
+    All 20 end ``sent``, each Message-ID received exactly once. (One send in flight per
+    pool process, so that most of the 20 are still reserved when the signal comes.)"""
+    stack = make_stack(redis_url, sends_in_flight=2, relay_concurrency=2)
     stack.smtp.script.rcpt_delay_s = 0.2
     ids = stack.send_many(20)
     first = stack.start_worker(concurrency=2)

@@ -101,20 +101,16 @@ def make_celery(settings: Settings) -> Celery:
 
     class BudgetStep(bootsteps.Step):
         """Splits the instance's send budgets over its pool processes (main process, before
-        the pool forks: each process inherits its share, :mod:`worker.budgets`), and sizes
-        batches and the prefetch so that every process can keep its share in flight with
-        the next batch waiting."""
+        the pool forks: each process inherits its share, :mod:`worker.budgets`). A process
+        keeps at most its share, and at most the batch it was handed
+        (``POSTROOM_WORKER_BATCH``), in flight."""
 
         requires = ("celery.worker.components:Pool",)
 
         def __init__(self, parent: Any, **kwargs: Any) -> None:
             super().__init__(parent, **kwargs)
             processes = int(getattr(parent, "max_concurrency", None) or parent.concurrency)
-            share = budgets.split(settings, processes)
-            budgets.configure(share)
-            batch = max(settings.worker_batch, share.sends)
-            app.conf.postroom_worker_batch = batch
-            parent.prefetch_multiplier = 2 * batch
+            budgets.configure(budgets.split(settings, processes))
 
     class InstanceStep(bootsteps.StartStopStep):
         """Names this worker instance (before the pool forks: its processes name it in
