@@ -201,6 +201,9 @@ class SmtpPool:
         self.check_after_s = float(check_after_s)
         self._clock = clock
         self._lock = threading.Condition()
+        # one condition per relay, on the same lock: a connection coming back wakes one
+        # thread waiting for that relay, not every waiting thread
+        self._waiting: dict[RelayId, threading.Condition] = {}
         self._idle: dict[PoolKey, deque[_Pooled]] = {}
         self._open: dict[RelayId, int] = {}  # idle + busy, per relay
         self._allowance: dict[RelayId, _Allowance] = {}
@@ -368,7 +371,7 @@ class SmtpPool:
                             raise TransientSendError(
                                 "every connection to the relay is busy", retry_after=1.0
                             )
-                        self._lock.wait(min(left, 1.0))
+                        self._relay_cond(rid).wait(min(left, 1.0))
                         continue
             if other is not None:  # its slot is freed by closing it; then look again
                 self._close(other, "stale")
@@ -393,6 +396,13 @@ class SmtpPool:
                 return conn
         return None
 
+    def _relay_cond(self, rid: RelayId) -> threading.Condition:
+        """The condition threads waiting for ``rid`` wait on (the caller holds the lock)."""
+        cond = self._waiting.get(rid)
+        if cond is None:
+            cond = self._waiting[rid] = threading.Condition(self._lock)  # type: ignore[arg-type]
+        return cond
+
     def _limit(self, rid: RelayId) -> int:
         allowance = self._allowance.get(rid)
         return self.max_per_relay if allowance is None else allowance.limit
@@ -415,7 +425,7 @@ class SmtpPool:
                 del self._allowance[rid]
             else:
                 allowance.limit += 1
-            self._lock.notify_all()
+            self._relay_cond(rid).notify()
 
     def _usable(self, conn: _Pooled) -> bool:
         if not conn.is_open:
@@ -455,7 +465,7 @@ class SmtpPool:
         if conn.is_open and conn.messages < self.max_messages:
             with self._lock:
                 self._idle.setdefault(conn.key, deque()).append(conn)
-                self._lock.notify_all()
+                self._relay_cond(_relay_id(conn.key)).notify()
             return
         if conn.is_open:
             self._close(conn, "retired")
@@ -478,7 +488,7 @@ class SmtpPool:
                 self._open[rid] = left
             else:
                 self._open.pop(rid, None)
-            self._lock.notify_all()
+            self._relay_cond(rid).notify()
 
     def _count(self, name: str) -> None:
         with self._lock:
@@ -491,6 +501,7 @@ class SmtpPool:
         if pid == self._pid:
             return
         self._lock = threading.Condition()
+        self._waiting = {}
         inherited = [c for conns in self._idle.values() for c in conns]
         self._idle = {}
         self._open = {}
