@@ -93,9 +93,10 @@ def test_several_transactions_in_flight_and_never_more_than_the_relay_cap(
     relay_server: ScriptedSmtpServer, far_relay: DelayProxy
 ) -> None:
     """Twelve threads sending 36 messages at once to a relay 30 ms away through a pool
-    capped at four connections per relay: four transactions are under way together, five
-    never, every message arrives once, and it takes about a quarter of the one-connection
-    time."""
+    capped at four connections per relay: four sessions open together, five never,
+    several transactions under way at one moment (a session spends a round trip of each
+    message waiting for the reply to the end of DATA), every message arrives once, and it
+    takes well under half the one-connection time."""
     pool = SmtpPool(max_per_relay=4)
     started = time.monotonic()
     def three(i: int) -> None:
@@ -108,7 +109,7 @@ def test_several_transactions_in_flight_and_never_more_than_the_relay_cap(
 
     assert [] == errors
     assert 4 == far_relay.peak
-    assert 4 == most_at_once(relay_server)
+    assert 3 <= most_at_once(relay_server) <= 4
     assert Counter(f"<{n}@postroom.test>" for n in range(36)) == Counter(
         m.message_id for m in relay_server.messages
     )
@@ -216,8 +217,8 @@ def test_a_worker_keeps_many_sends_in_flight_within_the_relay_cap(
     far_relay: DelayProxy, tmp_path: Path,
 ) -> None:
     """A real worker (two pool processes) with ``POSTROOM_RELAY_CONCURRENCY=6`` sending 60
-    messages to a relay 30 ms away: six transactions under way together at the relay,
-    never seven, each Message-ID received once."""
+    messages to a relay 30 ms away: six sessions open together at the relay, never seven,
+    several transactions under way at one moment, each Message-ID received once."""
     settings = make_settings(
         redis_url, default_smtp_url=f"smtp+plain://127.0.0.1:{far_relay.port}",
         smtp_allow_hosts=("127.0.0.1",), relay_concurrency=6, sends_in_flight=12,
@@ -235,5 +236,5 @@ def test_a_worker_keeps_many_sends_in_flight_within_the_relay_cap(
     assert {d["result"]["messageId"]: 1 for d in docs} == Counter(
         m.message_id for m in relay_server.messages
     )
-    assert far_relay.peak <= 6
-    assert 6 == most_at_once(relay_server)
+    assert 6 == far_relay.peak
+    assert 3 <= most_at_once(relay_server) <= 6
