@@ -21,7 +21,7 @@ from tests.helpers import make_settings
 from tests.smtp_server import ScriptedSmtpServer
 from worker import pool as pool_module
 from worker.budgets import Budgets, split
-from worker.lanes import run_in_lanes
+from worker.lanes import run_in_lanes, width_for
 from worker.message import build_message
 from worker.pool import SmtpPool
 from worker.smtp import make_ssl_context
@@ -238,3 +238,12 @@ def test_a_worker_keeps_many_sends_in_flight_within_the_relay_cap(
     )
     assert 6 == far_relay.peak
     assert 3 <= most_at_once(relay_server) <= 6
+
+
+def test_the_lanes_follow_how_long_a_send_takes() -> None:
+    """No send yet: the whole budget. A relay on loopback (half a millisecond): two lanes.
+    A relay 50 ms away (a send of 100 ms): the whole budget of 50."""
+    assert 50 == width_for(None, 50)
+    assert 2 == width_for(0.0005, 50)
+    assert 50 == width_for(0.1, 50)
+    assert 21 == width_for(0.02, 50)

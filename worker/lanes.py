@@ -9,16 +9,25 @@ transactions in flight as it has lanes, bounded per relay by its connection pool
 
 Threads, not processes, because the wait is on the network: a thread costs a few hundred
 kilobytes, a pool process tens of megabytes. The threads live as long as the process.
+
+How many lanes a batch gets follows how long sends take here (:func:`width_for`): a relay
+on loopback gets one or two (each lane keeps its round-trip savings, and the GIL is not
+shared among threads that only wait on each other), a relay far away the whole budget.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+# A send's own work in a pool process — building the message, its Redis steps, Celery's
+# share — about a millisecond of CPU (bench/profile_worker.py).
+WORK_S = 0.001
 
 _executor: ThreadPoolExecutor | None = None
 _size = 0
@@ -34,6 +43,17 @@ def _threads(size: int) -> ThreadPoolExecutor:
         _executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="postroom-send")
         _size = size
     return _executor
+
+
+def width_for(latency_s: float | None, budget: int) -> int:
+    """How many lanes keep a process busy when a send takes ``latency_s`` (Little's law:
+    while one send waits on the network, about ``latency / work`` others can do their
+    work), at most ``budget``: one or two for a relay on loopback, where more threads
+    only add switching and lose the round trips a lane saves; the whole budget for a
+    relay tens of milliseconds away. Unknown (no send yet): the budget."""
+    if latency_s is None:
+        return budget
+    return max(1, min(budget, math.ceil((latency_s + WORK_S) / WORK_S)))
 
 
 def run_in_lanes(items: Sequence[T], width: int,

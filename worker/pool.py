@@ -207,6 +207,8 @@ class SmtpPool:
         self._idle: dict[PoolKey, deque[_Pooled]] = {}
         self._open: dict[RelayId, int] = {}  # idle + busy, per relay
         self._allowance: dict[RelayId, _Allowance] = {}
+        #: a moving average of how long a send takes here (None before the first)
+        self.latency_s: float | None = None
         self._hash_key = secrets.token_bytes(32)
         self._pid = os.getpid()
         self._stats: dict[str, int] = dict.fromkeys(PoolStats.__dataclass_fields__, 0)
@@ -230,6 +232,7 @@ class SmtpPool:
         :func:`worker.smtp.deliver` does over a new one; all of it (the wait for a
         connection included) before ``deadline`` (``time.monotonic()``) when given."""
         key = self.key_for(relay, connect_host, timeout, ssl_context, local_hostname)
+        started = time.monotonic()
         try:
             conn, reused = self._checkout(key, relay, ssl_context, deadline)
             conn.set_deadline(deadline)
@@ -254,9 +257,22 @@ class SmtpPool:
             if _refusal(err):
                 self._back_off(_relay_id(key))
             raise
+        finally:
+            self._timed(time.monotonic() - started)
         self._checkin(conn)
         self._grow(_relay_id(key))
         return result
+
+    #: how much the average below moves toward each new send's time
+    LATENCY_WEIGHT = 0.2
+
+    def _timed(self, seconds: float) -> None:
+        """Fold one send's time (connection wait, SMTP exchange) into :attr:`latency_s`."""
+        with self._lock:
+            if self.latency_s is None:
+                self.latency_s = seconds
+            else:
+                self.latency_s += self.LATENCY_WEIGHT * (seconds - self.latency_s)
 
     def allowance(self, relay: Relay) -> int:
         """How many connections ``relay`` may have open now (less than ``max_per_relay``

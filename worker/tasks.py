@@ -30,7 +30,7 @@ from shared.settings import Settings
 from worker import batching, budgets
 from worker.batching import Item, fits_window, install
 from worker.context import WorkerContext
-from worker.lanes import run_in_lanes
+from worker.lanes import run_in_lanes, width_for
 from worker.retrying import StorePatience
 from worker.sending import Attempt
 
@@ -76,8 +76,8 @@ def run_batch_with(
     window."""
     ctx = context()
     ctx.warm()  # build the shared services before the lanes' threads use them
-    verdicts = run_in_lanes(items, budgets.current().sends,
-                            partial(_run_lane, ctx, settings))  # fmt: skip
+    width = width_for(ctx.pool.latency_s, budgets.current().sends)
+    verdicts = run_in_lanes(items, width, partial(_run_lane, ctx, settings))
     ctx.pool.close_idle()
     return verdicts
 
