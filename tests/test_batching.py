@@ -35,6 +35,8 @@ class Pool:
 class Channel:
     def __init__(self, with_ack_many: bool = False) -> None:
         self.closed = False
+        self.delivering = False
+        self.after_delivery: Any = None
         self.acked_together: list[list[str]] = []
         if with_ack_many:
             self.ack_many = lambda messages: self.acked_together.append(
@@ -276,22 +278,17 @@ def test_fits_window_leaves_room_for_the_longest_attempt() -> None:
     assert not fits_window(item, 1010.0, 2.0, window)
 
 
-def run_ready(hub: Hub) -> None:
-    while hub.ready:
-        fn, args = hub.ready.pop(0)
-        fn(*args)
-
-
 def test_messages_delivered_together_are_shared_among_the_free_processes() -> None:
-    """With an event loop, the messages one broker step delivered are handed out on the
-    loop's next turn, shared evenly among the free processes (not the first alone)."""
-    hub = Hub()
-    strategy, pool, out = make(processes=2, batch=4, hub=hub)
+    """Messages one broker step delivers (the channel says ``delivering``) are handed out
+    when the step ends, shared evenly among the free processes (not the first alone)."""
+    strategy, pool, out = make(processes=2, batch=4)
     channel = Channel()
+    channel.delivering = True
     for n in range(6):
         out.deliver(strategy, Message(f"m{n}", channel))
     assert [] == pool.calls
-    run_ready(hub)
+    channel.delivering = False
+    channel.after_delivery()
     assert [["m0", "m1", "m2"], ["m3", "m4", "m5"]] == [ids(c[0]) for c in pool.calls]
 
 
@@ -301,9 +298,7 @@ def test_an_answer_from_another_thread_is_settled_in_the_event_loop() -> None:
     strategy, pool, out = make(processes=1, hub=hub)
     channel = Channel()
     out.deliver(strategy, Message("m0", channel))
-    run_ready(hub)  # the loop's next turn hands out what the broker delivered: m0
     out.deliver(strategy, Message("m1", channel))
-    run_ready(hub)  # the process is busy: m1 waits
     answer = threading.Thread(target=pool.calls[0][1], args=([True],))
     answer.start()
     answer.join()

@@ -241,9 +241,9 @@ def test_a_worker_keeps_many_sends_in_flight_within_the_relay_cap(
 
 
 def test_the_lanes_follow_how_long_a_send_takes() -> None:
-    """No send yet: the whole budget. A relay on loopback (half a millisecond): two lanes.
-    A relay 50 ms away (a send of 100 ms): the whole budget of 50."""
+    """No send yet: the whole budget. A relay on loopback (a send of a millisecond): one
+    lane. A relay 50 ms away (a send of 100 ms): the whole budget of 50."""
     assert 50 == width_for(None, 50)
-    assert 2 == width_for(0.0005, 50)
+    assert 1 == width_for(0.001, 50)
     assert 50 == width_for(0.1, 50)
-    assert 21 == width_for(0.02, 50)
+    assert 10 == width_for(0.02, 50)

@@ -162,7 +162,6 @@ class BatchStrategy:
         self.batch_max = max(1, int(app.conf.get("postroom_worker_batch", 1)))
         self.waiting: deque[_Waiting] = deque()
         self.busy = 0
-        self._dispatch_due = False
 
     def __call__(self, message: Any, payload: Any, ack: Any, reject: Any,
                  callbacks: Any = None, **_: Any) -> None:
@@ -174,20 +173,12 @@ class BatchStrategy:
             reject(log, self.connection_errors, False)
             return
         self.waiting.append(_Waiting(Item(job, time.time()), message, ack, reject))
-        self._dispatch_soon()
-
-    def _dispatch_soon(self) -> None:
-        """Dispatch once the broker has delivered everything it took in one step (the
-        event loop's next turn): the messages are then shared among the free processes
-        rather than the first one going out alone."""
-        if self.hub is None:
-            self.dispatch()
-        elif not self._dispatch_due:
-            self._dispatch_due = True
-            self.hub.call_soon(self._dispatch_now)
-
-    def _dispatch_now(self) -> None:
-        self._dispatch_due = False
+        channel: Any = getattr(message, "channel", None)
+        if getattr(channel, "delivering", False):
+            # the broker is delivering what one step took (worker.broker): hand it out
+            # when the step ends, shared among the free processes, not the first alone
+            channel.after_delivery = self.dispatch
+            return
         self.dispatch()
 
     def dispatch(self) -> None:

@@ -118,18 +118,30 @@ class Channel(kombu_redis.Channel):
             self._kept_client = super()._create_client()
         return self._kept_client
 
+    #: while one step's jobs are being delivered (the BRPOP's and the take's after it)
+    delivering = False
+    #: called when that ends (set by the consumer's strategy, worker.batching)
+    after_delivery: Any = None
+
     def _brpop_read(self, **options: Any) -> Any:
         self.qos.defer_record = True
+        self.delivering = True
         try:
-            delivered = super()._brpop_read(**options)
-        except BaseException:
-            self._record_deferred()
-            raise
+            try:
+                delivered = super()._brpop_read(**options)
+            except BaseException:
+                self._record_deferred()
+                raise
+            finally:
+                self.qos.defer_record = False
+            if delivered:
+                self._take_more()
+            return delivered
         finally:
-            self.qos.defer_record = False
-        if delivered:
-            self._take_more()
-        return delivered
+            self.delivering = False
+            after, self.after_delivery = self.after_delivery, None
+            if after is not None:
+                after()
 
     def _record_deferred(self) -> None:
         deferred = self.qos.take_deferred()

@@ -26,8 +26,9 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 # A send's own work in a pool process — building the message, its Redis steps, Celery's
-# share — about a millisecond of CPU (bench/profile_worker.py).
-WORK_S = 0.001
+# share — about a millisecond of CPU (bench/profile_worker.py) and as long again waiting
+# for Redis: a send that takes no longer than this gains nothing from a second lane.
+WORK_S = 0.002
 
 _executor: ThreadPoolExecutor | None = None
 _size = 0
@@ -48,12 +49,12 @@ def _threads(size: int) -> ThreadPoolExecutor:
 def width_for(latency_s: float | None, budget: int) -> int:
     """How many lanes keep a process busy when a send takes ``latency_s`` (Little's law:
     while one send waits on the network, about ``latency / work`` others can do their
-    work), at most ``budget``: one or two for a relay on loopback, where more threads
+    work), at most ``budget``: one for a relay on loopback, where more threads
     only add switching and lose the round trips a lane saves; the whole budget for a
     relay tens of milliseconds away. Unknown (no send yet): the budget."""
     if latency_s is None:
         return budget
-    return max(1, min(budget, math.ceil((latency_s + WORK_S) / WORK_S)))
+    return max(1, min(budget, math.ceil(latency_s / WORK_S)))
 
 
 def run_in_lanes(items: Sequence[T], width: int,

@@ -33,7 +33,7 @@ from shared.ratelimit import Decision
 from shared.relays import Relay
 from shared.solutions import Solution, iso
 from worker.context import WorkerContext
-from worker.lease import attempt_bound_s
+from worker.lease import attempt_bound_s, send_deadline_s
 from worker.ledger import LedgerState, Outcomes
 from worker.message import build_message
 from worker.outcomes import retry_hint
@@ -159,6 +159,12 @@ class Attempt:
         if ahead is not None and ahead[1].leased:
             self.ctx.leases.release(self.sid, self.task_id)
 
+    def _deadline_seconds(self) -> float:
+        """How long this attempt's SMTP exchange may take (``POSTROOM_SEND_DEADLINE_S``)."""
+        settings = self.ctx.settings
+        return send_deadline_s(settings.smtp_timeout_s, len(self.recipients),
+                               settings.send_deadline_s)  # fmt: skip
+
     def _lease_seconds(self) -> float:
         settings = self.ctx.settings
         return attempt_bound_s(settings.smtp_timeout_s, len(self.recipients),
@@ -265,6 +271,7 @@ class Attempt:
                 timeout=ctx.settings.smtp_timeout_s,
                 ssl_context=ctx.ssl_context,
                 local_hostname=ctx.local_hostname,
+                deadline=time.monotonic() + self._deadline_seconds(),
             )
         except TransientSendError as err:
             # recipients refused for good in the same transaction are done
