@@ -27,8 +27,11 @@ R = TypeVar("R")
 
 # A send's own work in a pool process — building the message, its Redis steps, Celery's
 # share — about a millisecond of CPU (bench/profile_worker.py) and as long again waiting
-# for Redis: a send that takes no longer than this gains nothing from a second lane.
+# for Redis.
 WORK_S = 0.002
+# Sends quicker than this (a relay on the same host or LAN, even on a loaded machine) get
+# one lane: what they wait for is mostly CPU, which more threads would only share worse.
+NEAR_S = 0.015
 
 _executor: ThreadPoolExecutor | None = None
 _size = 0
@@ -54,6 +57,8 @@ def width_for(latency_s: float | None, budget: int) -> int:
     relay tens of milliseconds away. Unknown (no send yet): the budget."""
     if latency_s is None:
         return budget
+    if latency_s < NEAR_S:
+        return 1
     return max(1, min(budget, math.ceil(latency_s / WORK_S)))
 
 
