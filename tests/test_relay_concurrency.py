@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from shared.errors import ConfigError, TransientSendError
 from shared.relays import Relay
@@ -19,11 +20,13 @@ from tests.delay_proxy import DelayProxy
 from tests.e2e import Stack
 from tests.helpers import make_settings
 from tests.smtp_server import ScriptedSmtpServer
+from tests.test_worker_redis import document, make_context, make_job, queued
 from worker import pool as pool_module
 from worker.budgets import Budgets, split
 from worker.lanes import run_in_lanes, width_for
 from worker.message import build_message
 from worker.pool import SmtpPool
+from worker.sending import Attempt
 from worker.smtp import make_ssl_context
 
 TLS = make_ssl_context(None)
@@ -247,3 +250,25 @@ def test_the_lanes_follow_how_long_a_send_takes() -> None:
     assert 1 == width_for(0.001, 50)
     assert 50 == width_for(0.1, 50)
     assert 10 == width_for(0.02, 50)
+
+
+def test_an_attempt_past_its_send_deadline_is_retried(
+    real_redis: redis.Redis, relay_server: ScriptedSmtpServer
+) -> None:
+    """An attempt whose relay answers RCPT TO after 2 s, with ``POSTROOM_SEND_DEADLINE_S``
+    0.4 and an SMTP timeout of 5 s: the attempt ends within about the deadline, its
+    document ``retrying`` with a transient error naming the deadline, nothing sent."""
+    relay_server.script.rcpt_delay_s = 2.0
+    ctx = make_context(real_redis, smtp_port=relay_server.port, send_deadline_s=0.4)
+    job = make_job()
+    queued(ctx, job)
+    started = time.monotonic()
+    Attempt(ctx, job).run()
+    took = time.monotonic() - started
+    ctx.pool.close_all()
+
+    doc = document(real_redis)
+    assert ("retrying", 504) == (doc["state"], doc["error"]["status"])
+    assert "deadline" in doc["error"]["error"]
+    assert took < 1.5
+    assert [] == relay_server.messages
