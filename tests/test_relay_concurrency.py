@@ -22,7 +22,7 @@ from tests.helpers import make_settings
 from tests.smtp_server import ScriptedSmtpServer
 from tests.test_worker_redis import document, make_context, make_job, queued
 from worker import pool as pool_module
-from worker.budgets import Budgets, split
+from worker.budgets import Budgets, batch_size, split
 from worker.lanes import run_in_lanes, width_for
 from worker.message import build_message
 from worker.pool import SmtpPool
@@ -272,3 +272,13 @@ def test_an_attempt_past_its_send_deadline_is_retried(
     assert "deadline" in doc["error"]["error"]
     assert took < 1.5
     assert [] == relay_server.messages
+
+
+def test_the_batch_holds_four_messages_per_connection_unless_set() -> None:
+    """Left at its default (50), the batch grows to four messages per connection a process
+    may open to one relay; a batch size that is set is kept as it is."""
+    settings = make_settings("redis://127.0.0.1:6379/1")
+    assert 50 == batch_size(settings, split(settings, 2))
+    wide = settings.replace(relay_concurrency=100)
+    assert 200 == batch_size(wide, split(wide, 2))
+    assert 1 == batch_size(wide.replace(worker_batch=1), split(wide, 2))

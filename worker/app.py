@@ -101,16 +101,20 @@ def make_celery(settings: Settings) -> Celery:
 
     class BudgetStep(bootsteps.Step):
         """Splits the instance's send budgets over its pool processes (main process, before
-        the pool forks: each process inherits its share, :mod:`worker.budgets`). A process
-        keeps at most its share, and at most the batch it was handed
-        (``POSTROOM_WORKER_BATCH``), in flight."""
+        the pool forks: each process inherits its share, :mod:`worker.budgets`), and sizes
+        the batches (and the prefetch) by it. A process keeps at most its share, and at
+        most the batch it was handed, in flight."""
 
         requires = ("celery.worker.components:Pool",)
 
         def __init__(self, parent: Any, **kwargs: Any) -> None:
             super().__init__(parent, **kwargs)
             processes = int(getattr(parent, "max_concurrency", None) or parent.concurrency)
-            budgets.configure(budgets.split(settings, processes))
+            share = budgets.split(settings, processes)
+            budgets.configure(share)
+            batch = budgets.batch_size(settings, share)
+            app.conf.postroom_worker_batch = batch
+            parent.prefetch_multiplier = batch
 
     class InstanceStep(bootsteps.StartStopStep):
         """Names this worker instance (before the pool forks: its processes name it in

@@ -44,6 +44,23 @@ def split(settings: Settings, processes: int) -> Budgets:
     )
 
 
+#: a batch holds this many messages per connection a process may open to one relay
+BATCH_PER_CONNECTION = 4
+
+
+def batch_size(settings: Settings, budgets: Budgets) -> int:
+    """How many messages a pool process is handed at once: ``POSTROOM_WORKER_BATCH``, or,
+    when it is left at its default, at least four per connection the process may open
+    to one relay. A process answers for its batch when the batch's last message ends;
+    with several messages per lane that tail is a small part of the batch (at 50 ms,
+    ``POSTROOM_RELAY_CONCURRENCY=100``: 404–454 msg/s with batches of 50, 604–628 with
+    200), while on loopback smaller batches keep the worker's CPU per message lower."""
+    default = Settings.__dataclass_fields__["worker_batch"].default
+    if settings.worker_batch != default:
+        return settings.worker_batch
+    return max(settings.worker_batch, BATCH_PER_CONNECTION * budgets.per_relay)
+
+
 _current = Budgets()
 
 
