@@ -258,10 +258,11 @@ def test_an_unexpected_worker_error_ends_failed_not_queued_forever(stack: Stack)
 def test_a_killed_pool_process_loses_nothing(stack: Stack) -> None:
     """``kill -9`` of a pool process held mid-transaction: its message goes back to the
     queue at once and is sent by the pool's new process; all ten end ``sent``, each
-    Message-ID received exactly once."""
+    Message-ID received exactly once. (One send in flight per pool process, so that most
+    of the ten are still to send when the gate closes.)"""
     stack.smtp.script.rcpt_delay_s = 0.1
     ids = stack.send_many(10)
-    worker = stack.start_worker(concurrency=2)
+    worker = stack.start_worker(concurrency=2, sends_in_flight=2, relay_concurrency=2)
     wait_for(lambda: len(stack.smtp.messages) >= 3, 30, message="three messages sent")
     gate = hold_and_wait(stack.smtp, 2)
     kill_pool_child(worker)
