@@ -141,3 +141,25 @@ def task_index(sid: str) -> str:
     """Sorted set: the solution's tasks, member ``<task_id> <recipient keys, comma-joined>``,
     scored by creation time; entries older than the documents' time to live are trimmed."""
     return f"{NS}:{{{sid}}}:tasks"
+# -- worker instances: heartbeats and the messages each holds unacknowledged ---------------
+
+
+def instances() -> str:
+    """Sorted set: every ``postroom worker`` instance that has beaten (member: its id),
+    scored by its last heartbeat (its own clock)."""
+    return f"{NS}:instances"
+
+
+def instance_alive(instance: str) -> str:
+    """String with a time to live: present while the instance beats."""
+    return f"{NS}:instance:{instance}:alive"
+
+
+def instance_unacked(instance: str) -> str:
+    """Set (in the broker's Redis): the delivery tags the instance holds unacknowledged."""
+    return f"{NS}:instance:{instance}:unacked"
+
+
+def instance_reaping(instance: str) -> str:
+    """String: held by the instance that takes a dead one's messages back."""
+    return f"{NS}:instance:{instance}:reaping"

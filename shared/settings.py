@@ -78,7 +78,7 @@ class Settings:
     retry_max_attempts: int = 30
     retry_max_age_s: int = 86400
     visibility_timeout_s: int = 7200
-    worker_batch: int = 32
+    worker_batch: int = 50
     result_ttl: int = 7 * 86400
     max_recipients: int = 50
     max_batch: int = 500
@@ -93,8 +93,7 @@ class Settings:
     max_template_bytes: int = 64 * 1024  # a stored template's subject, text and html
 
     # -- operations: metrics and probes (deploy/) -------------------------------------
-    # the bound on one message's whole SMTP exchange; deploy/ sizes grace periods on it
-    send_deadline_s: float = 120.0
+    # (deploy/ sizes the workers' stop grace periods on send_deadline_s, below)
     # port of the worker's Prometheus endpoint (0: none)
     worker_metrics_port: int = 9808
     # where a command's processes keep their metrics (prometheus_client's multiprocess
@@ -127,6 +126,18 @@ class Settings:
     broker_confirm_timeout_s: float = 5.0
     # -- end of brokers and Redis topologies -----------------------------------------
 
+    # -- delivery to relays far away: sends in flight, per-relay cap, send deadline ----
+    #: SMTP transactions in flight at once in one ``postroom worker`` instance
+    sends_in_flight: int = 100
+    #: transactions in flight at once to one relay (host, port, user, scheme) per instance
+    relay_concurrency: int = 20
+    #: one message's whole SMTP exchange (connect to the end of DATA) ends within this
+    send_deadline_s: float = 120.0
+    #: a worker instance refreshes its heartbeat this often; one silent for
+    #: ``instance_dead_after_s`` is dead and its unacknowledged messages are taken back
+    instance_heartbeat_s: float = 3.0
+    instance_dead_after_s: float = 15.0
+
     # -- construction -------------------------------------------------------------
 
     def __post_init__(self) -> None:
@@ -147,6 +158,16 @@ class Settings:
             raise ConfigError(
                 f"{PREFIX}WORKER_METRICS_PORT must be a port (0 turns it off), "
                 f"got {self.worker_metrics_port}"
+            )
+        for name in ("sends_in_flight", "relay_concurrency"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{PREFIX}{name.upper()} must be >= 1, got {getattr(self, name)}")
+        if self.send_deadline_s <= 0:
+            raise ConfigError(f"{PREFIX}SEND_DEADLINE_S must be > 0, got {self.send_deadline_s}")
+        if not 0 < self.instance_heartbeat_s < self.instance_dead_after_s:
+            raise ConfigError(
+                f"{PREFIX}INSTANCE_HEARTBEAT_S must be > 0 and shorter than "
+                f"{PREFIX}INSTANCE_DEAD_AFTER_S"
             )
 
     @classmethod

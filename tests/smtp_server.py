@@ -44,6 +44,7 @@ class Received:
     message_id: str | None
     received_at: float
     login: str | None  # the AUTH user of the session, if any
+    mail_at: float = 0.0  # time.time() when its MAIL FROM arrived
 
 
 @dataclass
@@ -87,6 +88,7 @@ class _Handler:
             return script.mail_replies.popleft()
         envelope.mail_from = address
         envelope.mail_options.extend(options)
+        envelope.postroom_mail_at = time.time()  # type: ignore[attr-defined]
         return "250 OK"
 
     async def handle_RCPT(
@@ -326,6 +328,7 @@ class ScriptedSmtpServer:
             message_id=headers.get("Message-ID"),
             received_at=time.time(),
             login=login,
+            mail_at=getattr(envelope, "postroom_mail_at", 0.0),
         )
 
     def _authenticate(

@@ -35,6 +35,8 @@ class Pool:
 class Channel:
     def __init__(self, with_ack_many: bool = False) -> None:
         self.closed = False
+        self.delivering = False
+        self.after_delivery: Any = None
         self.acked_together: list[list[str]] = []
         if with_ack_many:
             self.ack_many = lambda messages: self.acked_together.append(
@@ -274,6 +276,20 @@ def test_fits_window_leaves_room_for_the_longest_attempt() -> None:
     assert fits_window(item, 1000.0, 2.0, window)
     assert fits_window(item, 1009.9, 2.0, window)
     assert not fits_window(item, 1010.0, 2.0, window)
+
+
+def test_messages_delivered_together_are_shared_among_the_free_processes() -> None:
+    """Messages one broker step delivers (the channel says ``delivering``) are handed out
+    when the step ends, shared evenly among the free processes (not the first alone)."""
+    strategy, pool, out = make(processes=2, batch=4)
+    channel = Channel()
+    channel.delivering = True
+    for n in range(6):
+        out.deliver(strategy, Message(f"m{n}", channel))
+    assert [] == pool.calls
+    channel.delivering = False
+    channel.after_delivery()
+    assert [["m0", "m1", "m2"], ["m3", "m4", "m5"]] == [ids(c[0]) for c in pool.calls]
 
 
 def test_an_answer_from_another_thread_is_settled_in_the_event_loop() -> None:

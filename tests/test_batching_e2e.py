@@ -178,7 +178,8 @@ def test_a_worker_takes_queued_messages_in_batches_and_sends_each_once(
     hands them out in batches, puts back onto the queue those a batch could not start within
     their window, and in the end every one is ``sent``, each Message-ID received once."""
     stack = loopback_stack(smtp_timeout_s=1.5, max_recipients=1, visibility_timeout_s=21,
-                           worker_batch=8, log_level="DEBUG")
+                           worker_batch=8, log_level="DEBUG",
+                           sends_in_flight=1, relay_concurrency=1)  # one lane: in turn
     stack.solution("acme", hLimit=1000)
     stack.smtp.script.rcpt_delay_s = 0.25
     ids = [stack.send({"to": [f"r{n}@example.com"], "text": "x"}).get_json()["task_id"]

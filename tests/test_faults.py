@@ -262,10 +262,11 @@ def test_an_unexpected_worker_error_ends_failed_not_queued_forever(stack: Stack)
 def test_a_killed_pool_process_loses_nothing(stack: Stack) -> None:
     """``kill -9`` of a pool process held mid-transaction: its message goes back to the
     queue at once and is sent by the pool's new process; all ten end ``sent``, each
-    Message-ID received exactly once."""
+    Message-ID received exactly once. (One send in flight per pool process, so that most
+    of the ten are still to send when the gate closes.)"""
     stack.smtp.script.rcpt_delay_s = 0.1
     ids = stack.send_many(10)
-    worker = stack.start_worker(concurrency=2)
+    worker = stack.start_worker(concurrency=2, sends_in_flight=2, relay_concurrency=2)
     wait_for(lambda: len(stack.smtp.messages) >= 3, 30, message="three messages sent")
     gate = hold_and_wait(stack.smtp, 2)
     kill_pool_child(worker)
@@ -330,8 +331,9 @@ def test_sigterm_finishes_or_requeues_what_the_worker_holds(make_stack: MakeStac
                                                             redis_url: str) -> None:
     """SIGTERM to a worker in the middle of 20 sends to a slow relay: it finishes what it
     is sending, hands back what it had reserved, and exits 0; a new worker sends the rest.
-    All 20 end ``sent``, each Message-ID received exactly once."""
-    stack = make_stack(redis_url)
+    All 20 end ``sent``, each Message-ID received exactly once. (One send in flight per
+    pool process, so that most of the 20 are still reserved when the signal comes.)"""
+    stack = make_stack(redis_url, sends_in_flight=2, relay_concurrency=2)
     stack.smtp.script.rcpt_delay_s = 0.2
     ids = stack.send_many(20)
     first = stack.start_worker(concurrency=2)

@@ -208,7 +208,7 @@ def test_different_credentials_never_share_a_connection(make_smtp_server: MakeSe
     in) instead of riding on the session the right password opened; the key that tells
     them apart shows no password."""
     server = make_smtp_server(auth=("user", PASSWORD))
-    pool = SmtpPool()
+    pool = SmtpPool(max_per_relay=2)
     try:
         send(pool, server.port, 1, user="user", password=PASSWORD)
         with pytest.raises(SmtpAuthFailed):
@@ -242,7 +242,7 @@ def test_max_messages_rolls_over(smtp_server: ScriptedSmtpServer) -> None:
 def test_threads_share_at_most_max_per_key(smtp_server: ScriptedSmtpServer) -> None:
     """Four threads sending at once through a pool of two connections per relay: every
     message arrives once and no more than two connections are ever opened."""
-    pool = SmtpPool(max_per_key=2)
+    pool = SmtpPool(max_per_relay=2)
 
     def sender(base: int) -> None:
         for n in range(10):

@@ -93,15 +93,22 @@ def test_the_longest_send_counts_every_smtp_exchange() -> None:
 
 def test_a_redelivery_window_shorter_than_the_longest_send_is_refused() -> None:
     """The worker refuses to start when the broker could hand a message out again while its
-    first send may still be talking SMTP; the message names the settings involved."""
-    settings = Settings(smtp_timeout_s=30, max_recipients=50, visibility_timeout_s=1800)
+    first send may still be talking SMTP; the longest send is the send deadline (120 s by
+    default, not the SMTP timeout x the recipient limit), and the message names it."""
+    settings = Settings(smtp_timeout_s=30, max_recipients=50, visibility_timeout_s=122)
     with pytest.raises(ConfigError) as info:
         make_celery(settings)
     message = str(info.value)
-    for name in ("POSTROOM_VISIBILITY_TIMEOUT_S", "POSTROOM_SMTP_TIMEOUT_S",
-                 "POSTROOM_MAX_RECIPIENTS", "1832"):
+    for name in ("POSTROOM_VISIBILITY_TIMEOUT_S", "POSTROOM_SEND_DEADLINE_S", "122"):
         assert name in message
-    make_celery(settings.replace(visibility_timeout_s=1833))
+    make_celery(settings.replace(visibility_timeout_s=123))
+
+
+def test_the_send_deadline_bounds_an_attempt() -> None:
+    """An attempt lasts at most the send deadline plus 2 s of bookkeeping, or less when the
+    SMTP timeout per exchange bounds it more tightly."""
+    assert 120 + 2 == attempt_bound_s(30, 50, 120)
+    assert 1.5 * 12 + 2 == attempt_bound_s(1.5, 1, 120)
 
 
 def test_the_broker_is_configured_for_at_least_once() -> None:

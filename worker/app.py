@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
 from celery import Celery, bootsteps
 from celery.signals import worker_process_shutdown, worker_shutting_down
 
 from shared.connections import redis_clients
 from shared.queue import Enqueuer, accepted_jobs, celery_config
 from shared.settings import Settings
-from worker import batching, metrics, probes, tasks
+from worker import batching, budgets, instances, metrics, probes, tasks
 from worker.broker import transport_for
 from worker.context import WorkerContext
 from worker.lease import check_timeouts
@@ -101,10 +102,68 @@ def make_celery(settings: Settings) -> Celery:
             if self.mover is not None:
                 self.mover.stop()
 
+    class BudgetStep(bootsteps.Step):
+        """Splits the instance's send budgets over its pool processes (main process, before
+        the pool forks: each process inherits its share, :mod:`worker.budgets`), and sizes
+        the batches (and the prefetch) by it. A process keeps at most its share, and at
+        most the batch it was handed, in flight."""
+
+        requires = ("celery.worker.components:Pool",)
+
+        def __init__(self, parent: Any, **kwargs: Any) -> None:
+            super().__init__(parent, **kwargs)
+            processes = int(getattr(parent, "max_concurrency", None) or parent.concurrency)
+            share = budgets.split(settings, processes)
+            budgets.configure(share)
+            batch = budgets.batch_size(settings, share)
+            app.conf.postroom_worker_batch = batch
+            parent.prefetch_multiplier = batch
+
+    class InstanceStep(bootsteps.StartStopStep):
+        """Names this worker instance (before the pool forks: its processes name it in
+        their leases), beats for it, and takes back the messages of instances that
+        stopped beating (:mod:`worker.instances`)."""
+
+        requires = ("celery.worker.components:Pool",)
+
+        def __init__(self, parent: Any, **kwargs: Any) -> None:
+            super().__init__(parent, **kwargs)
+            instances.configure(instances.new_id())
+            self.heartbeat: instances.Heartbeat | None = None
+            self.connection: Any = None
+
+        def start(self, parent: Any) -> None:
+            state = WorkerContext.build(settings).state
+            clients = [state]
+            restore = None
+            if transport is not None:  # postroom's Redis transport notes what each holds
+                broker = redis.Redis.from_url(settings.broker_url, socket_timeout=10.0)
+                clients = [broker] if settings.broker_url == settings.redis_url else [
+                    broker, state]
+                self.connection = app.connection_for_write()
+                channel = self.connection.default_channel
+
+                def restore(tags: list[str]) -> None:
+                    for tag in tags:
+                        channel.qos.restore_by_tag(tag)
+
+            self.heartbeat = instances.Heartbeat(
+                instances.current() or instances.new_id(), clients, restore,
+                settings.instance_heartbeat_s, settings.instance_dead_after_s,
+            ).start()
+
+        def stop(self, parent: Any) -> None:
+            if self.heartbeat is not None:
+                self.heartbeat.stop()
+            if self.connection is not None:
+                self.connection.release()
+
     app.steps["worker"].add(SchedulerStep)
+    app.steps["worker"].add(BudgetStep)
+    app.steps["worker"].add(InstanceStep)
+    app.steps["worker"].add(WebhookStep)
     metrics.install(app, settings)  # before the pool forks: its processes count in files
     probes.install(app, settings)
-    app.steps["worker"].add(WebhookStep)
     return app
 
 

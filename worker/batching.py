@@ -55,7 +55,8 @@ class Item:
         return f"Item(task_id={self.job.get('task_id')!r}, delivered_at={self.delivered_at!r})"
 
 
-def fits_window(item: Item, now: float, smtp_timeout_s: float, window_s: float) -> bool:
+def fits_window(item: Item, now: float, smtp_timeout_s: float, window_s: float,
+                deadline_s: float | None = None) -> bool:  # fmt: skip
     """Whether one attempt at ``item`` started ``now`` surely ends inside the redelivery
     window that began when the broker delivered it.
 
@@ -65,7 +66,8 @@ def fits_window(item: Item, now: float, smtp_timeout_s: float, window_s: float) 
     since ``check_timeouts`` holds the window longer than the longest attempt."""
     msg = item.job.get("message") or {}
     recipients = sum(len(msg.get(k) or ()) for k in ("to", "cc", "bcc"))
-    return (now - item.delivered_at) + attempt_bound_s(smtp_timeout_s, recipients) < window_s
+    bound = attempt_bound_s(smtp_timeout_s, recipients, deadline_s)
+    return (now - item.delivered_at) + bound < window_s
 
 
 def decode_job(body: Any) -> dict[str, Any]:
@@ -171,13 +173,22 @@ class BatchStrategy:
             reject(log, self.connection_errors, False)
             return
         self.waiting.append(_Waiting(Item(job, time.time()), message, ack, reject))
+        channel: Any = getattr(message, "channel", None)
+        if getattr(channel, "delivering", False):
+            # the broker is delivering what one step took (worker.broker): hand it out
+            # when the step ends, shared among the free processes, not the first alone
+            channel.after_delivery = self.dispatch
+            return
         self.dispatch()
 
     def dispatch(self) -> None:
-        """Hand what waits to free pool processes, at most ``batch_max`` messages each."""
+        """Hand what waits to free pool processes, shared evenly among them, at most
+        ``batch_max`` messages each."""
         while self.waiting and self.busy < self._slots() and not stopping():
+            share = -(-len(self.waiting) // (self._slots() - self.busy))  # rounded up
+            size = min(self.batch_max, share)
             batch = [self.waiting.popleft()]
-            while (not batch[0].alone and self.waiting and len(batch) < self.batch_max
+            while (not batch[0].alone and self.waiting and len(batch) < size
                    and not self.waiting[0].alone):
                 batch.append(self.waiting.popleft())
             self.busy += 1

@@ -12,6 +12,11 @@ for its commands; and :meth:`Channel.ack_many` acknowledges a whole batch
 one script. What is stored is unchanged: the same unacked hash and index, the same
 keys, the same restore rules.
 
+Inside a worker instance (:mod:`worker.instances`) every job recorded unacknowledged is
+also noted, in the same step, in the instance's own set (:func:`shared.keys.
+instance_unacked`), and taken out of it with the unacked record: when the instance dies,
+a survivor knows which messages to put back onto the queue at once.
+
 Only the worker uses it, and only on a ``redis://`` broker (:func:`transport_for`); other
 brokers (``rediss://`` included, whose TLS checks kombu makes by the scheme's name) keep
 kombu's own transport.
@@ -28,7 +33,15 @@ from kombu.transport.virtual import base as virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
+from shared import keys
 from shared.scripts import script
+from worker import instances
+
+
+def held_key() -> str | None:
+    """The set of this worker instance's unacknowledged delivery tags (None outside one)."""
+    instance = instances.current()
+    return None if instance is None else keys.instance_unacked(instance)
 
 
 class QoS(kombu_redis.QoS):
@@ -51,18 +64,34 @@ class QoS(kombu_redis.QoS):
             self.deferred = (delivery_tag, entry)
             virtual.QoS.append(self, message, delivery_tag)  # recorded by the take after
             return
-        super().append(message, delivery_tag)
+        # as kombu's own append, with the instance's note in the same pipeline
+        info = message.delivery_info
+        self.record(delivery_tag, dumps([message._raw, info["exchange"], info["routing_key"]]))
+        virtual.QoS.append(self, message, delivery_tag)
 
     def take_deferred(self) -> tuple[str, str] | None:
         deferred, self.deferred = self.deferred, None
         return deferred
 
     def record(self, delivery_tag: str, entry: str) -> None:
-        """Record one job unacknowledged, as kombu's own ``append`` does."""
+        """Record one job unacknowledged, as kombu's own ``append`` does (and note it held
+        by this instance)."""
+        held = held_key()
         with self.pipe_or_acquire() as pipe:
             pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
             pipe.hset(self.unacked_key, delivery_tag, entry)
+            if held is not None:
+                pipe.sadd(held, delivery_tag)
             pipe.execute()
+
+    def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
+        """kombu's removal of an unacked record (ack, reject, restore), and of the
+        instance's note of it."""
+        pipe = super()._remove_from_indices(delivery_tag, pipe)
+        held = held_key()
+        if held is not None:
+            pipe.srem(held, delivery_tag)
+        return pipe
 
     def ack_many(self, delivery_tags: Sequence[str]) -> None:
         """Acknowledge ``delivery_tags`` in one pipeline (one round trip)."""
@@ -89,18 +118,30 @@ class Channel(kombu_redis.Channel):
             self._kept_client = super()._create_client()
         return self._kept_client
 
+    #: while one step's jobs are being delivered (the BRPOP's and the take's after it)
+    delivering = False
+    #: called when that ends (set by the consumer's strategy, worker.batching)
+    after_delivery: Any = None
+
     def _brpop_read(self, **options: Any) -> Any:
         self.qos.defer_record = True
+        self.delivering = True
         try:
-            delivered = super()._brpop_read(**options)
-        except BaseException:
-            self._record_deferred()
-            raise
+            try:
+                delivered = super()._brpop_read(**options)
+            except BaseException:
+                self._record_deferred()
+                raise
+            finally:
+                self.qos.defer_record = False
+            if delivered:
+                self._take_more()
+            return delivered
         finally:
-            self.qos.defer_record = False
-        if delivered:
-            self._take_more()
-        return delivered
+            self.delivering = False
+            after, self.after_delivery = self.after_delivery, None
+            if after is not None:
+                after()
 
     def _record_deferred(self) -> None:
         deferred = self.qos.take_deferred()
@@ -119,6 +160,9 @@ class Channel(kombu_redis.Channel):
             return
         [queue] = self.active_queues
         script_keys = [self._q_for_pri(queue, 0), self.unacked_key, self.unacked_index_key]
+        held = held_key()
+        if held is not None:
+            script_keys.append(held)
         args: list[str | int | float] = [max(0, room), time.time()]
         deferred = self.qos.take_deferred()
         if deferred is not None:

@@ -18,6 +18,7 @@ from shared.relays import Relay, parse_relay_url
 from shared.settings import Settings
 from shared.solutions import SolutionStore
 from shared.suppressions import SuppressionStore
+from worker import budgets
 from worker.lease import Leases
 from worker.ledger import Ledger
 from worker.pool import SmtpPool
@@ -99,4 +100,12 @@ class WorkerContext:
         return SmtpPool(
             max_idle_s=self.settings.smtp_pool_idle_s,
             max_messages=self.settings.smtp_pool_max_messages,
+            max_per_relay=budgets.current().per_relay,
         )
+
+    def warm(self) -> None:
+        """Build every service now, in this thread (before several threads share them)."""
+        for name in ("box", "solutions", "documents", "bucket", "ledger", "leases",
+                     "schedule", "retry_policy", "suppressions", "guard", "ssl_context",
+                     "default_relay", "local_hostname", "pool"):  # fmt: skip
+            getattr(self, name)

@@ -6,7 +6,7 @@ is gone (a killed pool child) is taken over at once. An attempt takes and releas
 within its first and last Redis steps (:mod:`worker.steps`, ``shared/lua/attempt_*.lua``),
 with the same rules as :meth:`Leases.acquire` and :meth:`Leases.release` here.
 
-The same bound ties the broker's redelivery window to the SMTP timeouts
+The same bound ties the broker's redelivery window to the send deadline
 (:func:`check_timeouts`): a message the broker hands out again while its first send may
 still be talking SMTP would be sent twice, were it not for this lease.
 """
@@ -22,6 +22,7 @@ from shared import keys
 from shared.errors import ConfigError
 from shared.settings import Settings
 from shared.text import as_str
+from worker import instances
 
 # The SMTP exchanges of one attempt that each wait at most POSTROOM_SMTP_TIMEOUT_S, besides
 # one RCPT TO per recipient: connect and greeting, EHLO, STARTTLS, EHLO again, AUTH (up to
@@ -31,21 +32,33 @@ FIXED_EXCHANGES = 11
 BOOKKEEPING_S = 2.0
 
 
-def attempt_bound_s(smtp_timeout_s: float, recipients: int) -> float:
-    """The longest one delivery attempt to ``recipients`` addresses can take."""
-    return smtp_timeout_s * (FIXED_EXCHANGES + recipients) + BOOKKEEPING_S
+def send_deadline_s(smtp_timeout_s: float, recipients: int, deadline_s: float | None) -> float:
+    """How long one message's SMTP exchange (waiting for a connection, connect, TLS, AUTH,
+    the transaction) may last: ``POSTROOM_SEND_DEADLINE_S``, or less when the SMTP timeout
+    per exchange bounds it more tightly."""
+    by_exchanges = smtp_timeout_s * (FIXED_EXCHANGES + recipients)
+    return by_exchanges if deadline_s is None else min(deadline_s, by_exchanges)
+
+
+def attempt_bound_s(smtp_timeout_s: float, recipients: int,
+                    deadline_s: float | None = None) -> float:  # fmt: skip
+    """The longest one delivery attempt to ``recipients`` addresses can take: its send
+    deadline (:func:`send_deadline_s`) plus the Redis work around it."""
+    return send_deadline_s(smtp_timeout_s, recipients, deadline_s) + BOOKKEEPING_S
 
 
 def check_timeouts(settings: Settings) -> None:
     """The broker's redelivery window must outlast the longest send; raises ConfigError."""
-    longest = attempt_bound_s(settings.smtp_timeout_s, settings.max_recipients)
+    longest = attempt_bound_s(settings.smtp_timeout_s, settings.max_recipients,
+                              settings.send_deadline_s)  # fmt: skip
     if settings.visibility_timeout_s <= longest:
         raise ConfigError(
             f"POSTROOM_VISIBILITY_TIMEOUT_S ({settings.visibility_timeout_s} s) must be longer "
-            f"than the longest send ({longest:g} s = POSTROOM_SMTP_TIMEOUT_S "
+            f"than the longest send ({longest:g} s = POSTROOM_SEND_DEADLINE_S "
+            f"{settings.send_deadline_s:g} s, or less when POSTROOM_SMTP_TIMEOUT_S "
             f"{settings.smtp_timeout_s:g} s x ({FIXED_EXCHANGES} exchanges + "
-            f"POSTROOM_MAX_RECIPIENTS {settings.max_recipients}) + {BOOKKEEPING_S:g} s): "
-            "raise it, or lower the SMTP timeout or the recipient limit"
+            f"POSTROOM_MAX_RECIPIENTS {settings.max_recipients}) is shorter, "
+            f"+ {BOOKKEEPING_S:g} s): raise it, or lower the send deadline"
         )
 
 # KEYS[1] the lease; ARGV[1] the holder expected; ARGV[2] the new holder; ARGV[3] ttl ms
@@ -67,14 +80,25 @@ return 0
 
 
 def holder() -> str:
-    """This process, as a lease names its holder: ``host:pid``."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """This process, as a lease names its holder: ``host:pid``, and ``/instance`` in a
+    worker instance (:mod:`worker.instances`)."""
+    instance = instances.current()
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    return me if instance is None else f"{me}/{instance}"
+
+
+def holder_dead(client: redis.Redis, holder: str) -> bool:
+    """Whether ``holder`` is gone: a process of this host that no longer runs, or one of
+    a worker instance that stopped beating (its lease may be taken over at once)."""
+    if dead_here(holder):
+        return True
+    _, _, instance = holder.partition("/")
+    return bool(instance) and not instances.is_alive(client, instance)
 
 
 def dead_here(holder: str) -> bool:
-    """Whether ``holder`` is a process of this host that is gone (its lease may be taken
-    over at once)."""
-    host, _, pid = holder.rpartition(":")
+    """Whether ``holder`` is a process of this host that is gone."""
+    host, _, pid = holder.partition("/")[0].rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return False
     try:
@@ -114,7 +138,7 @@ class Leases:
         if current is None:
             return bool(self._r.set(key, me, nx=True, px=ttl_ms))
         current_holder = as_str(current)
-        if current_holder == me or dead_here(current_holder):
+        if current_holder == me or holder_dead(self._r, current_holder):
             return bool(self._take_over(keys=[key], args=[current_holder, me, ttl_ms]))
         return False
 

@@ -39,6 +39,7 @@ class Condition(Enum):
     CREDENTIALS_NOT_ASCII = "credentials with non-ASCII characters"
     NO_SMTPUTF8 = "non-ASCII addresses on a relay without SMTPUTF8"
     BAD_ENVELOPE = "an envelope address with control characters"
+    DEADLINE = "the exchange outlasted POSTROOM_SEND_DEADLINE_S"
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ TABLE: dict[int | type[BaseException] | Condition | None, Rule] = {
         SmtpRejected, "the relay does not accept non-ASCII addresses (no SMTPUTF8)"
     ),
     Condition.BAD_ENVELOPE: Rule(SmtpRejected, "an envelope address holds control characters"),
+    Condition.DEADLINE: Rule(_AGAIN, "the SMTP exchange did not end within the send deadline"),
 }
 
 _RETRY_HINT = re.compile(

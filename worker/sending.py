@@ -34,7 +34,7 @@ from shared.relays import Relay
 from shared.solutions import Solution, iso
 from worker import metrics
 from worker.context import WorkerContext
-from worker.lease import attempt_bound_s
+from worker.lease import attempt_bound_s, send_deadline_s
 from worker.ledger import LedgerState, Outcomes
 from worker.message import attachments_of, build_message
 from worker.outcomes import retry_hint
@@ -150,7 +150,7 @@ class Attempt:
     def begun_with(self, relay: Judged, call: BeginCall, answer: Any) -> None:
         """Keep what the previous attempt's last step began for this one (unless its answer
         is not to be used: then :meth:`run` begins as usual)."""
-        begun = begun_ahead(call, answer)
+        begun = begun_ahead(self.ctx, call, answer)
         self._ahead = None if begun is None else (relay, begun)
 
     def drop_ahead(self) -> None:
@@ -161,8 +161,16 @@ class Attempt:
         if ahead is not None and ahead[1].leased:
             self.ctx.leases.release(self.sid, self.task_id)
 
+    def _deadline_seconds(self) -> float:
+        """How long this attempt's SMTP exchange may take (``POSTROOM_SEND_DEADLINE_S``)."""
+        settings = self.ctx.settings
+        return send_deadline_s(settings.smtp_timeout_s, len(self.recipients),
+                               settings.send_deadline_s)  # fmt: skip
+
     def _lease_seconds(self) -> float:
-        return attempt_bound_s(self.ctx.settings.smtp_timeout_s, len(self.recipients))
+        settings = self.ctx.settings
+        return attempt_bound_s(settings.smtp_timeout_s, len(self.recipients),
+                               settings.send_deadline_s)  # fmt: skip
 
     def crashed(self, exc: BaseException) -> None:
         """An unexpected error ended the attempt: the document ends ``failed`` with an
@@ -275,6 +283,7 @@ class Attempt:
                 timeout=ctx.settings.smtp_timeout_s,
                 ssl_context=ctx.ssl_context,
                 local_hostname=ctx.local_hostname,
+                deadline=time.monotonic() + self._deadline_seconds(),
             )
         except TransientSendError as err:
             # recipients refused for good in the same transaction are done

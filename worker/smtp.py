@@ -14,6 +14,7 @@ import re
 import smtplib
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,8 +66,39 @@ class _Client(smtplib.SMTP):
         super().__init__(local_hostname=local_hostname, timeout=timeout)
         self._host = tls_hostname  # what smtplib's starttls() passes as server_hostname
         self._implicit_tls = implicit_tls
+        #: ``time.monotonic()`` by which the current exchange must end (None: no bound)
+        self.deadline: float | None = None
+
+    def left(self) -> float:
+        """The time this exchange may still wait (``timeout`` at most); raises
+        ``TimeoutError`` once the deadline has passed."""
+        if self.deadline is None:
+            return float(self.timeout)
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the send deadline passed")
+        return min(float(self.timeout), left)
+
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def _bound(self) -> None:
+        left = self.left()
+        if self.sock is not None:
+            self.sock.settimeout(left)
+
+    # every write and every wait for a reply is bounded by what is left of the deadline;
+    # a reply already read is never turned into an error afterwards
+    def send(self, s: bytes | str) -> None:  # type: ignore[override]
+        self._bound()
+        super().send(s)
+
+    def getreply(self) -> tuple[int, bytes]:
+        self._bound()
+        return super().getreply()
 
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        timeout = min(timeout, self.left())
         sock: socket.socket = super()._get_socket(host, port, timeout)  # type: ignore[misc]
         if self._implicit_tls is None:
             return sock
@@ -92,9 +124,11 @@ class SmtpConnection:
         timeout: float,
         ssl_context: ssl.SSLContext,
         local_hostname: str,
+        deadline: float | None = None,
     ) -> None:
         """Connect to ``connect_host`` (the checked address; ``relay.host`` when ``None``),
-        say EHLO as ``local_hostname``, start TLS as the scheme says, and log in."""
+        say EHLO as ``local_hostname``, start TLS as the scheme says, and log in; all of it
+        before ``deadline`` (``time.monotonic()``), when given."""
         if relay.scheme not in ("smtp", "smtps", ""):
             raise ValueError(f"unknown relay scheme {relay.scheme!r}")
         if self._client is not None:
@@ -106,6 +140,7 @@ class SmtpConnection:
             local_hostname=local_hostname,
             timeout=timeout,
         )
+        client.deadline = deadline
         self._client = client
         try:
             with self._errors(connecting=True):
@@ -181,6 +216,12 @@ class SmtpConnection:
                 raise outcomes.from_reply(code, reply)
         return DeliveryResult(accepted, rejected, deferred, outcomes.reply_text(code, reply))
 
+    def set_deadline(self, deadline: float | None) -> None:
+        """Bound the exchanges from now on: all must end by ``deadline``
+        (``time.monotonic()``); None lifts the bound."""
+        if self._client is not None:
+            self._client.deadline = deadline
+
     def _body_starts(self) -> None:
         """Called just before the message may reach the relay (the DATA command without
         PIPELINING, the message itself with it)."""
@@ -253,7 +294,10 @@ class SmtpConnection:
             outcomes.redact(exc, self._secret)
             raise
         except OSError as exc:
+            late = self._client is not None and self._client.past_deadline()
             self._drop()
+            if late:
+                raise outcomes.from_condition(Condition.DEADLINE) from None
             error = outcomes.from_exception(exc, connecting=connecting)
             outcomes.redact(error, self._secret)
             if self._secret and self._secret in str(exc):

@@ -53,7 +53,7 @@ from shared.solutions import CONFIG_DEFAULTS, Solution
 from shared.suppressions import in_force
 from shared.text import as_str
 from worker.context import WorkerContext
-from worker.lease import dead_here, holder
+from worker.lease import holder, holder_dead
 from worker.ledger import LedgerState, Outcomes
 
 
@@ -150,7 +150,7 @@ def begin(
     call = _begin_call(sid, task_id, lease_s, first_take, recipients, same)
     run = _begin_script()
     answer = run(ctx.state, call.keys, call.args)
-    if _held_by_the_dead(answer):
+    if _held_by_the_dead(ctx, answer):
         call.args[2] = as_str(answer[1])
         answer = run(ctx.state, call.keys, call.args)
     return _begun(answer, recipients, doc, same)
@@ -172,11 +172,11 @@ def begin_ahead(
     return _begin_call(sid, task_id, lease_s, first_take, recipients, same=True)
 
 
-def begun_ahead(call: BeginCall, answer: Any) -> Begun | None:
+def begun_ahead(ctx: WorkerContext, call: BeginCall, answer: Any) -> Begun | None:
     """What a :class:`BeginCall` run by :func:`finish` found; None when its answer is not
     to be used (an error, or a lease held by a dead process here, which :func:`begin`
     itself takes over): the attempt then begins as usual."""
-    if answer is None or isinstance(answer, Exception) or _held_by_the_dead(answer):
+    if answer is None or isinstance(answer, Exception) or _held_by_the_dead(ctx, answer):
         return None
     return _begun(answer, call.recipients, None, same=True)
 
@@ -186,8 +186,8 @@ def _begin_script() -> Lua:
     return script("attempt_begin", functions=("bucket",))
 
 
-def _held_by_the_dead(answer: Any) -> bool:
-    return not answer[0] and answer[1] is not None and dead_here(as_str(answer[1]))
+def _held_by_the_dead(ctx: WorkerContext, answer: Any) -> bool:
+    return not answer[0] and answer[1] is not None and holder_dead(ctx.state, as_str(answer[1]))
 
 
 def _begun(answer: Any, recipients: Sequence[str], doc: dict[str, Any] | None,

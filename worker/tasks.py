@@ -27,9 +27,10 @@ from shared import keys
 from shared.errors import InternalError
 from shared.names import SEND_TASK
 from shared.settings import Settings
-from worker import batching, metrics
+from worker import batching, budgets, metrics
 from worker.batching import Item, fits_window, install
 from worker.context import WorkerContext
+from worker.lanes import run_in_lanes, width_for
 from worker.retrying import StorePatience
 from worker.sending import Attempt
 
@@ -68,14 +69,25 @@ def register(app: Celery, context: Callable[[], WorkerContext], settings: Settin
 def run_batch_with(
     context: Callable[[], WorkerContext], settings: Settings, items: list[Item]
 ) -> list[bool]:
-    """Attempt each job of a batch in turn; for each, whether to acknowledge its message
-    (True) or put it back onto the queue (False): when postroom's Redis stays away, when
-    the worker is shutting down, or when an attempt started now might outlast the broker's
-    redelivery window.
+    """Attempt the jobs of a batch, in up to ``Budgets.sends`` lanes at once
+    (:mod:`worker.lanes`); for each job, whether to acknowledge its message (True) or put
+    it back onto the queue (False): when postroom's Redis stays away, when the worker is
+    shutting down, or when an attempt started now might outlast the broker's redelivery
+    window."""
+    ctx = context()
+    ctx.warm()  # build the shared services before the lanes' threads use them
+    width = width_for(ctx.pool.latency_s, budgets.current().sends)
+    verdicts = run_in_lanes(items, width, partial(_run_lane, ctx, settings))
+    ctx.pool.close_idle()
+    metrics.connections(ctx.pool)
+    return verdicts
+
+
+def _run_lane(ctx: WorkerContext, settings: Settings, items: list[Item]) -> list[bool]:
+    """Attempt each job of a lane in turn.
 
     Each attempt's last Redis step carries the next one's first (:attr:`Attempt.next`):
-    one round trip per message and one more per batch, instead of two per message."""
-    ctx = context()
+    one round trip per message and one more per lane, instead of two per message."""
     attempts = [Attempt(ctx, item.job) for item in items]
     for attempt, item in zip(attempts, items, strict=True):
         attempt.ready = partial(_may_start, item, settings)
@@ -90,15 +102,14 @@ def run_batch_with(
         done = run(ctx, item.job, close_idle=False, attempt=attempt)
         verdicts.append(done)
         store_down = not done
-    ctx.pool.close_idle()
-    metrics.connections(ctx.pool)
     return verdicts
 
 
 def _may_start(item: Item, settings: Settings) -> bool:
     """Not while the worker stops, nor when the attempt might outlast the window."""
     return not batching.stopping() and fits_window(
-        item, time.time(), settings.smtp_timeout_s, settings.visibility_timeout_s
+        item, time.time(), settings.smtp_timeout_s, settings.visibility_timeout_s,
+        settings.send_deadline_s,
     )
 
 

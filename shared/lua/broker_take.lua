@@ -7,6 +7,7 @@
 -- KEYS[1]  the queue (a list; producers LPUSH, consumers take from the right)
 -- KEYS[2]  kombu's unacked hash      (delivery tag -> [message, exchange, routing key])
 -- KEYS[3]  kombu's unacked index     (delivery tag -> time delivered)
+-- KEYS[4]  optional: the worker instance's set of the tags it holds (postroom's own)
 -- ARGV[1]  the most jobs to take
 -- ARGV[2]  the time delivered (the consumer's clock, as kombu records it)
 -- ARGV[3]  optional: the delivery tag of the job the BRPOP brought, recorded first
@@ -18,6 +19,7 @@
 if ARGV[3] then
   redis.call("ZADD", KEYS[3], ARGV[2], ARGV[3])
   redis.call("HSET", KEYS[2], ARGV[3], ARGV[4])
+  if KEYS[4] then redis.call("SADD", KEYS[4], ARGV[3]) end
 end
 
 local taken = {}
@@ -41,6 +43,7 @@ for _ = 1, tonumber(ARGV[1]) do
   redis.call("ZADD", KEYS[3], ARGV[2], tag)
   redis.call("HSET", KEYS[2], tag,
     "[" .. raw .. "," .. cjson.encode(exchange) .. "," .. cjson.encode(routing_key) .. "]")
+  if KEYS[4] then redis.call("SADD", KEYS[4], tag) end
   taken[#taken + 1] = raw
 end
 return taken
