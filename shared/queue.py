@@ -27,7 +27,8 @@ from kombu.exceptions import KombuError, OperationalError
 from redis.exceptions import RedisError
 
 from shared import keys
-from shared.brokers import PUBLISH_ERRORS, broker_config, publish_options
+from shared.amqp_publisher import AmqpPublisher
+from shared.brokers import PUBLISH_ERRORS, broker_config, is_amqp, publish_options
 from shared.errors import ServiceUnavailable
 from shared.framing import TaskFraming, redacted
 from shared.names import SEND_TASK
@@ -248,9 +249,12 @@ class Enqueuer:
         self._queue = queue
         self._accepted = accepted
         self._direct = direct
-        self._publish_options = publish_options(
-            str(app.conf.broker_url), float(app.conf.get("postroom_confirm_timeout_s", 5.0))
-        )
+        broker_url = str(app.conf.broker_url)
+        confirm_timeout_s = float(app.conf.get("postroom_confirm_timeout_s", 5.0))
+        self._publish_options = publish_options(broker_url, confirm_timeout_s)
+        # on RabbitMQ a job is framed here and published over a kept connection, about
+        # twice as fast at intake as send_task (bench/bench_topologies.py, docs/scaling.md)
+        self._amqp = AmqpPublisher(app, queue, confirm_timeout_s) if is_amqp(broker_url) else None
 
     def one_step(self) -> OneStep | None:
         """The parts for queueing a job inside a script, when the broker's queue and the
@@ -340,6 +344,12 @@ class Enqueuer:
             raise unavailable(exc) from None
 
     def _publish(self, job: dict[str, Any], countdown: float | None) -> None:
+        if self._amqp is not None and countdown is None:
+            try:
+                self._amqp.publish(job)
+            except _PUBLISH_FAILURES as exc:
+                raise unavailable(exc) from None
+            return
         try:
             self._app.send_task(
                 SEND_TASK,
