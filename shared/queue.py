@@ -220,11 +220,20 @@ def unavailable(exc: BaseException) -> ServiceUnavailable:
 class OneStep:
     """What a script needs to queue a job itself, in the same atomic step as other writes
     (the broker is postroom's own Redis): the queue's list, the job framed as the broker
-    holds it, and its accepted-set entry. See ``api/express.py``."""
+    holds it, and its accepted-set entry. See ``api/express.py``.
+
+    With ``publish`` (the broker is RabbitMQ), the script writes everything but the job,
+    and the caller then publishes the job with ``publish`` (raising ServiceUnavailable when
+    the broker does not confirm it)."""
 
     queue: str
     framing: TaskFraming
     accepted: JobSet
+    publish: Callable[[dict[str, Any]], None] | None = None
+
+    def message(self, job: dict[str, Any], member: str) -> str:
+        """What the script pushes on the queue for ``job``: "" when it is published apart."""
+        return "" if self.publish is not None else self.framing.frame(job, member)
 
     def entry(self, job: dict[str, Any]) -> tuple[str, float]:
         """The accepted-set member and score of ``job``, as :meth:`Enqueuer.enqueue` adds it."""
@@ -258,11 +267,21 @@ class Enqueuer:
 
     def one_step(self) -> OneStep | None:
         """The parts for queueing a job inside a script, when the broker's queue and the
-        accepted set are in the same Redis (None otherwise)."""
+        accepted set are in the same Redis, or for writing all but the job in a script and
+        publishing it after, on RabbitMQ (None otherwise)."""
         direct, accepted = self._direct, self._accepted
-        if direct is None or not direct.shares_state or accepted is None:
+        if accepted is None:
             return None
-        return OneStep(direct.framing.queue, direct.framing, accepted)
+        if direct is not None and direct.shares_state:
+            return OneStep(direct.framing.queue, direct.framing, accepted)
+        if self._amqp is not None:  # the script writes the rest; the job is published after
+            return OneStep(self._queue, TaskFraming(self._queue), accepted, self.publish)
+        return None
+
+    def publish(self, job: dict[str, Any]) -> None:
+        """Publish ``job`` alone (its document and accepted-set entry are written already);
+        ServiceUnavailable when the broker does not take it."""
+        self._publish(job, None)
 
     def enqueue(
         self,
