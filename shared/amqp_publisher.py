@@ -79,7 +79,9 @@ class AmqpPublisher:
         if self._channel is not None and self._pid == os.getpid():
             return self._channel
         self._connection = None  # a parent's connection is the parent's: never closed here
-        connection = self._app.connection_for_write()
+        # no AMQP heartbeats: nothing serves them between publishes, and RabbitMQ would
+        # close an idle connection that promised them (a lost one fails the next publish)
+        connection = self._app.connection_for_write(heartbeat=0)
         connection.ensure_connection(max_retries=1, interval_start=0, timeout=2)
         self._connection = connection
         channel = connection.channel()
