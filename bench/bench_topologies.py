@@ -45,6 +45,12 @@ def rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
 
 
+def rabbitmq_pid() -> int | None:
+    """The RabbitMQ server's Erlang VM on this machine, when there is one to read."""
+    found = subprocess.run(["pgrep", "-o", "beam.smp"], capture_output=True, text=True)
+    return int(found.stdout.split()[0]) if found.returncode == 0 and found.stdout else None
+
+
 class TopologyStack(bp.PostroomStack):
     """bench_pipeline's stack with the broker and the state Redis of one topology."""
 
@@ -107,6 +113,9 @@ class TopologyStack(bp.PostroomStack):
             assert self.redis.proc is not None
             parts.append(bp.Part("redis", self.redis.proc.pid))
         parts.append(bp.Part("sink", self.sink.proc.pid or 0))
+        broker = rabbitmq_pid() if self.vhost else None
+        if broker is not None:  # the whole server's CPU: other users of it count too
+            parts.append(bp.Part("rabbitmq", broker))
         return parts
 
     def documents(self, task_ids: list[str]) -> list[dict[str, Any] | None]:

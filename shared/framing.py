@@ -8,6 +8,11 @@ queue's list, so the API frames it itself and pushes it in the same transaction 
 writes (the task document, the accepted-set entry). ``tests/test_framing.py`` holds the
 framing to what ``send_task`` of the installed Celery writes, field by field; the workers
 consume both alike. Other brokers, and delayed publishing, go through ``send_task``.
+
+On RabbitMQ the same task message is an AMQP message: the body, the headers as the
+message's application headers, and the few properties AMQP carries
+(:meth:`TaskFraming.amqp_message`, held to what ``send_task`` publishes by
+``tests/test_amqp_publisher.py``); :mod:`shared.amqp_publisher` publishes it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import os
 import socket
 import uuid
 from typing import Any
+
+import amqp
 
 from shared.names import SEND_TASK
 
@@ -64,6 +71,25 @@ class TaskFraming:
             "origin": json.dumps(f"gen{os.getpid()}@{self._host}"),
             "tag": json.dumps(str(uuid.uuid4())),
         }
+
+    def amqp_message(self, job: dict[str, Any], job_json: str | None = None) -> amqp.Message:
+        """The AMQP message ``send_task`` publishes to RabbitMQ for ``job`` (protocol 2,
+        JSON): the same body and headers as :meth:`frame`, as AMQP carries them."""
+        task_id = job["task_id"]
+        if job_json is None:
+            job_json = json.dumps(job)
+        origin = f"gen{os.getpid()}@{self._host}"
+        headers = self._message("", task_id, redacted(job), origin, "")["headers"]
+        return amqp.Message(
+            f'[[],{{"job":{job_json}}},{_EMBED_JSON}]'.encode(),
+            content_type="application/json",
+            content_encoding="utf-8",
+            application_headers=headers,
+            delivery_mode=2,
+            priority=0,
+            correlation_id=task_id,
+            reply_to=self._reply_to,
+        )
 
     def _message(
         self, body: str, task_id: str, kwargsrepr: str, origin: str, tag: str

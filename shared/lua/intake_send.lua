@@ -6,7 +6,7 @@
 -- KEYS[3]  the solution's suppression list, a hash                 (keys.suppressions(sid))
 -- KEYS[4]  the message's task document                           (keys.task(sid, task_id))
 -- KEYS[5]  the accepted set                                                (keys.accepted())
--- KEYS[6]  the broker's queue list
+-- KEYS[6]  the broker's queue list (unused when ARGV[10] is "": the broker is RabbitMQ)
 -- KEYS[7]  the solution's bucket                                         (keys.bucket(sid))
 -- KEYS[8]  the solution's task list                                (keys.task_index(sid))
 -- KEYS[9]  the request's bucket, only when ARGV[5] >= 0     (keys.request_bucket(sid, cap))
@@ -18,7 +18,8 @@
 -- ARGV[5]  the request's capacity, or -1 (none, or not below the solution's)
 -- ARGV[6]  the task document, JSON      ARGV[7]  its time to live in seconds
 -- ARGV[8]  the accepted-set member      ARGV[9]  its score (when it is due for a check)
--- ARGV[10] the framed task message, pushed on the queue
+-- ARGV[10] the framed task message, pushed on the queue; "" to push nothing (the caller
+--          publishes the job to RabbitMQ once this script has written the rest)
 -- ARGV[11] the task list's entry (shared/tasklist.py)   ARGV[12] its score (created_at)
 -- ARGV[13] the oldest score the task list keeps (entries before it are trimmed)
 -- ARGV[14...] the recipients' suppression keys (none when the message has none to check)
@@ -56,7 +57,9 @@ end
 
 redis.call("SET", KEYS[4], ARGV[6], "EX", ARGV[7])
 redis.call("ZADD", KEYS[5], ARGV[9], ARGV[8])
-redis.call("LPUSH", KEYS[6], ARGV[10])
+if ARGV[10] ~= "" then
+  redis.call("LPUSH", KEYS[6], ARGV[10])
+end
 redis.call("ZADD", KEYS[8], ARGV[12], ARGV[11])
 redis.call("ZREMRANGEBYSCORE", KEYS[8], "-inf", "(" .. ARGV[13])
 redis.call("EXPIRE", KEYS[8], ARGV[7])
