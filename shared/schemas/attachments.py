@@ -69,16 +69,30 @@ class StringLoaded(fields.Field):
         return value
 
 
+# with a length that is a multiple of four, padded groups of four: the published pattern
+# (which also allows line breaks anywhere)
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+
+
 class Base64Content(StringLoaded):
     """Standard base64 (RFC 4648, padded, no line breaks needed), decoded to bytes."""
 
-    json_schema: dict[str, Any] = {"type": "string", "contentEncoding": "base64"}
+    json_schema: dict[str, Any] = {
+        "type": "string",
+        "contentEncoding": "base64",
+        # what the loader takes: groups of four, padded, line breaks anywhere
+        "pattern": "^(?:(?:[\\r\\n]*[A-Za-z0-9+/]){4})*"
+        "(?:(?:[\\r\\n]*[A-Za-z0-9+/]){2}[\\r\\n]*=[\\r\\n]*="
+        "|(?:[\\r\\n]*[A-Za-z0-9+/]){3}[\\r\\n]*=)?[\\r\\n]*$",
+    }
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bytes:
         text = self._text(value)
         if "\n" in text or "\r" in text:  # MIME-style lines; a copy only then
             text = text.replace("\r", "").replace("\n", "")
         try:
+            if len(text) % 4 or not _BASE64.fullmatch(text):  # b64decode takes "QUJD=" too
+                raise ValueError(text)
             return base64.b64decode(text.encode("ascii"), validate=True)
         except (binascii.Error, UnicodeEncodeError, ValueError):
             raise ValidationError(

@@ -36,7 +36,9 @@ class Text(fields.String):
 
 
 class JsonInteger(fields.Integer):
-    """A JSON integer: ``"10"``, ``10.5``, ``10.0`` and ``true`` are refused."""
+    """A JSON integer: ``"10"``, ``10.5`` and ``true`` are refused. ``10.0`` is taken as
+    ``10``: JSON has one number type, JSON Schema calls a number with a zero fractional
+    part an integer, and JavaScript and many encoders cannot tell ``10.0`` from ``10``."""
 
     default_error_messages = {
         "invalid": "Must be a JSON integer.",
@@ -47,6 +49,11 @@ class JsonInteger(fields.Integer):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(strict=True, **kwargs)
+
+    def _validated(self, value: Any) -> int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return super()._validated(value)
 
 
 class EmailAddress(Text):
