@@ -96,7 +96,11 @@ def _documented_refusal(response: Any) -> bool:
     literal in a loopback, private or otherwise non-public range, ``::148`` or
     ``0.0.1.26``: 400 ``InvalidRelay``), an ``Idempotency-Key`` reused with another body
     (422 ``IdempotencyMismatch``), and a send naming a template the solution does not
-    have or whose data does not render it (400 naming ``template`` only)."""
+    have or whose data does not render it (400 naming ``template`` only), and an inline
+    attachment's ``content_id`` that ``html`` does not reference as ``cid:`` or that two
+    attachments share (400 naming only those ``content_id``s), and a ``from`` on a
+    message that goes through the default relay (400 naming only ``from``: whether the
+    solution has a relay of its own is in its configuration, not in the request)."""
     if response.status_code not in (400, 422):
         return False
     try:
@@ -106,7 +110,15 @@ def _documented_refusal(response: Any) -> bool:
     kind = (response.status_code, body.get("type"))
     if kind in {(400, "InvalidRelay"), (422, "IdempotencyMismatch")}:
         return True
-    return kind == (400, "ValidationError") and set(body.get("fields") or ()) == {"template"}
+    if kind != (400, "ValidationError"):
+        return False
+    fields = body.get("fields") or {}
+    if set(fields) in ({"template"}, {"from"}):
+        return True
+    inline = ("content_id: Not referenced in html", "content_id: Given to two attachments")
+    return set(fields) == {"attachments"} and all(
+        any(part in message for part in inline) for message in fields["attachments"]
+    )
 
 
 def _call_and_check(case: Any, token: str) -> None:
@@ -168,6 +180,7 @@ def test_workflows_stateful(api: tuple[Any, dict[str, str]]) -> None:
             case.validate_response(
                 response,
                 excluded_checks=[st_checks.positive_data_acceptance] if documented else [],
+                headers=auth(tokens["solution"]),
                 transport_kwargs=kwargs or None,
                 recorder=self.recorder,
             )

@@ -100,11 +100,45 @@ class Base64Content(StringLoaded):
             ) from None
 
 
+def _any_case(text: str) -> str:
+    """``text`` as a pattern matching it in any case (ECMA-262 has no inline ``(?i)``)."""
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else re.escape(c) for c in text)
+
+
+def _refused_extensions() -> list[str]:
+    """The extensions refused by name, and those whose guessed type is refused."""
+    mimetypes.init()
+    known = {**mimetypes.types_map, **mimetypes.common_types}
+    return sorted(REFUSED_EXTENSIONS | {e for e, t in known.items() if t in REFUSED_TYPES})
+
+
+def filename_json_schema() -> dict[str, Any]:
+    """The rules of ``_check`` on a file name, as the OpenAPI document states them."""
+    refused = _refused_extensions()
+    executable = "|".join(_any_case(ext.lstrip(".")) for ext in refused)
+    return {
+        "allOf": [  # beside the control-character pattern of NoControlChars
+            {"pattern": r"^[^/\\]*$"},  # not a path
+            {"not": {"pattern": r"^\s|\s$"}},  # no spaces around it
+            {"not": {"pattern": r"^[ .]*$"}},  # more than dots and spaces
+            {"not": {"pattern": rf"\.(?:{executable})[ .]*$"}},
+        ],
+        "description": "A file name, not a path, without spaces around it; executable "
+        "types are refused (" + ", ".join(refused) + ", in any case).",
+    }
+
+
 class AttachmentSchema(StrictSchema):
-    filename = Text(required=True, validate=[NoControlChars(), Length(1, MAX_FILENAME)])
+    filename = Text(required=True, validate=[NoControlChars(), Length(1, MAX_FILENAME)],
+                    metadata={"json_schema": filename_json_schema()})  # fmt: skip
     content = Base64Content(required=True)
-    content_type = Text(allow_none=True, validate=Length(max=191))
-    content_id = Text(allow_none=True, validate=Length(1, MAX_CONTENT_ID))
+    content_type = Text(allow_none=True, validate=Length(max=191), metadata={"json_schema": {
+        "pattern": f"^{_TOKEN}{{0,63}}/{_TOKEN}{{0,126}}$",
+        "not": {"enum": sorted(REFUSED_TYPES)},
+        "description": "A MIME type, type/subtype; executable types are refused (in any case)."
+    }})  # fmt: skip
+    content_id = Text(allow_none=True, validate=Length(1, MAX_CONTENT_ID),
+                      metadata={"json_schema": {"pattern": f"^{_CONTENT_ID.pattern}$"}})
 
     @validates_schema(skip_on_field_errors=False)
     def _check(self, data: dict[str, Any], **_: Any) -> None:
