@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from shared import openapi_rules, openapi_webhooks
 from shared.schemas.bundle import make_schemas
+from shared.schemas.fields import EmailAddress
 from shared.schemas.json_schema import REF_PREFIX, Converter
 from shared.schemas.solutions import SOLUTION_ID
 from shared.schemas.text import NoControlChars
@@ -360,7 +361,8 @@ def _parameters() -> dict[str, Any]:
         "task_id": path("task_id", _s("string"), "Task id, from the 202."),
         "template_name": path("template_name", {"type": "string", "pattern": "^[A-Za-z0-9]"
                               "[A-Za-z0-9._-]{0,63}$"}, "A template's name."),
-        "email": path("email", {"type": "string", "format": "email"}, "An email address."),
+        "email": path("email", {"type": "string", **EmailAddress.json_schema},
+                      "An email address."),
         "IdempotencyKey": {
             "name": "Idempotency-Key",
             "in": "header",

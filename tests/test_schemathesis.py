@@ -117,7 +117,9 @@ def _documented_refusal(response: Any) -> bool:
     message that goes through the default relay (400 naming only ``from``: whether the
     solution has a relay of its own is in its configuration, not in the request), and a
     ``send_at`` more than 30 days ahead (400 naming only ``send_at``: JSON Schema has no
-    "now")."""
+    "now"), and a PATCH of the configuration to plain text ("") while the stored relay
+    stays (400 naming only ``connection_scheme``: the stored relay is not in the
+    request)."""
     if response.status_code not in (400, 422):
         return False
     try:
@@ -133,6 +135,8 @@ def _documented_refusal(response: Any) -> bool:
     if set(fields) in ({"template"}, {"from"}):
         return True
     if fields == {"send_at": ["At most 30 days ahead."]}:
+        return True
+    if set(fields) == {"connection_scheme"} and "Plain text" in fields["connection_scheme"][0]:
         return True
     inline = ("content_id: Not referenced in html", "content_id: Given to two attachments")
     return set(fields) == {"attachments"} and all(

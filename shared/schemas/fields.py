@@ -61,7 +61,9 @@ class EmailAddress(Text):
 
     DNS checks follow the root schema's ``check_dns`` attribute (off by default)."""
 
-    json_schema: dict[str, Any] = {"format": "email", "maxLength": 254}
+    # the local part is ASCII (no SMTPUTF8); the domain may be internationalized
+    json_schema: dict[str, Any] = {"format": "email", "maxLength": 254,
+                                   "pattern": "^[\\u0021-\\u007e]+@"}  # fmt: skip
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         text = super()._deserialize(value, attr, data, **kwargs)
