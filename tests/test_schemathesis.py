@@ -106,20 +106,23 @@ def _skip_forced(case: Any) -> bool:
 
 
 def _documented_refusal(response: Any) -> bool:
-    """Refusals of schema-valid requests that the document states in words, because they
-    depend on more than the request: the relay address guard (a host that is an IP
-    literal in a loopback, private or otherwise non-public range, ``::148`` or
-    ``0.0.1.26``: 400 ``InvalidRelay``), an ``Idempotency-Key`` reused with another body
-    (422 ``IdempotencyMismatch``), and a send naming a template the solution does not
-    have or whose data does not render it (400 naming ``template`` only), and an inline
-    attachment's ``content_id`` that ``html`` does not reference as ``cid:`` or that two
-    attachments share (400 naming only those ``content_id``s), and a ``from`` on a
-    message that goes through the default relay (400 naming only ``from``: whether the
-    solution has a relay of its own is in its configuration, not in the request), and a
-    ``send_at`` more than 30 days ahead (400 naming only ``send_at``: JSON Schema has no
-    "now"), and a PATCH of the configuration to plain text ("") while the stored relay
-    stays (400 naming only ``connection_scheme``: the stored relay is not in the
-    request)."""
+    """Refusals of schema-valid requests that depend on more than the request, and that
+    the document therefore states in words (README, "The OpenAPI document and the
+    fuzzer"); each is recognised by its answer:
+
+    - 400 ``InvalidRelay``: the address guard (a relay host that is an IP literal in a
+      loopback, private or otherwise non-public range, ``::148`` or ``0.0.1.26``), or a
+      PATCH whose port the stored relay does not allow;
+    - 422 ``IdempotencyMismatch``: an ``Idempotency-Key`` reused with another body;
+    - 400 naming only ``template``: a template the solution does not have, or whose data
+      does not render it;
+    - 400 naming only ``from``: a sender on a solution without a relay of its own;
+    - 400 naming only ``send_at``, "At most 30 days ahead." (JSON Schema has no "now");
+    - 400 naming only ``connection_scheme``, plain text: a PATCH to ``""`` beside a stored
+      relay;
+    - 400 naming only attachments' ``content_id``: one that ``html`` does not reference
+      as ``cid:``, or that two attachments share.
+    """
     if response.status_code not in (400, 422):
         return False
     try:
