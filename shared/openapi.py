@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from shared import openapi_rules, openapi_webhooks
 from shared.schemas.bundle import make_schemas
+from shared.schemas.fields import EmailAddress
 from shared.schemas.json_schema import REF_PREFIX, Converter
 from shared.schemas.solutions import SOLUTION_ID
+from shared.schemas.text import NoControlChars
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -359,13 +361,16 @@ def _parameters() -> dict[str, Any]:
         "task_id": path("task_id", _s("string"), "Task id, from the 202."),
         "template_name": path("template_name", {"type": "string", "pattern": "^[A-Za-z0-9]"
                               "[A-Za-z0-9._-]{0,63}$"}, "A template's name."),
-        "email": path("email", {"type": "string", "format": "email"}, "An email address."),
+        "email": path("email", {"type": "string", **EmailAddress.json_schema},
+                      "An email address."),
         "IdempotencyKey": {
             "name": "Idempotency-Key",
             "in": "header",
             "required": False,
-            "schema": {"type": "string", "minLength": 1, "maxLength": 255},
-            "description": "The same key and body within 24 h answer the same 202.",
+            "schema": {"type": "string", "minLength": 1, "maxLength": 255,
+                       **NoControlChars().json_schema},
+            "description": "The same key and body within 24 h answer the same 202; "
+            "the same key with another body, 422 IdempotencyMismatch.",
         },
         "wait": {
             "name": "wait",
@@ -486,7 +491,15 @@ def _batch_request(max_batch: int) -> Schema:
                 "type": "array",
                 "minItems": 1,
                 "maxItems": max_batch,
-                "items": _ref("BatchMessage"),
+                # each item is judged on its own: one that is not a BatchMessage is
+                # refused in its own answer (status 400) and the others still go
+                "items": {
+                    "anyOf": [
+                        _ref("BatchMessage"),
+                        {"description": "Any other value: refused in its own answer "
+                         "(status 400, fields naming what is wrong); the others still go."},
+                    ]
+                },
             }
         },
     }
@@ -502,6 +515,7 @@ def _batch_message(send_request: Schema) -> Schema:
         "type": "string",
         "minLength": 1,
         "maxLength": 255,
+        **NoControlChars().json_schema,
         "description": "The same key and message within 24 h answer with the same task "
         "(queued once), as a single send's Idempotency-Key header.",
     }

@@ -54,22 +54,31 @@ def state_rules(spec: dict[str, Any], settings: Settings) -> None:
 def _relays(schemas: dict[str, Schema], settings: Settings) -> None:
     ports = sorted(settings.smtp_allow_ports)
     names = ", ".join(str(p) for p in ports)
-    for name, port, scheme in (("SolutionCreate", "connection_port", "connection_scheme"),
-                               ("SolutionConfig", "connection_port", "connection_scheme"),
-                               ("SolutionConfigPatch", "connection_port", "connection_scheme"),
-                               ("Connection", "port", "scheme")):  # fmt: skip
+    for name, server, port, scheme in (
+        ("SolutionCreate", "connection_server", "connection_port", "connection_scheme"),
+        ("SolutionConfig", "connection_server", "connection_port", "connection_scheme"),
+        ("SolutionConfigPatch", "connection_server", "connection_port", "connection_scheme"),
+        ("Connection", "server", "port", "scheme"),
+    ):
         props = schemas[name]["properties"]
         if settings.smtp_allow_hosts:
             props[port]["description"] = (
                 f"{props[port].get('description', '')} Only {names} (POSTROOM_SMTP_ALLOW_PORTS),"
                 " unless the relay host is listed in POSTROOM_SMTP_ALLOW_HOSTS.").strip()
             continue
-        props[port].pop("minimum", None)
-        props[port].pop("maximum", None)
-        props[port]["enum"] = [*ports, None]
+        # the relay's rules hold when there is a relay: a configuration without a server
+        # takes any port and scheme (they wait for one; a PATCH is judged with the stored
+        # server, which the document cannot see: that refusal is 400 InvalidRelay)
+        schemas[name].setdefault("allOf", []).append({"anyOf": [
+            {"properties": {server: {"type": "null"}}},
+            {"required": [server], "properties": {
+                port: {"enum": [*ports, None]},
+                scheme: {"enum": [v for v in props[scheme]["enum"] if v != ""]},
+            }},
+        ]})  # fmt: skip
         props[port]["description"] = (
-            f"{props[port].get('description', '')} Only {names} (POSTROOM_SMTP_ALLOW_PORTS).")
-        props[scheme]["enum"] = [v for v in props[scheme]["enum"] if v != ""]
+            f"{props[port].get('description', '')} Only {names} (POSTROOM_SMTP_ALLOW_PORTS) "
+            "toward a relay.").strip()
         props[scheme]["description"] = (
             '"smtp" (STARTTLS) or "smtps" (implicit TLS); plain text ("") only toward hosts '
             "listed in POSTROOM_SMTP_ALLOW_HOSTS (none here).")

@@ -183,7 +183,7 @@ CASES: list[Bad] = [
          path="/api/v1/solutions/acme/config", method="patch"),
     send("config: a solution raising its hLimit", {"hLimit": 1000}, 403, "Forbidden",
          path="/api/v1/solutions/acme/config", method="patch"),
-    send("config: port float", {"connection_port": 25.0}, field_="connection_port",
+    send("config: port float", {"connection_port": 25.5}, field_="connection_port",
          path="/api/v1/solutions/acme/config", method="put"),
     send("suppression: unknown reason", {"reason": "spam"}, field_="reason",
          path="/api/v1/solutions/acme/suppressions/a@example.com", method="put"),

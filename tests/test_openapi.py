@@ -120,12 +120,15 @@ def test_send_email_operation(spec: dict[str, Any]) -> None:
 
 def test_send_batch_operation(spec: dict[str, Any]) -> None:
     """POST …/email/batch: a list of send requests up to POSTROOM_MAX_BATCH, 200 with an
-    answer per message."""
+    answer per message; an item that is not a send request is refused in its own answer,
+    so the list's items are a BatchMessage or any other value."""
     op = spec["paths"]["/solutions/{sid}/email/batch"]["post"]
     body = spec["components"]["schemas"]["BatchRequest"]
     messages = body["properties"]["messages"]
     assert (1, 500) == (messages["minItems"], messages["maxItems"])
-    assert {"$ref": "#/components/schemas/BatchMessage"} == messages["items"]
+    branches = messages["items"]["anyOf"]
+    assert {"$ref": "#/components/schemas/BatchMessage"} == branches[0]
+    assert {"description"} == set(branches[1])  # any value
     item = spec["components"]["schemas"]["BatchMessage"]
     send = spec["components"]["schemas"]["SendRequest"]
     assert set(item["properties"]) == {*send["properties"], "idempotency_key"}
@@ -213,9 +216,12 @@ def test_request_bodies_come_from_the_schemas(spec: dict[str, Any]) -> None:
     send = components["SendRequest"]["properties"]
     assert send["hLimit"]["type"] == ["integer", "null"]
     assert send["hLimit"]["minimum"] == 0
-    # without POSTROOM_SMTP_ALLOW_HOSTS only the allowed ports and TLS (shared.openapi_rules)
-    assert components["Connection"]["properties"]["port"]["enum"] == [25, 465, 587, 2525, None]
-    assert components["Connection"]["properties"]["scheme"]["enum"] == ["smtp", "smtps", None]
+    # without POSTROOM_SMTP_ALLOW_HOSTS only the allowed ports and TLS toward a relay
+    # (shared.openapi_rules)
+    (relay,) = [rule["anyOf"][1] for rule in components["Connection"]["allOf"]
+                if "anyOf" in rule]  # fmt: skip
+    assert relay["properties"]["port"]["enum"] == [25, 465, 587, 2525, None]
+    assert relay["properties"]["scheme"]["enum"] == ["smtp", "smtps", None]
     assert components["SolutionCreate"]["required"] == ["solution_id"]
 
 
@@ -287,17 +293,23 @@ def test_the_spec_states_what_the_server_enforces(spec: dict[str, Any]) -> None:
 
     jsonschema_rs = _need("jsonschema_rs")
     schemas = spec["components"]["schemas"]
-    for name, port, scheme in (("SolutionCreate", "connection_port", "connection_scheme"),
-                               ("SolutionConfigPatch", "connection_port", "connection_scheme"),
-                               ("Connection", "port", "scheme")):  # fmt: skip
-        props = schemas[name]["properties"]
-        assert [25, 465, 587, 2525, None] == props[port]["enum"]
-        assert "" not in props[scheme]["enum"]
-    allowing = build_spec(Settings(smtp_allow_hosts=("10.0.0.0/8",)))
-    assert "enum" not in allowing["components"]["schemas"]["Connection"]["properties"]["port"]
-
     def valid(schema: dict[str, Any], value: Any) -> bool:
         return bool(jsonschema_rs.validator_for(schema).is_valid(value))
+
+    for name, base, server, port, scheme in (
+        ("SolutionCreate", {"solution_id": "a"}, "connection_server", "connection_port",
+         "connection_scheme"),
+        ("SolutionConfigPatch", {}, "connection_server", "connection_port", "connection_scheme"),
+        ("Connection", {}, "server", "port", "scheme"),
+    ):  # fmt: skip
+        schema = schemas[name]
+        relay = {**base, server: "relay.example.com"}
+        assert valid(schema, {**relay, port: 2525}) and not valid(schema, {**relay, port: 2526})
+        assert not valid(schema, {**relay, scheme: ""}), name
+        if name != "Connection":  # a configuration without a relay: any port, waiting
+            assert valid(schema, {**base, port: 2526, scheme: ""}), name
+    allowing = build_spec(Settings(smtp_allow_hosts=("10.0.0.0/8",)))
+    assert "allOf" not in allowing["components"]["schemas"]["Connection"]
 
     expires = schemas["SuppressionPut"]["properties"]["expires_at"]
     year = time.gmtime().tm_year

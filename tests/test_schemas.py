@@ -57,7 +57,7 @@ BAD: list[tuple[str, Any, str, str]] = [
     # strict integers
     ("send", {**OK, "hLimit": "10"}, "hLimit", "Must be a JSON integer."),
     ("send", {**OK, "hLimit": 10.5}, "hLimit", "Must be a JSON integer."),
-    ("send", {**OK, "hLimit": 10.0}, "hLimit", "Must be a JSON integer."),
+    ("send", {**OK, "hLimit": 1e400}, "hLimit", "Must be a JSON integer."),  # inf
     ("send", {**OK, "hLimit": True}, "hLimit", "Must be a JSON integer."),
     ("send", {**OK, "hLimit": -1}, "hLimit", "Must be between 0 and"),
     ("send", {**OK, "hLimit": 10**12}, "hLimit", "Must be between 0 and"),
@@ -258,6 +258,18 @@ def test_full_send_request(schemas: Schemas) -> None:
         "template_data": {}, "send_at": None,
     }
     assert len(loaded["subject"]) == 998
+
+
+def test_integral_numbers_are_integers(schemas: Schemas) -> None:
+    """A number with a zero fractional part is an integer, as JSON Schema says: ``10.0``
+    loads as ``10`` (an int), in a send, a nested connection and a configuration."""
+    loaded = load_or_raise(
+        schemas.send, {**OK, "hLimit": 10.0, "connection": {**RELAY, "port": 2525.0}}
+    )
+    assert (10, int) == (loaded["hLimit"], type(loaded["hLimit"]))
+    assert (2525, int) == (loaded["connection"]["port"], type(loaded["connection"]["port"]))
+    config = load_or_raise(schemas.config_put, {"hLimit": 3.0})
+    assert (3, int) == (config["hLimit"], type(config["hLimit"]))
 
 
 @pytest.mark.parametrize(

@@ -69,16 +69,30 @@ class StringLoaded(fields.Field):
         return value
 
 
+# with a length that is a multiple of four, padded groups of four: the published pattern
+# (which also allows line breaks anywhere)
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+
+
 class Base64Content(StringLoaded):
     """Standard base64 (RFC 4648, padded, no line breaks needed), decoded to bytes."""
 
-    json_schema: dict[str, Any] = {"type": "string", "contentEncoding": "base64"}
+    json_schema: dict[str, Any] = {
+        "type": "string",
+        "contentEncoding": "base64",
+        # what the loader takes: groups of four, padded, line breaks anywhere
+        "pattern": "^(?:(?:[\\r\\n]*[A-Za-z0-9+/]){4})*"
+        "(?:(?:[\\r\\n]*[A-Za-z0-9+/]){2}[\\r\\n]*=[\\r\\n]*="
+        "|(?:[\\r\\n]*[A-Za-z0-9+/]){3}[\\r\\n]*=)?[\\r\\n]*$",
+    }
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bytes:
         text = self._text(value)
         if "\n" in text or "\r" in text:  # MIME-style lines; a copy only then
             text = text.replace("\r", "").replace("\n", "")
         try:
+            if len(text) % 4 or not _BASE64.fullmatch(text):  # b64decode takes "QUJD=" too
+                raise ValueError(text)
             return base64.b64decode(text.encode("ascii"), validate=True)
         except (binascii.Error, UnicodeEncodeError, ValueError):
             raise ValidationError(
@@ -86,11 +100,45 @@ class Base64Content(StringLoaded):
             ) from None
 
 
+def _any_case(text: str) -> str:
+    """``text`` as a pattern matching it in any case (ECMA-262 has no inline ``(?i)``)."""
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else re.escape(c) for c in text)
+
+
+def _refused_extensions() -> list[str]:
+    """The extensions refused by name, and those whose guessed type is refused."""
+    mimetypes.init()
+    known = {**mimetypes.types_map, **mimetypes.common_types}
+    return sorted(REFUSED_EXTENSIONS | {e for e, t in known.items() if t in REFUSED_TYPES})
+
+
+def filename_json_schema() -> dict[str, Any]:
+    """The rules of ``_check`` on a file name, as the OpenAPI document states them."""
+    refused = _refused_extensions()
+    executable = "|".join(_any_case(ext.lstrip(".")) for ext in refused)
+    return {
+        "allOf": [  # beside the control-character pattern of NoControlChars
+            {"pattern": r"^[^/\\]*$"},  # not a path
+            {"not": {"pattern": r"^\s|\s$"}},  # no spaces around it
+            {"not": {"pattern": r"^[ .]*$"}},  # more than dots and spaces
+            {"not": {"pattern": rf"\.(?:{executable})[ .]*$"}},
+        ],
+        "description": "A file name, not a path, without spaces around it; executable "
+        "types are refused (" + ", ".join(refused) + ", in any case).",
+    }
+
+
 class AttachmentSchema(StrictSchema):
-    filename = Text(required=True, validate=[NoControlChars(), Length(1, MAX_FILENAME)])
+    filename = Text(required=True, validate=[NoControlChars(), Length(1, MAX_FILENAME)],
+                    metadata={"json_schema": filename_json_schema()})  # fmt: skip
     content = Base64Content(required=True)
-    content_type = Text(allow_none=True, validate=Length(max=191))
-    content_id = Text(allow_none=True, validate=Length(1, MAX_CONTENT_ID))
+    content_type = Text(allow_none=True, validate=Length(max=191), metadata={"json_schema": {
+        "pattern": f"^{_TOKEN}{{0,63}}/{_TOKEN}{{0,126}}$",
+        "not": {"enum": sorted(REFUSED_TYPES)},
+        "description": "A MIME type, type/subtype; executable types are refused (in any case)."
+    }})  # fmt: skip
+    content_id = Text(allow_none=True, validate=Length(1, MAX_CONTENT_ID),
+                      metadata={"json_schema": {"pattern": f"^{_CONTENT_ID.pattern}$"}})
 
     @validates_schema(skip_on_field_errors=False)
     def _check(self, data: dict[str, Any], **_: Any) -> None:

@@ -36,7 +36,9 @@ class Text(fields.String):
 
 
 class JsonInteger(fields.Integer):
-    """A JSON integer: ``"10"``, ``10.5``, ``10.0`` and ``true`` are refused."""
+    """A JSON integer: ``"10"``, ``10.5`` and ``true`` are refused. ``10.0`` is taken as
+    ``10``: JSON has one number type, JSON Schema calls a number with a zero fractional
+    part an integer, and JavaScript and many encoders cannot tell ``10.0`` from ``10``."""
 
     default_error_messages = {
         "invalid": "Must be a JSON integer.",
@@ -48,13 +50,20 @@ class JsonInteger(fields.Integer):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(strict=True, **kwargs)
 
+    def _validated(self, value: Any) -> int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return super()._validated(value)
+
 
 class EmailAddress(Text):
     """A bare email address, returned normalized (see :mod:`shared.schemas.addresses`).
 
     DNS checks follow the root schema's ``check_dns`` attribute (off by default)."""
 
-    json_schema: dict[str, Any] = {"format": "email", "maxLength": 254}
+    # the local part is ASCII (no SMTPUTF8); the domain may be internationalized
+    json_schema: dict[str, Any] = {"format": "email", "maxLength": 254,
+                                   "pattern": "^[\\u0021-\\u007e]+@"}  # fmt: skip
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         text = super()._deserialize(value, attr, data, **kwargs)

@@ -31,6 +31,9 @@ _ENCODED_WORD = re.compile(r"=\?.*\?=")
 # List-Unsubscribe: one or more <URI> separated by commas (RFC 2369)
 _UNSUBSCRIBE = re.compile(r"<([^<>\s]+)>")
 _CONTROL = re.compile(f"[{CONTROL}]")
+# one List-Unsubscribe item, as the published pattern says it (schemes in any case)
+_ITEM = ("<(?:[hH][tT][tT][pP][sS]://|[mM][aA][iI][lL][tT][oO]:)"
+         "[\\u0021-\\u002b\\u002d-\\u003b\\u003d\\u003f-\\u007e]*>")  # not ,<> or space
 
 
 class HeadersField(fields.Dict):
@@ -41,8 +44,22 @@ class HeadersField(fields.Dict):
         "maxProperties": MAX_HEADERS,
         "propertyNames": {"pattern": "^(X-[A-Za-z0-9][A-Za-z0-9-]{0,62}|List-Unsubscribe"
                                      "|List-Unsubscribe-Post)$"},
-        "additionalProperties": {"type": "string", "maxLength": MAX_HEADER_VALUE,
-                                 "pattern": "^[\\u0020-\\u007e]*$"},
+        "additionalProperties": {
+            "type": "string", "maxLength": MAX_HEADER_VALUE,
+            # printable ASCII, not only spaces; no RFC 2047 encoded-word
+            "pattern": "^[\\u0020-\\u007e]*[\\u0021-\\u007e][\\u0020-\\u007e]*$",
+            "not": {"pattern": "=\\?.*\\?="},
+        },
+        "properties": {
+            LIST_UNSUBSCRIBE: {"type": "string", "maxLength": MAX_HEADER_VALUE,
+                               "pattern": f"^ *{_ITEM} *(?:, *{_ITEM} *)*$",
+                               "not": {"pattern": "=\\?.*\\?="}},
+            LIST_UNSUBSCRIBE_POST: {"const": ONE_CLICK},
+        },
+        "dependentSchemas": {LIST_UNSUBSCRIBE_POST: {
+            "required": [LIST_UNSUBSCRIBE],
+            "properties": {LIST_UNSUBSCRIBE: {"pattern": "<[hH][tT][tT][pP][sS]://"}},
+        }},
     }  # fmt: skip
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:

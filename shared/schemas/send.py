@@ -106,13 +106,24 @@ class ConnectionSchema(StrictSchema):
 class SendRequestSchema(StrictSchema):
     """Validates and normalizes a send request; build it once with :func:`make_send_schema`."""
 
-    # For the published JSON Schema: at least one recipient in to, cc or bcc.
+    # For the published JSON Schema: at least one recipient in to, cc or bcc; a template
+    # replaces subject, text and html; template_data only with a template.
     json_schema: ClassVar[dict[str, Any]] = {
         "anyOf": [
             {"required": [name], "properties": {name: {"type": "array", "minItems": 1}}}
             for name in RECIPIENT_FIELDS
-        ]
-    }
+        ],
+        "allOf": [
+            {"anyOf": [
+                {"properties": {"template": {"type": "null"}}},
+                {"properties": {part: {"type": "null"} for part in ("subject", "text", "html")}},
+            ]},
+            {"anyOf": [
+                {"required": ["template"], "properties": {"template": {"type": "string"}}},
+                {"properties": {"template_data": {"type": "null"}}},
+            ]},
+        ],
+    }  # fmt: skip
 
     to = AddressList(allow_none=True)
     cc = AddressList(allow_none=True)

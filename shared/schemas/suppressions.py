@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 from marshmallow import ValidationError, fields, post_load, validates_schema
 from marshmallow.validate import Length, OneOf, Range
@@ -38,6 +38,11 @@ class SuppressionSchema(StrictSchema):
 
     Loaded: ``{reason, expires_at}``, ``expires_at`` in epoch seconds and present only
     when one was given."""
+
+    # For the published JSON Schema: not both expires_at and ttl_s.
+    json_schema: ClassVar[dict[str, Any]] = {
+        "anyOf": [{"properties": {name: {"type": "null"}}} for name in ("expires_at", "ttl_s")]
+    }
 
     reason = Text(
         load_default="manual",

@@ -3,7 +3,7 @@ send's ``template`` and ``template_data``."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from marshmallow import ValidationError, fields, validates_schema
 from marshmallow.validate import Length
@@ -30,6 +30,13 @@ class TemplateData(fields.Dict):
 class TemplateSchema(StrictSchema):
     """``{subject, text?, html?}``, Jinja2 sources; at least one of text and html. Each
     compiles, and together they are at most ``max_bytes`` of UTF-8."""
+
+    json_schema: ClassVar[dict[str, Any]] = {
+        "anyOf": [
+            {"required": [part], "properties": {part: {"type": "string"}}}
+            for part in ("text", "html")
+        ]
+    }
 
     subject = Text(required=True, validate=[NoControlChars(), Length(1, 10_000)])
     text = Text(allow_none=True, validate=NoControlChars(body=True))
