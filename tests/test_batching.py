@@ -19,6 +19,7 @@ from shared import keys
 from tests.helpers import make_settings
 from worker import batching
 from worker.batching import BatchStrategy, Item, decode_job, fits_window
+from worker.dead_letters import DeadLetters
 from worker.lease import attempt_bound_s
 
 
@@ -258,7 +259,12 @@ def test_a_message_that_is_not_a_job_is_set_aside_then_acknowledged(
 def test_a_message_not_set_aside_is_left_unacknowledged() -> None:
     """When Redis cannot take the dead letter, the message is neither acknowledged nor
     rejected: the broker hands it out again after its redelivery window."""
-    strategy, pool, out = make()  # a Redis that does not answer
+    strategy, pool, out = make()
+
+    def unreachable() -> redis.Redis:
+        raise redis.ConnectionError("Redis is away")
+
+    strategy.dead_letters = DeadLetters(unreachable)
     out.deliver(strategy, Message("junk", Channel(), body=b"[[], {}, {}]"))
     assert ([], [], [], []) == (out.acked, out.dropped, out.requeued, pool.calls)
 
