@@ -163,3 +163,13 @@ def instance_unacked(instance: str) -> str:
 def instance_reaping(instance: str) -> str:
     """String: held by the instance that takes a dead one's messages back."""
     return f"{NS}:instance:{instance}:reaping"
+
+
+# -- messages the worker could not read -----------------------------------------------------
+
+
+def dead_letters() -> str:
+    """List (in ``POSTROOM_REDIS_URL``): broker messages a worker could not read, newest
+    first, each a JSON object ``{at, reason, error, headers, content_type, body}``; set aside
+    by :mod:`worker.dead_letters`, never deleted by postroom."""
+    return f"{NS}:dead-letters"

@@ -13,9 +13,13 @@ import threading
 from typing import Any
 
 import pytest
+import redis
 
+from shared import keys
+from tests.helpers import make_settings
 from worker import batching
 from worker.batching import BatchStrategy, Item, decode_job, fits_window
+from worker.dead_letters import DeadLetters
 from worker.lease import attempt_bound_s
 
 
@@ -69,8 +73,10 @@ class Consumer:
 
 
 class App:
-    def __init__(self, batch: int) -> None:
-        self.conf = {"postroom_worker_batch": batch}
+    def __init__(self, batch: int, redis_url: str = "redis://127.0.0.1:1/0") -> None:
+        # the dead-letter list's Redis is reached only when a message cannot be read
+        self.conf = {"postroom_worker_batch": batch,
+                     "postroom_settings": make_settings(redis_url)}
 
 
 class Outcomes:
@@ -96,10 +102,11 @@ def fresh_flag() -> None:
     batching.install(lambda items: [True] * len(items))
 
 
-def make(processes: int = 2, batch: int = 4,
-         hub: Hub | None = None) -> tuple[BatchStrategy, Pool, Outcomes]:
+def make(processes: int = 2, batch: int = 4, hub: Hub | None = None,
+         redis_url: str = "redis://127.0.0.1:1/0") -> tuple[BatchStrategy, Pool, Outcomes]:
     pool = Pool(processes)
-    strategy = BatchStrategy(task=None, app=App(batch), consumer=Consumer(pool, hub))
+    strategy = BatchStrategy(task=None, app=App(batch, redis_url),
+                             consumer=Consumer(pool, hub))
     return strategy, pool, Outcomes()
 
 
@@ -235,11 +242,31 @@ def test_messages_of_a_lost_broker_connection_are_left_alone() -> None:
     assert 0 == strategy.busy
 
 
-def test_a_message_that_is_not_a_job_is_dropped_not_retried() -> None:
-    strategy, pool, out = make()
+def test_a_message_that_is_not_a_job_is_set_aside_then_acknowledged(
+    real_redis: redis.Redis, redis_url: str
+) -> None:
+    """A message whose body holds no job is written to the dead-letter list (why, and its
+    body), then acknowledged: never handed to the pool, never dropped without a trace."""
+    strategy, pool, out = make(redis_url=redis_url)
     out.deliver(strategy, Message("junk", Channel(), body=b"[[], {}, {}]"))
     out.deliver(strategy, Message("garbage", Channel(), body=b"\xff not json"))
-    assert (["junk", "garbage"], []) == (out.dropped, pool.calls)
+    assert (["junk", "garbage"], [], []) == (out.acked, out.dropped, pool.calls)
+    entries = [json.loads(e) for e in real_redis.lrange(keys.dead_letters(), 0, -1)]
+    assert ["\ufffd not json", "[[], {}, {}]"] == [e["body"] for e in entries]
+    assert {"not a postroom job"} == {e["reason"] for e in entries}
+
+
+def test_a_message_not_set_aside_is_left_unacknowledged() -> None:
+    """When Redis cannot take the dead letter, the message is neither acknowledged nor
+    rejected: the broker hands it out again after its redelivery window."""
+    strategy, pool, out = make()
+
+    def unreachable() -> redis.Redis:
+        raise redis.ConnectionError("Redis is away")
+
+    strategy.dead_letters = DeadLetters(unreachable)
+    out.deliver(strategy, Message("junk", Channel(), body=b"[[], {}, {}]"))
+    assert ([], [], [], []) == (out.acked, out.dropped, out.requeued, pool.calls)
 
 
 def test_after_a_shutdown_begins_nothing_more_is_handed_out() -> None:

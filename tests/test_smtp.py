@@ -21,7 +21,7 @@ from shared.errors import (
     TransientSendError,
 )
 from shared.relays import Relay
-from tests.smtp_server import DropMode, ScriptedSmtpServer, SilentServer, TlsFiles
+from tests.smtp_server import DropMode, ScriptedSmtpServer, SilentServer, TlsFiles, free_port
 from worker import outcomes
 from worker.message import build_message
 from worker.smtp import DeliveryResult, SmtpConnection, deliver, make_ssl_context
@@ -404,6 +404,53 @@ def test_user_without_auth_offered_is_auth_failed(smtp_server: ScriptedSmtpServe
 
     assert PASSWORD not in shown(caught.value)
     assert smtp_server.messages == []
+
+
+def test_user_with_only_unknown_auth_mechanisms_is_auth_failed() -> None:
+    """A relay (aiosmtpd) whose AUTH offers only a mechanism smtplib cannot use (XOAUTH2):
+    SmtpAuthFailed naming the missing mechanism, decided from the EHLO reply before any
+    AUTH command; nothing sent."""
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import AuthResult
+
+    class Handler:
+        messages: list[object] = []
+        auth_commands = 0
+
+        async def auth_XOAUTH2(self, server: object, args: list[str]) -> AuthResult:
+            Handler.auth_commands += 1
+            return AuthResult(success=False)
+
+        async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+            Handler.messages.append(envelope)
+            return "250 OK"
+
+    port = free_port()
+    controller = Controller(
+        Handler(), hostname="127.0.0.1", port=port, auth_require_tls=False,
+        auth_exclude_mechanism=["PLAIN", "LOGIN"],
+        authenticator=lambda *args: AuthResult(success=False),
+    )
+    controller.start()
+    try:
+        with pytest.raises(SmtpAuthFailed) as caught:
+            send(port, user="user", password=PASSWORD)
+    finally:
+        controller.stop()
+
+    assert "no AUTH mechanism we support" in str(caught.value)
+    assert (0, []) == (Handler.auth_commands, Handler.messages)
+    assert PASSWORD not in shown(caught.value)
+
+
+def test_the_mechanisms_checked_are_those_smtplib_implements() -> None:
+    """``LOGIN_MECHANISMS`` are mechanisms ``smtplib.SMTP`` has an ``auth_*`` method for."""
+    import smtplib
+
+    from worker.smtp import LOGIN_MECHANISMS
+
+    for name in LOGIN_MECHANISMS:
+        assert callable(getattr(smtplib.SMTP, "auth_" + name.lower().replace("-", "_")))
 
 
 # -- a kept connection ---------------------------------------------------------------------

@@ -158,7 +158,8 @@ def test_a_killed_worker_is_sent_again_within_15_s_and_none_twice(topology: Make
 def test_warm_shutdown_on_rabbitmq_hands_back_what_it_holds(topology: MakeStack) -> None:
     """SIGTERM to a worker in the middle of 12 sends to a slow relay: it exits 0, what it
     had reserved goes back to the queue, and a new worker sends the rest, each once."""
-    stack = topology()
+    # one send in flight per process: the 12 sends outlast the SIGTERM on a busy machine
+    stack = topology(sends_in_flight=2, relay_concurrency=2)
     stack.smtp.script.rcpt_delay_s = 0.2
     ids = stack.send_many(12)
     first = stack.start_worker(concurrency=2)

@@ -71,6 +71,8 @@ def make_celery(settings: Settings) -> Celery:
         task_send_sent_event=False,
         worker_enable_remote_control=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        # messages it cannot read are set aside in Redis, not dropped (worker.dead_letters)
+        worker_consumer="worker.dead_letters:Consumer",
     )
     contexts = _Contexts(settings)
     tasks.register(app, contexts, settings)

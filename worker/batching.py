@@ -40,6 +40,7 @@ from functools import partial
 from multiprocessing.sharedctypes import RawValue
 from typing import Any
 
+from worker.dead_letters import DeadLetters
 from worker.lease import attempt_bound_s
 
 log = logging.getLogger("postroom.worker")
@@ -162,15 +163,19 @@ class BatchStrategy:
         self.batch_max = max(1, int(app.conf.get("postroom_worker_batch", 1)))
         self.waiting: deque[_Waiting] = deque()
         self.busy = 0
+        self.dead_letters = DeadLetters.for_settings(app.conf["postroom_settings"])
 
     def __call__(self, message: Any, payload: Any, ack: Any, reject: Any,
                  callbacks: Any = None, **_: Any) -> None:
         try:
+            content_type = getattr(message, "content_type", None) or "application/json"
+            if content_type != "application/json":  # Celery messages are JSON, never pickle
+                raise ValueError(f"content type {content_type} is not accepted")
             job = decode_job(message.body)
         except (ValueError, TypeError, KeyError, IndexError) as exc:
-            log.error("a message that is not a postroom job was dropped (%s)",
-                      type(exc).__name__)
-            reject(log, self.connection_errors, False)
+            # set aside in Redis, then acknowledged; left unacknowledged if Redis failed
+            if self.dead_letters.set_aside(message, "not a postroom job", exc):
+                ack(log, self.connection_errors)
             return
         self.waiting.append(_Waiting(Item(job, time.time()), message, ack, reject))
         channel: Any = getattr(message, "channel", None)

@@ -50,6 +50,7 @@ class WorkerMetrics:
     in_flight: Gauge
     relay_connections: Gauge
     per_solution: bool
+    dead_letters: Counter | None = None
 
     @classmethod
     def build(cls, per_solution: bool) -> WorkerMetrics:
@@ -82,6 +83,11 @@ class WorkerMetrics:
                 multiprocess_mode="livesum", registry=None,
             ),
             per_solution=per_solution,
+            dead_letters=Counter(
+                "postroom_worker_dead_letters", "Broker messages the worker could not "
+                "read, set aside in Redis (worker.dead_letters), by reason", ["reason"],
+                registry=None,
+            ),
         )  # fmt: skip
 
 
@@ -201,6 +207,13 @@ def connections(pool: SmtpPool) -> None:
     m = _current
     if m is not None:
         m.relay_connections.set(pool.idle_count())
+
+
+def dead_letter(reason: str) -> None:
+    """A message the worker could not read was set aside (:mod:`worker.dead_letters`)."""
+    m = _current
+    if m is not None and m.dead_letters is not None:
+        m.dead_letters.labels(reason).inc()
 
 
 def beat() -> None:

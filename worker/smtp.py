@@ -51,6 +51,10 @@ def make_ssl_context(ca_file: str | None) -> ssl.SSLContext:
     return context
 
 
+#: the AUTH mechanisms ``smtplib.SMTP.login`` tries, in its order (documented with it)
+LOGIN_MECHANISMS = ("CRAM-MD5", "PLAIN", "LOGIN")
+
+
 class _Client(smtplib.SMTP):
     """``smtplib.SMTP`` that may connect to an address while TLS (SNI and certificate
     checks, for STARTTLS and implicit TLS alike) uses the relay's host name."""
@@ -327,16 +331,18 @@ class SmtpConnection:
 
     @staticmethod
     def _login(client: _Client, user: str, password: str) -> None:
+        """AUTH, after checking what the relay offers (its EHLO's AUTH line) against the
+        mechanisms ``login`` can use: a relay without AUTH, or without one of those, is
+        told apart here rather than by the type of the exception ``login`` raises."""
         if not client.has_extn("auth"):
             raise outcomes.from_condition(Condition.NO_AUTH)
+        offered = set((client.esmtp_features.get("auth") or "").upper().split())
+        if not offered & set(LOGIN_MECHANISMS):
+            raise outcomes.from_condition(Condition.NO_AUTH_MECHANISM)
         try:
             client.login(user, password)
         except UnicodeEncodeError:  # its text would quote the password
             raise outcomes.from_condition(Condition.CREDENTIALS_NOT_ASCII) from None
-        except smtplib.SMTPException as exc:
-            if type(exc) is not smtplib.SMTPException:
-                raise
-            raise outcomes.from_condition(Condition.NO_AUTH_MECHANISM) from None
 
 
 def _envelope(
