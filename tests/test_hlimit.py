@@ -66,11 +66,13 @@ def outcome_count(stack: Stack, outcome: str) -> float:
 def start_workers_on_a_full_queue(stack: Stack, client: redis.Redis, n: int) -> None:
     """Start ``n`` workers and let them at the queued messages only once all are ready, so
     that they race from the first message (the broker's list is renamed aside meanwhile;
-    RENAME is atomic, and the messages are the bytes intake published)."""
+    RENAME is atomic, and the messages are the bytes intake published). Batches of 5 keep
+    one worker from taking the whole queue in its first broker steps (with batches sized
+    for far relays it may: the race would then be between its own lanes only)."""
     name, held = stack.settings.queue, f"{stack.settings.queue}:held"
     client.rename(name, held)
     for _ in range(n):
-        stack.start_worker(concurrency=2)
+        stack.start_worker(concurrency=2, worker_batch=5)
     wait_for(lambda: all(b" ready." in log for log in worker_logs(stack)), 30,
              message="every worker to be ready")
     client.rename(held, name)
