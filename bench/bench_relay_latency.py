@@ -14,9 +14,7 @@ message for both relays, and their ratio, measured in the same run.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from aiosmtpd.controller import Controller  # noqa: E402
 
 from shared.embedded_redis import free_port  # noqa: E402
 from shared.relays import Relay  # noqa: E402
+from tests.delay_proxy import DelayProxy  # noqa: E402
 from worker.message import build_message  # noqa: E402
 from worker.pool import SmtpPool  # noqa: E402
 from worker.smtp import make_ssl_context  # noqa: E402
@@ -52,55 +51,6 @@ class _Relay:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self.count += 1
         return "250 2.0.0 Ok: queued"
-
-
-class DelayProxy:
-    """A TCP proxy on loopback that delivers each of the relay's replies ``delay_s`` after
-    it was written (in order, without adding up): the client waits a round trip per wait."""
-
-    def __init__(self, upstream_port: int, delay_s: float) -> None:
-        self.upstream_port = upstream_port
-        self.delay_s = delay_s
-        self.port = free_port()
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> DelayProxy:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(
-            asyncio.start_server(self._client, HOST, self.port)
-        )
-        self._ready.set()
-        try:
-            self._loop.run_forever()
-        finally:
-            server.close()
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(HOST, self.upstream_port)
-        loop = asyncio.get_running_loop()
-
-        async def to_relay() -> None:
-            while data := await reader.read(65536):
-                up_writer.write(data)
-            up_writer.close()
-
-        async def to_client() -> None:
-            while data := await up_reader.read(65536):
-                loop.call_later(self.delay_s, writer.write, data)
-            loop.call_later(self.delay_s, writer.close)
-
-        await asyncio.gather(to_relay(), to_client(), return_exceptions=True)
 
 
 def measure(pipelining: bool, rtt_s: float, messages: int) -> float:
