@@ -11,9 +11,9 @@ sends through Flask's test client, one at a time, each confirmed by RabbitMQ, pr
 - ``send_task, two steps``: Celery's ``send_task`` per job, after the checks' round trip and
   the writes' round trip (how the intake published to RabbitMQ before);
 - ``kept publisher, two steps``: the job framed by postroom and published over a kept
-  connection (``shared/amqp_publisher.py``), the same two Redis round trips;
+  connection (``postroom/shared/amqp_publisher.py``), the same two Redis round trips;
 - ``kept publisher, one step``: as the intake runs now, the one-step script (checks and
-  writes in one round trip, ``api/express.py``), then the publish.
+  writes in one round trip, ``postroom/api/express.py``), then the publish.
 
 Rounds alternate the order; the medians and their ratios to the first way are printed.
 A queue no worker consumes collects the jobs (it is deleted with the virtual host).
@@ -34,10 +34,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from api.app import create_app  # noqa: E402
-from shared.crypto import generate_key  # noqa: E402
-from shared.embedded_redis import EmbeddedRedis  # noqa: E402
-from shared.settings import Settings  # noqa: E402
+from postroom.api.app import create_app  # noqa: E402
+from postroom.dev.embedded_redis import EmbeddedRedis  # noqa: E402
+from postroom.shared.crypto import generate_key  # noqa: E402
+from postroom.shared.settings import Settings  # noqa: E402
 
 AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672")
 VHOST_PREFIX = os.environ.get("BENCH_AMQP_VHOST_PREFIX", "postroom-bench-")

@@ -49,8 +49,8 @@ from bench_pipeline import (  # noqa: E402
     wait_http,
 )
 
-from shared.cli import API_WORKER_CLASS, default_api_workers  # noqa: E402
-from shared.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
+from postroom.cli import API_WORKER_CLASS, default_api_workers  # noqa: E402
+from postroom.dev.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
 
 DEFAULT_VARIANTS = ["", "--worker-class sync"]
 FLOORS = {"@answer": "floor: Flask answers 202", "@lpush": "floor: Flask, one LPUSH"}

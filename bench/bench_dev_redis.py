@@ -16,8 +16,8 @@ import time
 
 import redis
 
-from shared.embedded_redis import EmbeddedRedis, free_port
-from shared.ratelimit import TokenBucket
+from postroom.dev.embedded_redis import EmbeddedRedis, free_port
+from postroom.shared.ratelimit import TokenBucket
 
 
 def measure(client: redis.Redis, rounds: int) -> dict[str, float]:

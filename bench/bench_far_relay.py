@@ -48,9 +48,9 @@ from bench_pipeline import (  # noqa: E402
     process_tree,
 )
 
-from api.app import create_app  # noqa: E402
-from shared.crypto import generate_key  # noqa: E402
-from shared.settings import Settings  # noqa: E402
+from postroom.api.app import create_app  # noqa: E402
+from postroom.shared.crypto import generate_key  # noqa: E402
+from postroom.shared.settings import Settings  # noqa: E402
 from tests.delay_proxy import DelayProxy  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -145,7 +145,7 @@ def main() -> int:
             raise RuntimeError(f"the batch route answered {answer.status_code}")
 
     log_dir = Path(tempfile.mkdtemp(prefix="postroom-far-"))
-    argv = [sys.executable, "-m", "shared.cli", "worker", *shlex.split(args.worker_args)]
+    argv = [sys.executable, "-m", "postroom.cli", "worker", *shlex.split(args.worker_args)]
     with open(log_dir / "worker.log", "wb") as out:
         worker = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=out,
                                   stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip

@@ -24,11 +24,11 @@ from collections.abc import Callable
 import redis
 from flask import Flask, request
 
-from api.app import create_app
-from shared.crypto import generate_key
-from shared.embedded_redis import EmbeddedRedis
-from shared.guard import system_resolver
-from shared.settings import Settings
+from postroom.api.app import create_app
+from postroom.dev.embedded_redis import EmbeddedRedis
+from postroom.shared.crypto import generate_key
+from postroom.shared.guard import system_resolver
+from postroom.shared.settings import Settings
 
 BODY = {"to": ["someone@example.com"], "subject": "Hello", "text": "Hello from postroom"}
 

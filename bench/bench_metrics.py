@@ -27,9 +27,9 @@ def worker_side(messages: int, files: bool) -> dict[str, float]:
     """The three calls the send path makes per message, around a pool that sends nothing."""
     from celery import Celery
 
-    from shared.settings import Settings
-    from worker import metrics
-    from worker.smtp import DeliveryResult
+    from postroom.shared.settings import Settings
+    from postroom.worker import metrics
+    from postroom.worker.smtp import DeliveryResult
 
     settings = Settings(worker_metrics_port=9 if files else 0,
                         metrics_dir=tempfile.mkdtemp() if files else "")
@@ -63,11 +63,11 @@ def api_side(requests: int, files: bool) -> dict[str, float]:
     """GET /api/v1/solution/health through the Flask app (its counters and histogram)."""
     import fakeredis
 
-    from api.app import create_app
-    from api.services import Services
-    from shared import metrics_files
-    from shared.crypto import generate_key
-    from shared.settings import Settings
+    from postroom.api.app import create_app
+    from postroom.api.services import Services
+    from postroom.shared import metrics_files
+    from postroom.shared.crypto import generate_key
+    from postroom.shared.settings import Settings
 
     settings = Settings(metrics_dir=tempfile.mkdtemp() if files else "",
                         secret_key=generate_key())

@@ -10,7 +10,7 @@ Run on purpose (a few minutes; not part of the test suite):
 What runs: an embedded ``redis-server`` of its own, an aiosmtpd sink in a process of its own
 (it counts messages and their Message-IDs; its CPU is not in the client's GIL), ``postroom
 api`` under gunicorn and ``postroom worker`` processes, started as the service starts them
-(``python -m shared.cli ...`` with ``POSTROOM_*`` variables). A load client in a process of
+(``python -m postroom.cli ...`` with ``POSTROOM_*`` variables). A load client in a process of
 its own (asyncio, raw HTTP/1.1) posts the messages.
 
 For postroom it prints: end-to-end messages/s (first request to the sink's last message),
@@ -68,9 +68,9 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
-from shared import keys  # noqa: E402
-from shared.crypto import generate_key  # noqa: E402
-from shared.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
+from postroom.dev.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
+from postroom.shared import keys  # noqa: E402
+from postroom.shared.crypto import generate_key  # noqa: E402
 
 HOST = "127.0.0.1"
 SID = "bench"
@@ -628,7 +628,7 @@ class PostroomStack:
         self._key = generate_key()
         self.redis.start()
         self.client = redis.Redis.from_url(self.redis.url)
-        cli = [sys.executable, "-m", "shared.cli"]
+        cli = [sys.executable, "-m", "postroom.cli"]
         api_argv = [*cli, "api", "--bind", f"{HOST}:{self.api_port}"]
         if self.options.api_workers:
             api_argv += ["--workers", str(self.options.api_workers)]

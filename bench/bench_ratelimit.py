@@ -28,8 +28,8 @@ from multiprocessing.queues import Queue
 
 import redis
 
-from shared import keys
-from shared.ratelimit import TokenBucket
+from postroom.shared import keys
+from postroom.shared.ratelimit import TokenBucket
 
 DEFAULT_URL = "redis://127.0.0.1:6379/14"
 CAPACITY = 1_000_000_000

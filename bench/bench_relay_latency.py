@@ -23,12 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aiosmtpd.controller import Controller  # noqa: E402
 
-from shared.embedded_redis import free_port  # noqa: E402
-from shared.relays import Relay  # noqa: E402
+from postroom.dev.embedded_redis import free_port  # noqa: E402
+from postroom.shared.relays import Relay  # noqa: E402
+from postroom.worker.message import build_message  # noqa: E402
+from postroom.worker.pool import SmtpPool  # noqa: E402
+from postroom.worker.smtp import make_ssl_context  # noqa: E402
 from tests.delay_proxy import DelayProxy  # noqa: E402
-from worker.message import build_message  # noqa: E402
-from worker.pool import SmtpPool  # noqa: E402
-from worker.smtp import make_ssl_context  # noqa: E402
 
 HOST = "127.0.0.1"
 

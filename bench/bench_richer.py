@@ -186,10 +186,10 @@ def memory(args: argparse.Namespace, stack: PostroomStack, sink: Sink) -> bool:
 def in_process(args: argparse.Namespace) -> None:
     """CPU and wall time per accepted request, per kind, in turns; medians and ratios."""
     global _kind
-    from api.app import create_app
-    from shared.crypto import generate_key
-    from shared.embedded_redis import EmbeddedRedis
-    from shared.settings import Settings
+    from postroom.api.app import create_app
+    from postroom.dev.embedded_redis import EmbeddedRedis
+    from postroom.shared.crypto import generate_key
+    from postroom.shared.settings import Settings
 
     server = EmbeddedRedis().start()
     try:

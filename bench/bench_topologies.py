@@ -33,8 +33,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_pipeline as bp  # noqa: E402
 
-from shared.crypto import generate_key  # noqa: E402
-from shared.redis_client import redis_client  # noqa: E402
+from postroom.shared.crypto import generate_key  # noqa: E402
+from postroom.shared.redis_client import redis_client  # noqa: E402
 
 TOPOLOGIES = ("redis", "rabbitmq", "rabbitmq+cluster")
 AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672")
@@ -89,7 +89,7 @@ class TopologyStack(bp.PostroomStack):
         else:
             self.redis.start()
         self.client = redis_client(self.state_url, socket_timeout=None)
-        cli = [sys.executable, "-m", "shared.cli"]
+        cli = [sys.executable, "-m", "postroom.cli"]
         api_argv = [*cli, "api", "--bind", f"{bp.HOST}:{self.api_port}"]
         if self.options.api_workers:
             api_argv += ["--workers", str(self.options.api_workers)]
@@ -123,7 +123,7 @@ class TopologyStack(bp.PostroomStack):
             return super().documents(task_ids)
         import json
 
-        from shared import keys
+        from postroom.shared import keys
 
         assert self.client is not None
         pipe = self.client.pipeline(transaction=False)

@@ -44,9 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_pipeline as bp  # noqa: E402
 
-from shared import events  # noqa: E402
-from shared.embedded_redis import free_port  # noqa: E402
-from shared.scripts import script  # noqa: E402
+from postroom.dev.embedded_redis import free_port  # noqa: E402
+from postroom.shared import events  # noqa: E402
+from postroom.shared.scripts import script  # noqa: E402
 
 
 def _receiver_main(port: int, hang: bool, conn: Connection) -> None:

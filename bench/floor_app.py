@@ -1,7 +1,8 @@
 """Two floors for the API's cost, for ``bench/bench_api.py --floor``: the same gunicorn, the
 same client, a Flask view that answers at once and one that does a single ``LPUSH``.
 
-    BENCH_REDIS_URL=redis://127.0.0.1:6379/7 gunicorn --worker-class api.server.SyncWorker \\
+    BENCH_REDIS_URL=redis://127.0.0.1:6379/7 gunicorn --worker-class postroom.api.server.SyncWorker
+    \\
         --chdir bench floor_app:app
 
 ``POST /api/v1/solutions/<sid>/email`` answers 202 ``{"task_id": "floor"}`` (``/lpush``

@@ -57,9 +57,9 @@ from bench_pipeline import (  # noqa: E402
     stop,
 )
 
-from shared.crypto import generate_key  # noqa: E402
-from shared.embedded_redis import EmbeddedRedis  # noqa: E402
-from shared.settings import Settings  # noqa: E402
+from postroom.dev.embedded_redis import EmbeddedRedis  # noqa: E402
+from postroom.shared.crypto import generate_key  # noqa: E402
+from postroom.shared.settings import Settings  # noqa: E402
 
 SID = "profile"
 ADMIN = "profile-admin-token"
@@ -144,7 +144,7 @@ def settings_for(redis_url: str, sink_port: int, key: str) -> Settings:
 
 def app_with_solution(settings: Settings) -> tuple[Any, Any, str]:
     """The API app (in process), its services, and the token of solution ``SID``."""
-    from api.app import create_app
+    from postroom.api.app import create_app
 
     app = create_app(settings)
     answer = app.test_client().post(
@@ -156,10 +156,10 @@ def app_with_solution(settings: Settings) -> tuple[Any, Any, str]:
 
 
 def profile_intake(settings: Settings, meter: Meter, n: int) -> tuple[str, Any]:
-    from api.intake import build_job
-    from shared.documents import new_document
-    from shared.queue import Enqueuer, make_producer
-    from shared.schemas import load_or_raise
+    from postroom.api.intake import build_job
+    from postroom.shared.documents import new_document
+    from postroom.shared.queue import Enqueuer, make_producer
+    from postroom.shared.schemas import load_or_raise
 
     app, svc, token = app_with_solution(settings)
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
@@ -201,9 +201,9 @@ def profile_intake(settings: Settings, meter: Meter, n: int) -> tuple[str, Any]:
 
 def queued_jobs(svc: Any, settings: Settings, n: int) -> list[dict[str, Any]]:
     """Jobs as the API makes them, each with its first document written."""
-    from api.intake import build_job
-    from shared.documents import new_document
-    from shared.schemas import load_or_raise
+    from postroom.api.intake import build_job
+    from postroom.shared.documents import new_document
+    from postroom.shared.schemas import load_or_raise
 
     solution = svc.solutions.get(SID)
     jobs = []
@@ -218,15 +218,15 @@ def queued_jobs(svc: Any, settings: Settings, n: int) -> list[dict[str, Any]]:
 def profile_attempt(
     settings: Settings, svc: Any, sink: Sink, meter: Meter, n: int, cprofile: bool
 ) -> None:
-    from shared import keys
-    from shared.logs import configure_logging
-    from worker import steps
-    from worker.context import WorkerContext
-    from worker.ledger import Outcomes
-    from worker.message import build_message
-    from worker.pool import SmtpPool
-    from worker.sending import Attempt
-    from worker.smtp import SmtpConnection, deliver
+    from postroom.shared import keys
+    from postroom.shared.logs import configure_logging
+    from postroom.worker import attempt_store as steps
+    from postroom.worker.ledger import Outcomes
+    from postroom.worker.message import build_message
+    from postroom.worker.pool import SmtpPool
+    from postroom.worker.resources import WorkerContext
+    from postroom.worker.sending import Attempt
+    from postroom.worker.smtp import SmtpConnection, deliver
 
     configure_logging(settings)
     ctx = WorkerContext.build(settings)
@@ -339,7 +339,7 @@ def profile_drain(
     per message (the broker's included)."""
     import tempfile
 
-    from shared.queue import Enqueuer, make_producer
+    from postroom.shared.queue import Enqueuer, make_producer
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("POSTROOM_")}
     env.update(
@@ -356,10 +356,10 @@ def profile_drain(
         env["POSTROOM_WORKER_BATCH"] = "1"
     title, pool = DRAIN_SETUPS[setup]
     log_dir = Path(tempfile.mkdtemp(prefix="postroom-profile-"))
-    cli = [sys.executable, "-m", "shared.cli", "worker"]
+    cli = [sys.executable, "-m", "postroom.cli", "worker"]
     profile_out = log_dir / "worker.pstats"
     if setup == "solo+cprofile":
-        argvs = [[sys.executable, "-m", "cProfile", "-o", str(profile_out), "-m", "shared.cli",
+        argvs = [[sys.executable, "-m", "cProfile", "-o", str(profile_out), "-m", "postroom.cli",
                   "worker", "--pool", "solo"]]  # fmt: skip
     elif pool is None:
         argvs = [[*cli, "--concurrency", str(concurrency)]]

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from shared.embedded_redis import EmbeddedRedis
+from postroom.dev.embedded_redis import EmbeddedRedis
 
 pytest_plugins = ["tests.smtp_fixtures", "tests.e2e", "tests.topologies"]
 
@@ -114,6 +114,7 @@ BY_NAME = {
     "test_worker_redis.py::test_begin_takes_over_its_own_lease_and_that_of_a_dead_process_here":
         "integration",
     "test_deploy.py": "integration",
+    "test_packaging.py": "e2e",
     "test_smtp.py": "integration",
     "test_guard.py::test_closed_silent_and_non_smtp_ports_read_the_same": "integration",
 }

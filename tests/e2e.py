@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from api.app import create_app
-from shared.settings import Settings
+from postroom.api.app import create_app
+from postroom.shared.settings import Settings
 from tests.helpers import ADMIN, auth, make_settings
 from tests.smtp_server import ScriptedSmtpServer
 from tests.stack import WorkerProcess, wait_for

@@ -9,8 +9,8 @@ import redis
 from flask.testing import FlaskClient
 from redis.connection import Connection
 
-from shared.crypto import generate_key
-from shared.settings import Settings
+from postroom.shared.crypto import generate_key
+from postroom.shared.settings import Settings
 
 ADMIN = "test-admin-token"
 SECRET_KEY = generate_key()

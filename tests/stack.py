@@ -11,18 +11,24 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from shared.settings import Settings
+from postroom.shared.settings import Settings
 from tests.helpers import env_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def console_script() -> str:
+    """The ``postroom`` command installed beside this Python."""
+    return str(Path(sys.executable).parent / "postroom")
+
+
 class WorkerProcess:
-    """``python -m worker.main`` with the environment that reproduces ``settings``."""
+    """``python -m postroom.worker.main`` with the environment that reproduces ``settings``."""
 
     def __init__(self, settings: Settings, concurrency: int = 2, name: str = "w1",
-                 log_path: Path | None = None) -> None:
+                 log_path: Path | None = None, cwd: Path | None = None) -> None:
         self.settings = settings
+        self.cwd = cwd
         self.concurrency = concurrency
         self.name = name
         self.log_path = log_path
@@ -32,13 +38,18 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("POSTROOM_")}
         env.update(env_of(self.settings))
-        env["PYTHONPATH"] = str(ROOT)
+        command = [sys.executable, "-m", "postroom.worker.main"]
+        if self.cwd is None:
+            env["PYTHONPATH"] = str(ROOT)
+        else:  # the installed command, as an operator runs it, from another directory
+            command = [console_script(), "worker"]
         self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.main", "--concurrency", str(self.concurrency),
+            [*command, "--concurrency", str(self.concurrency),
              "--hostname", f"{self.name}@%h", "--without-heartbeat", "--without-gossip",
              "--without-mingle"],
-            env=env, cwd=ROOT, stdout=self._log, stderr=self._log, start_new_session=True,
+            env=env, cwd=self.cwd or ROOT, stdout=self._log, stderr=self._log,
+            start_new_session=True,
         )
         return self
 
@@ -98,10 +109,11 @@ class ApiProcess:
     """``postroom api`` (gunicorn, sync workers) with the environment of ``settings``."""
 
     def __init__(self, settings: Settings, workers: int = 4, log_path: Path | None = None,
-                 extra: Sequence[str] = ()) -> None:
+                 extra: Sequence[str] = (), cwd: Path | None = None) -> None:
         from tests.smtp_server import free_port
 
         self.settings = settings
+        self.cwd = cwd
         self.workers = workers
         self.extra = list(extra)
         self.port = free_port()
@@ -118,12 +130,17 @@ class ApiProcess:
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("POSTROOM_")}
         env.update(env_of(self.settings))
-        env["PYTHONPATH"] = str(ROOT)
+        command = [sys.executable, "-m", "postroom.cli"]
+        if self.cwd is None:
+            env["PYTHONPATH"] = str(ROOT)
+        else:  # the installed command, as an operator runs it, from another directory
+            command = [console_script()]
         self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "api", "--bind", f"127.0.0.1:{self.port}",
+            [*command, "api", "--bind", f"127.0.0.1:{self.port}",
              "--workers", str(self.workers), *self.extra],
-            env=env, cwd=ROOT, stdout=self._log, stderr=self._log, start_new_session=True,
+            env=env, cwd=self.cwd or ROOT, stdout=self._log, stderr=self._log,
+            start_new_session=True,
         )
 
         def healthy() -> bool:

@@ -1,4 +1,4 @@
-"""The intake's reads in one round trip (api.admission), on a real Redis."""
+"""The intake's reads in one round trip (postroom.api.admission), on a real Redis."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 
-from api.app import create_app
-from shared import keys
+from postroom.api.app import create_app
+from postroom.shared import keys
 from tests.helpers import ADMIN, RoundTrips, auth, create_solution, make_settings, queue_length
 
 SEND = "/api/v1/solutions/acme/email"

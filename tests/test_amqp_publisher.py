@@ -1,4 +1,4 @@
-"""The intake's own publishing to RabbitMQ (``shared/amqp_publisher.py``) on a real server:
+"""The intake's own publishing to RabbitMQ (``postroom/shared/amqp_publisher.py``) on a real server:
 the message is what Celery's ``send_task`` publishes, confirmed, over a kept connection."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 import redis
 from kombu import Connection
 
-from shared import keys
-from shared.amqp_publisher import AmqpPublisher
-from shared.queue import Enqueuer, make_producer
+from postroom.shared import keys
+from postroom.shared.amqp_publisher import AmqpPublisher
+from postroom.shared.queue import Enqueuer, make_producer
 from tests.e2e import Stack
 from tests.helpers import RoundTrips, auth, make_settings
 from tests.topologies import Rabbit, rabbitmqctl

@@ -10,8 +10,8 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 
-from api.app import create_app
-from shared.settings import Settings
+from postroom.api.app import create_app
+from postroom.shared.settings import Settings
 from tests.helpers import ADMIN, as_bytes, auth, make_settings, queue_length
 
 SEND = "/api/v1/solutions/acme/email"
@@ -172,7 +172,7 @@ def test_task_links_are_what_url_for_gives(redis_url: str, sid: str, task_id: st
     under a mount point (``SCRIPT_NAME``) too."""
     from flask import url_for
 
-    from api.routes import tasks
+    from postroom.api.routes import tasks
 
     app = create_app(make_settings(redis_url))
     for base in ("http://h/", "http://h/mounted/here/"):

@@ -13,7 +13,7 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 
-from api.app import create_app
+from postroom.api.app import create_app
 from tests.helpers import ADMIN, auth, make_settings, queue_length
 
 MAX_BODY = 256 * 1024

@@ -1,4 +1,4 @@
-"""``POST /solutions/{sid}/email/batch`` (api/routes/batch.py), on a real Redis, and end to
+"""``POST /solutions/{sid}/email/batch`` (postroom/api/routes/batch.py), on a real Redis, and end to
 end through a real worker process."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import redis
 from flask import Flask
 from flask.testing import FlaskClient
 
-from api.app import create_app
-from shared import keys
-from shared.ratelimit import TokenBucket
+from postroom.api.app import create_app
+from postroom.shared import keys
+from postroom.shared.ratelimit import TokenBucket
 from tests.e2e import Stack
 from tests.helpers import (
     ADMIN,

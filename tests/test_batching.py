@@ -1,4 +1,4 @@
-"""Batches of queued messages (worker.batching): how the main process hands them out and
+"""Batches of queued messages (postroom.worker.batching): how the main process hands them out and
 settles them, the redelivery-window rule, and the stop flag.
 
 The strategy is driven here by a recording stand-in for Celery's pool, so that each
@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 import redis
 
-from shared import keys
+from postroom.shared import keys
+from postroom.worker import batching
+from postroom.worker.batching import BatchStrategy, Item, decode_job, fits_window
+from postroom.worker.dead_letters import DeadLetters
+from postroom.worker.lease import attempt_bound_s
 from tests.helpers import make_settings
-from worker import batching
-from worker.batching import BatchStrategy, Item, decode_job, fits_window
-from worker.dead_letters import DeadLetters
-from worker.lease import attempt_bound_s
 
 
 class Pool:

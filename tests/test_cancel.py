@@ -1,4 +1,5 @@
-"""The cancel script (shared/cancel.py, shared/lua/task_cancel.lua) on a real Redis and
+"""The cancel script (postroom/shared/cancel.py, postroom/shared/lua/task_cancel.lua) on a real
+Redis and
 on fakeredis beside it: a task no worker has begun becomes ``canceled``; one a worker
 holds, or whose ledger shows an attempt, is a 409; the result backend apart works too."""
 
@@ -9,10 +10,10 @@ import json
 import pytest
 import redis
 
-from shared import keys
-from shared.cancel import HOLDER, cancel_task
-from shared.documents import DocumentStore, new_document
-from shared.errors import Conflict, NotFound
+from postroom.shared import keys
+from postroom.shared.cancel import HOLDER, cancel_task
+from postroom.shared.documents import DocumentStore, new_document
+from postroom.shared.errors import Conflict, NotFound
 
 SID, TASK = "acme", "t-1"
 

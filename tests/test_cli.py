@@ -19,11 +19,11 @@ import pytest
 import redis
 from cryptography.fernet import Fernet
 
-from shared.cli import WSGI_APP, build_parser, gunicorn_argv, main
-from shared.crypto import SecretBox, generate_key
-from shared.settings import Settings
-from shared.sink import MailSink
-from shared.solutions import SolutionStore
+from postroom.cli import WSGI_APP, build_parser, gunicorn_argv, main
+from postroom.dev.sink import MailSink
+from postroom.shared.crypto import SecretBox, generate_key
+from postroom.shared.settings import Settings
+from postroom.shared.solutions import SolutionStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def test_keygen_prints_a_valid_fernet_key(capsys: pytest.CaptureFixture[str]) ->
 def test_production_commands_refuse_to_start_without_admin_token(command: str) -> None:
     """`postroom api|worker` without POSTROOM_ADMIN_TOKEN: exit 2, one line naming it."""
     proc = subprocess.run(
-        [sys.executable, "-m", "shared.cli", command],
+        [sys.executable, "-m", "postroom.cli", command],
         env=clean_env(POSTROOM_SECRET_KEY=generate_key()),
         capture_output=True,
         text=True,
@@ -88,7 +88,7 @@ def test_production_commands_refuse_to_start_without_admin_token(command: str) -
 def test_api_refuses_an_invalid_secret_key() -> None:
     """A secret key that is not a Fernet key is a configuration error naming the variable."""
     proc = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "api"],
+        [sys.executable, "-m", "postroom.cli", "api"],
         env=clean_env(POSTROOM_ADMIN_TOKEN="admin", POSTROOM_SECRET_KEY="not-a-key"),
         capture_output=True,
         text=True,
@@ -106,11 +106,11 @@ def test_api_runs_gunicorn_on_the_app_factory_with_extra_options() -> None:
         ["api", "--bind", "0.0.0.0:9000", "--workers", "3", "--access-logfile", "-"]
     )
     argv = gunicorn_argv(args, "INFO", extra)
-    assert [sys.executable, "-m", "gunicorn"] == argv[:3]
-    assert WSGI_APP == argv[-1] == "api.wsgi:app_from_env()"
+    assert [sys.executable, "-P", "-m", "postroom.api.serve"] == argv[:4]
+    assert WSGI_APP == argv[-1] == "postroom.api.wsgi:app_from_env()"
     assert "0.0.0.0:9000" == argv[argv.index("--bind") + 1]
     assert "3" == argv[argv.index("--workers") + 1]
-    assert "api.server.SyncWorker" == argv[argv.index("--worker-class") + 1]
+    assert "postroom.api.server.SyncWorker" == argv[argv.index("--worker-class") + 1]
     assert "info" == argv[argv.index("--log-level") + 1]
     assert ["--access-logfile", "-"] == argv[-3:-1]
     assert "--no-control-socket" in argv
@@ -262,7 +262,7 @@ def test_env_example_names_every_setting_and_loads() -> None:
 def test_cli_imports_neither_api_nor_worker() -> None:
     """The command starts the API and the worker by import string only."""
     code = (
-        "import sys, shared.cli, shared.devstack, shared.sink; "
+        "import sys, postroom.cli, postroom.dev.stack, postroom.dev.sink; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('api', 'worker')))"
     )
     proc = subprocess.run(
@@ -274,7 +274,7 @@ def test_cli_imports_neither_api_nor_worker() -> None:
 
 def test_dev_demo_solution_answers_to_demo_token(real_redis: redis.Redis, redis_url: str) -> None:
     """`postroom dev` makes sure solution demo exists with token demo-token, every time."""
-    from shared.devstack import ensure_demo
+    from postroom.dev.stack import ensure_demo
 
     key = generate_key()
     settings = Settings(redis_url=redis_url, secret_key=key)

@@ -33,11 +33,11 @@ def test_a_fenced_library_has_an_upper_bound_on_its_major_and_is_installed_withi
 
 
 def test_kombu_takes_the_unacked_restore_options_postroom_sets() -> None:
-    """The Redis transport options of shared/queue.py exist in the installed kombu (5.7
+    """The Redis transport options of postroom/shared/queue.py exist in the installed kombu (5.7
     added them; an older kombu ignores them without a word)."""
     from kombu.transport.redis import Channel
 
-    from shared.queue import celery_config
+    from postroom.shared.queue import celery_config
     from tests.helpers import make_settings
 
     options = celery_config(make_settings("redis://127.0.0.1:6379/0"))[
@@ -55,11 +55,11 @@ def test_gunicorn_has_the_no_control_socket_flag_the_cli_passes() -> None:
 
 
 def test_celerys_consumer_has_the_handlers_the_dead_letter_consumer_replaces() -> None:
-    """worker.dead_letters.Consumer overrides four handlers of Celery's consumer: each
+    """postroom.worker.dead_letters.Consumer overrides four handlers of Celery's consumer: each
     exists there with the same parameters."""
     from celery.worker.consumer import Consumer as CeleryConsumer
 
-    from worker.dead_letters import Consumer
+    from postroom.worker.dead_letters import Consumer
 
     for name in ("on_unknown_message", "on_unknown_task", "on_invalid_task",
                  "on_decode_error"):

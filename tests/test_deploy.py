@@ -24,14 +24,14 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 
-from api.app import create_app
-from shared import keys
-from shared.cli import build_parser
-from shared.queue_metrics import queue_key
-from shared.settings import Settings
+from postroom.api.app import create_app
+from postroom.cli import build_parser
+from postroom.shared import keys
+from postroom.shared.queue_metrics import queue_key
+from postroom.shared.settings import Settings
+from postroom.worker import metrics as worker_metrics
+from postroom.worker.metrics import HeartbeatCollector, WorkerMetrics
 from tests.helpers import auth, create_solution, make_settings
-from worker import metrics as worker_metrics
-from worker.metrics import HeartbeatCollector, WorkerMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -55,7 +55,7 @@ def dev_stack(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, i
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [
-                sys.executable, "-m", "shared.cli", "dev",
+                sys.executable, "-m", "postroom.cli", "dev",
                 "--port", str(api_port),
                 "--smtp-port", str(smtp_port),
                 "--mail-dir", str(tmp_path / "mail"),

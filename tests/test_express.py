@@ -1,4 +1,4 @@
-"""A send checked and queued in one round trip (api.express), on a real Redis.
+"""A send checked and queued in one round trip (postroom.api.express), on a real Redis.
 
 A send takes the one-step path once its API process has seen the solution pass. Each test
 here first sends twice: the first send takes the usual two steps and keeps the record, the
@@ -18,12 +18,12 @@ import redis
 from flask import Flask
 from flask.testing import FlaskClient
 
-from api.app import create_app
-from api.express import MAX_KNOWN
-from api.services import Services
-from shared import keys
-from shared.ratelimit import TokenBucket
-from shared.solutions import Solution
+from postroom.api.app import create_app
+from postroom.api.express import MAX_KNOWN
+from postroom.api.services import Services
+from postroom.shared import keys
+from postroom.shared.ratelimit import TokenBucket
+from postroom.shared.solutions import Solution
 from tests.helpers import (
     ADMIN,
     RoundTrips,

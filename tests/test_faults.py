@@ -22,8 +22,8 @@ import pytest
 import redis
 import requests
 
-from shared.crypto import generate_key
-from shared.embedded_redis import EmbeddedRedis
+from postroom.dev.embedded_redis import EmbeddedRedis
+from postroom.shared.crypto import generate_key
 from tests.e2e import Stack
 from tests.helpers import auth, queue_length
 from tests.smtp_server import Script, ScriptedSmtpServer, SilentServer, TlsFiles

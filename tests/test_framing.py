@@ -8,9 +8,9 @@ from typing import Any
 
 import redis
 
-from shared import keys
-from shared.framing import TaskFraming
-from shared.queue import Enqueuer, make_producer
+from postroom.shared import keys
+from postroom.shared.framing import TaskFraming
+from postroom.shared.queue import Enqueuer, make_producer
 from tests.helpers import as_bytes, make_settings
 
 JOB = {"task_id": "7d0c7a52-1", "solution_id": "acme", "message": {"to": ["a@example.com"]}}
@@ -41,7 +41,7 @@ def test_framing_equals_celerys_send_task(real_redis: redis.Redis, redis_url: st
 def test_direct_enqueue_is_one_transaction(real_redis: redis.Redis, redis_url: str) -> None:
     """With the broker in postroom's own Redis, the job, its accepted-set entry and the
     caller's writes land together, and the job is what the framing makes of it."""
-    from shared.queue import make_enqueuer
+    from postroom.shared.queue import make_enqueuer
 
     settings = make_settings(redis_url)
     enqueuer = make_enqueuer(settings, real_redis)

@@ -12,15 +12,15 @@ from collections.abc import Callable, Sequence
 import pytest
 import redis
 
-from api.app import create_app
-from shared.errors import ConfigError, InvalidRelay, SendError
-from shared.guard import CachedResolver, RelayGuard, parse_literal
-from shared.relays import Relay
+from postroom.api.app import create_app
+from postroom.shared.errors import ConfigError, InvalidRelay, SendError
+from postroom.shared.guard import CachedResolver, RelayGuard, parse_literal
+from postroom.shared.relays import Relay
+from postroom.worker.outcomes import CONNECT_FAILED
+from postroom.worker.smtp import deliver
 from tests.e2e import Stack
 from tests.helpers import ADMIN, auth, make_settings, queue_length
 from tests.smtp_server import ScriptedSmtpServer, SilentServer
-from worker.outcomes import CONNECT_FAILED
-from worker.smtp import deliver
 
 PORTS = (25, 465, 587, 2525)
 
@@ -403,8 +403,8 @@ def test_the_cache_keeps_at_most_its_size_oldest_out_first() -> None:
 
 def test_the_api_and_the_worker_keep_their_lookups(redis_url: str) -> None:
     """Both processes' guards look names up through a CachedResolver."""
-    from api.services import Services
-    from worker.context import WorkerContext
+    from postroom.api.services import Services
+    from postroom.worker.resources import WorkerContext
 
     settings = make_settings(redis_url)
     for guard_ in (Services.build(settings).guard, WorkerContext.build(settings).guard):

@@ -11,13 +11,13 @@ from collections.abc import Callable
 import pytest
 import redis
 
-from shared import keys
+from postroom.shared import keys
+from postroom.worker import instances
+from postroom.worker.instances import Heartbeat
+from postroom.worker.lease import holder, holder_dead
 from tests.e2e import Stack
 from tests.helpers import queue_length
 from tests.stack import wait_for
-from worker import instances
-from worker.instances import Heartbeat
-from worker.lease import holder, holder_dead
 
 
 def test_a_survivor_takes_back_only_the_messages_of_instances_that_stopped_beating(

@@ -6,7 +6,7 @@ import os
 import socket
 import time
 
-from worker.lease import dead_here
+from postroom.worker.lease import dead_here
 
 
 def test_a_killed_process_not_yet_reaped_counts_as_gone() -> None:

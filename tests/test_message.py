@@ -1,4 +1,5 @@
-"""The wire form of a message (worker.message) and the identifiers it carries (shared.ids)."""
+"""The wire form of a message (postroom.worker.message) and the identifiers it carries
+(postroom.shared.ids)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from shared.ids import make_message_id, sender_domain
-from worker.message import build_message
+from postroom.shared.ids import make_message_id, sender_domain
+from postroom.worker.message import build_message
 
 MESSAGE_ID = "<0123456789abcdef@example.com>"
 

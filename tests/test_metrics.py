@@ -15,13 +15,13 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared import metrics_files
-from shared.settings import Settings
+from postroom.shared import metrics_files
+from postroom.shared.settings import Settings
+from postroom.worker import metrics, probes
 from tests.e2e import Stack
 from tests.helpers import ADMIN, auth, env_of, make_settings
 from tests.smtp_server import free_port
 from tests.stack import ROOT, ApiProcess, wait_for
-from worker import metrics, probes
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -148,7 +148,7 @@ def test_worker_metrics_count_every_send(
 
     env = {**os.environ, **env_of(stack.settings), "PYTHONPATH": str(ROOT)}
     for probe in ("alive", "ready"):
-        proc = subprocess.run([sys.executable, "-m", "worker.probes", probe], env=env,
+        proc = subprocess.run([sys.executable, "-m", "postroom.worker.probes", probe], env=env,
                               capture_output=True, text=True, timeout=30, check=False)
         assert 0 == proc.returncode, proc.stderr
     assert 0 == worker.stop()
@@ -229,7 +229,7 @@ def test_a_broker_blip_unreadies_a_worker_but_never_stops_its_heartbeat(
     """The broker (a Redis of its own) is killed: the worker drops its readiness file (it
     consumes nothing) while its heartbeat goes on, so a liveness probe restarts nothing;
     with the broker back, the worker is ready again and sends."""
-    from shared.embedded_redis import EmbeddedRedis
+    from postroom.dev.embedded_redis import EmbeddedRedis
 
     broker = EmbeddedRedis(appendonly=True).start()
     try:

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from shared.openapi import build_spec
-from shared.schemas import load_or_raise, make_schemas
-from shared.settings import Settings
+from postroom.api.openapi.spec import build_spec
+from postroom.shared.schemas import load_or_raise, make_schemas
+from postroom.shared.settings import Settings
 
 
 def _need(module: str) -> ModuleType:
@@ -217,7 +217,7 @@ def test_request_bodies_come_from_the_schemas(spec: dict[str, Any]) -> None:
     assert send["hLimit"]["type"] == ["integer", "null"]
     assert send["hLimit"]["minimum"] == 0
     # without POSTROOM_SMTP_ALLOW_HOSTS only the allowed ports and TLS toward a relay
-    # (shared.openapi_rules)
+    # (postroom.api.openapi.rules)
     (relay,) = [rule["anyOf"][1] for rule in components["Connection"]["allOf"]
                 if "anyOf" in rule]  # fmt: skip
     assert relay["properties"]["port"]["enum"] == [25, 465, 587, 2525, None]

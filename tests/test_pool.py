@@ -1,4 +1,4 @@
-"""The SMTP connection pool (worker.pool) against a real aiosmtpd server on loopback.
+"""The SMTP connection pool (postroom.worker.pool) against a real aiosmtpd server on loopback.
 
 Some tests put a small TCP relay between the pool and the server, to hang up the way real
 relays and firewalls do: at once while the connection is idle, or silently on the next
@@ -15,12 +15,12 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from shared.errors import SmtpAuthFailed, SmtpRejected, TransientSendError
-from shared.relays import Relay
+from postroom.shared.errors import SmtpAuthFailed, SmtpRejected, TransientSendError
+from postroom.shared.relays import Relay
+from postroom.worker.message import build_message
+from postroom.worker.pool import SmtpPool
+from postroom.worker.smtp import DeliveryResult, make_ssl_context
 from tests.smtp_server import ScriptedSmtpServer
-from worker.message import build_message
-from worker.pool import SmtpPool
-from worker.smtp import DeliveryResult, make_ssl_context
 
 SENDER = "sender@example.com"
 ALICE, BOB = "alice@example.com", "bob@example.com"

@@ -12,9 +12,9 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 
-from api.app import create_app
-from shared.ratelimit import TokenBucket
-from shared.settings import Settings
+from postroom.api.app import create_app
+from postroom.shared.ratelimit import TokenBucket
+from postroom.shared.settings import Settings
 from tests.helpers import ADMIN, auth, make_settings, queue_length
 
 PERIOD = 3600

@@ -98,7 +98,7 @@ def test_switching_from_the_redis_broker_to_rabbitmq_loses_nothing_queued(
     interrupted earlier run, one reserved unacknowledged by a worker that stopped); it is
     restarted with ``POSTROOM_BROKER_URL`` on RabbitMQ and ``postroom queue move --from
     <the old Redis>`` is run: a worker on RabbitMQ sends all 12, each exactly once."""
-    from shared.cli import main
+    from postroom.cli import main
     from tests.helpers import env_of
 
     queue = rabbit.new_queue()

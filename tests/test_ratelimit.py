@@ -9,8 +9,8 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from shared import keys
-from shared.ratelimit import Decision, TokenBucket
+from postroom.shared import keys
+from postroom.shared.ratelimit import Decision, TokenBucket
 
 HOUR = 3600.0
 SID = "ratelimit-test"

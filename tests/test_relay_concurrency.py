@@ -14,20 +14,20 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared.errors import ConfigError, TransientSendError
-from shared.relays import Relay
+from postroom.shared.errors import ConfigError, TransientSendError
+from postroom.shared.relays import Relay
+from postroom.worker import pool as pool_module
+from postroom.worker.budgets import Budgets, batch_size, split
+from postroom.worker.lanes import run_in_lanes, width_for
+from postroom.worker.message import build_message
+from postroom.worker.pool import SmtpPool
+from postroom.worker.sending import Attempt
+from postroom.worker.smtp import make_ssl_context
 from tests.delay_proxy import DelayProxy
 from tests.e2e import Stack
 from tests.helpers import make_settings
 from tests.smtp_server import ScriptedSmtpServer
 from tests.test_worker_redis import document, make_context, make_job, queued
-from worker import pool as pool_module
-from worker.budgets import Budgets, batch_size, split
-from worker.lanes import run_in_lanes, width_for
-from worker.message import build_message
-from worker.pool import SmtpPool
-from worker.sending import Attempt
-from worker.smtp import make_ssl_context
 
 TLS = make_ssl_context(None)
 RTT_S = 0.03

@@ -8,13 +8,13 @@ import ssl
 
 import pytest
 
-from shared.errors import ConfigError
-from shared.queue import celery_config, restore_interval_s
-from shared.settings import Settings
-from worker import outcomes
-from worker.app import make_celery
-from worker.lease import attempt_bound_s, check_timeouts
-from worker.retrying import RetryPolicy, StorePatience
+from postroom.shared.errors import ConfigError
+from postroom.shared.queue import celery_config, restore_interval_s
+from postroom.shared.settings import Settings
+from postroom.worker import outcomes
+from postroom.worker.app import make_celery
+from postroom.worker.lease import attempt_bound_s, check_timeouts
+from postroom.worker.retrying import RetryPolicy, StorePatience
 
 POLICY = RetryPolicy(base_s=60, max_delay_s=3600, max_attempts=30, max_age_s=86400)
 

@@ -14,9 +14,9 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 
-from api.app import create_app
-from shared import keys
-from shared.settings import Settings
+from postroom.api.app import create_app
+from postroom.shared import keys
+from postroom.shared.settings import Settings
 from tests.helpers import ADMIN, auth, make_settings, queue_length
 
 SEND = "/api/v1/solutions/acme/email"
@@ -222,7 +222,7 @@ def test_the_intake_peek_ignores_scheduled_sends(client: FlaskClient, token: str
     client.patch("/api/v1/solutions/acme/config", json={"hLimit": 1}, headers=auth(ADMIN))
     assert 202 == send(client, token, {"to": ["a@example.com"], "text": "x"}).status_code
     # the worker has not taken the token; take it as the worker would
-    from shared.ratelimit import TokenBucket
+    from postroom.shared.ratelimit import TokenBucket
 
     bucket = TokenBucket(redis.Redis.from_url(client.application.extensions["postroom"]
                                               .settings.redis_url), 3600)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import redis
 
-from shared import keys
+from postroom.shared import keys
 from tests.e2e import Stack
 from tests.helpers import auth
 from tests.smtp_server import Received

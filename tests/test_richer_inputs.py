@@ -14,8 +14,8 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 
-from api.app import create_app
-from shared import keys
+from postroom.api.app import create_app
+from postroom.shared import keys
 from tests.helpers import ADMIN, auth, make_settings, queue_length
 
 SEND = "/api/v1/solutions/acme/email"

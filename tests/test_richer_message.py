@@ -1,4 +1,4 @@
-"""The wire form of a richer message (worker.message): attachments, inline parts,
+"""The wire form of a richer message (postroom.worker.message): attachments, inline parts,
 RFC 2231 file names, Reply-To and custom headers; parsed back with the ``email`` package."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from shared.schemas.attachments import Attachment
-from worker.message import build_message
+from postroom.shared.schemas.attachments import Attachment
+from postroom.worker.message import build_message
 
 PNG = b"\x89PNG\r\n\x1a\n" + os.urandom(3000)
 PDF = b"%PDF-1.4\n" + os.urandom(5000) + b"\r\n\x00end"

@@ -10,14 +10,14 @@ from typing import Any
 import pytest
 import redis
 
-from shared import keys
-from shared.documents import DocumentStore, new_document
-from shared.errors import ServiceUnavailable
-from shared.queue import JobSet, accepted_jobs, make_enqueuer
-from shared.settings import Settings
+from postroom.shared import keys
+from postroom.shared.documents import DocumentStore, new_document
+from postroom.shared.errors import ServiceUnavailable
+from postroom.shared.queue import JobSet, accepted_jobs, make_enqueuer
+from postroom.shared.settings import Settings
+from postroom.worker.lease import Leases
+from postroom.worker.schedule import CLAIM_S, Mover, Schedule, Watcher
 from tests.smtp_server import free_port
-from worker.lease import Leases
-from worker.schedule import CLAIM_S, Mover, Schedule, Watcher
 
 
 def job(n: int) -> dict[str, Any]:

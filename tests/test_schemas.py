@@ -7,8 +7,8 @@ from typing import Any, cast
 import marshmallow
 import pytest
 
-from shared import errors
-from shared.schemas import (
+from postroom.shared import errors
+from postroom.shared.schemas import (
     Schemas,
     address_key,
     check_sender,
@@ -17,8 +17,8 @@ from shared.schemas import (
     make_schemas,
     normalize_address,
 )
-from shared.schemas import addresses as addresses_module
-from shared.settings import Settings
+from postroom.shared.schemas import addresses as addresses_module
+from postroom.shared.settings import Settings
 
 OK = {"to": ["someone@example.com"]}
 RELAY = {"server": "smtp.example.com"}

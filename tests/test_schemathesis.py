@@ -16,9 +16,9 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from api.app import create_app
-from api.services import Services
-from shared.guard import RelayGuard
+from postroom.api.app import create_app
+from postroom.api.services import Services
+from postroom.shared.guard import RelayGuard
 from tests.helpers import ADMIN, auth, make_settings
 
 # a test dependency: missing is a skip on a laptop and a failure in CI

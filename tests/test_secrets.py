@@ -13,15 +13,15 @@ from typing import Any
 import pytest
 import redis
 
-from api.app import create_app
-from shared.cli import main as cli_main
-from shared.relays import Relay
-from shared.settings import Settings
+from postroom.api.app import create_app
+from postroom.cli import main as cli_main
+from postroom.shared.relays import Relay
+from postroom.shared.settings import Settings
+from postroom.worker.app import make_celery
 from tests.e2e import Stack
 from tests.helpers import ADMIN, SECRET_KEY, all_bytes, as_bytes, auth, make_settings
 from tests.smtp_server import ScriptedSmtpServer
 from tests.stack import wait_for
-from worker.app import make_celery
 
 REQUEST_PW = "req-Pa55word-7f3a91"  # a caller's relay password, given in the request
 WRONG_PW = "wrong-Pa55word-c0ffee"  # a password the relay refuses

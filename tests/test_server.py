@@ -1,4 +1,4 @@
-"""The API's gunicorn worker (api/server.py): a finished connection is closed at once, any
+"""The API's gunicorn worker (postroom/api/server.py): a finished connection is closed at once, any
 other one by gunicorn's graceful path. Real sockets, gunicorn's own request parser, and
 ``postroom api`` itself."""
 
@@ -14,9 +14,9 @@ import redis
 from gunicorn import http
 from gunicorn.config import Config
 
-from api.server import nothing_more
-from shared.crypto import generate_key
-from shared.settings import Settings
+from postroom.api.server import nothing_more
+from postroom.shared.crypto import generate_key
+from postroom.shared.settings import Settings
 from tests.stack import ApiProcess
 
 BODY = b'{"to": ["a@example.com"]}'
@@ -148,7 +148,7 @@ def exchange(port: int, request: bytes, close: bool) -> tuple[bytes, float, sock
 HEALTH = b"GET /api/v1/solution/health HTTP/1.1\r\nHost: t\r\n\r\n"
 
 
-@pytest.mark.parametrize("worker_class, waits", [("api.server.SyncWorker", False),
+@pytest.mark.parametrize("worker_class, waits", [("postroom.api.server.SyncWorker", False),
                                                  ("sync", True)])
 def test_a_client_that_keeps_its_socket_open_holds_no_worker(
     settings: Settings, real_redis: redis.Redis, tmp_path: Path, worker_class: str, waits: bool
@@ -198,8 +198,8 @@ def test_postroom_api_runs_this_worker_by_default() -> None:
     from gunicorn.util import load_class
     from gunicorn.workers.sync import SyncWorker as GunicornSyncWorker
 
-    from api.server import SyncWorker
-    from shared.cli import build_parser
+    from postroom.api.server import SyncWorker
+    from postroom.cli import build_parser
 
     args, _ = build_parser().parse_known_args(["api"])
     assert load_class(args.worker_class) is SyncWorker

@@ -8,10 +8,10 @@ import logging
 
 import pytest
 
-from shared.crypto import generate_key
-from shared.errors import ConfigError
-from shared.logs import JsonFormatter
-from shared.settings import Settings
+from postroom.shared.crypto import generate_key
+from postroom.shared.errors import ConfigError
+from postroom.shared.logs import JsonFormatter
+from postroom.shared.settings import Settings
 
 
 def test_defaults_follow_the_redis_url() -> None:

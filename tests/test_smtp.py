@@ -1,4 +1,5 @@
-"""SMTP delivery (worker.smtp) and outcome classification (worker.outcomes), against a real
+"""SMTP delivery (postroom.worker.smtp) and outcome classification (postroom.worker.outcomes),
+against a real
 aiosmtpd server on loopback."""
 
 from __future__ import annotations
@@ -13,18 +14,18 @@ from datetime import UTC, datetime
 
 import pytest
 
-from shared.errors import (
+from postroom.shared.errors import (
     SendError,
     SmtpAuthFailed,
     SmtpRejected,
     TlsError,
     TransientSendError,
 )
-from shared.relays import Relay
+from postroom.shared.relays import Relay
+from postroom.worker import outcomes
+from postroom.worker.message import build_message
+from postroom.worker.smtp import DeliveryResult, SmtpConnection, deliver, make_ssl_context
 from tests.smtp_server import DropMode, ScriptedSmtpServer, SilentServer, TlsFiles, free_port
-from worker import outcomes
-from worker.message import build_message
-from worker.smtp import DeliveryResult, SmtpConnection, deliver, make_ssl_context
 
 SENDER = "sender@example.com"
 ALICE, BOB, CAROL = "alice@example.com", "bob@example.com", "carol@example.com"
@@ -447,7 +448,7 @@ def test_the_mechanisms_checked_are_those_smtplib_implements() -> None:
     """``LOGIN_MECHANISMS`` are mechanisms ``smtplib.SMTP`` has an ``auth_*`` method for."""
     import smtplib
 
-    from worker.smtp import LOGIN_MECHANISMS
+    from postroom.worker.smtp import LOGIN_MECHANISMS
 
     for name in LOGIN_MECHANISMS:
         assert callable(getattr(smtplib.SMTP, "auth_" + name.lower().replace("-", "_")))

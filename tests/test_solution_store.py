@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import redis
 
-from shared.crypto import SecretBox
-from shared.errors import Conflict, NotFound
-from shared.solutions import SolutionStore
+from postroom.shared.crypto import SecretBox
+from postroom.shared.errors import Conflict, NotFound
+from postroom.shared.solutions import SolutionStore
 from tests.helpers import SECRET_KEY
 
 

@@ -12,9 +12,9 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 
-from api.app import create_app
-from shared import keys
-from shared.suppressions import BOUNCE_WINDOW_S, Suppression, SuppressionStore
+from postroom.api.app import create_app
+from postroom.shared import keys
+from postroom.shared.suppressions import BOUNCE_WINDOW_S, Suppression, SuppressionStore
 from tests.e2e import Stack
 from tests.helpers import ADMIN, auth, make_settings, queue_length
 from tests.smtp_server import ScriptedSmtpServer

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from shared.errors import ConfigError
-from shared.queue import celery_config
-from shared.redis_client import parse_endpoints
-from shared.settings import Settings
+from postroom.shared.errors import ConfigError
+from postroom.shared.queue import celery_config
+from postroom.shared.redis_client import parse_endpoints
+from postroom.shared.settings import Settings
 
 
 def settings(**env: str) -> Settings:

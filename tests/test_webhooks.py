@@ -18,15 +18,15 @@ import redis
 from flask.testing import FlaskClient
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from api.app import create_app
-from shared import events, keys
-from shared.settings import Settings
+from postroom.api.app import create_app
+from postroom.shared import events, keys
+from postroom.shared.settings import Settings
+from postroom.worker.attempt_store import finish
+from postroom.worker.resources import WorkerContext
+from postroom.worker.webhooks import Deliverer
 from tests.helpers import ADMIN, auth, create_solution, make_settings
 from tests.stack import wait_for
 from tests.webhook_receiver import Receiver
-from worker.context import WorkerContext
-from worker.steps import finish
-from worker.webhooks import Deliverer
 
 SID = "acme"
 
@@ -495,7 +495,7 @@ def test_a_redis_killed_and_restarted_with_aof_loses_no_event(
     few times at most."""
     from collections import Counter
 
-    from shared.embedded_redis import EmbeddedRedis
+    from postroom.dev.embedded_redis import EmbeddedRedis
 
     server = EmbeddedRedis(appendonly=True).start()
     deliverer: Deliverer | None = None

@@ -12,7 +12,7 @@ import pytest
 import redis
 from standardwebhooks.webhooks import Webhook
 
-from shared import events
+from postroom.shared import events
 from tests.e2e import Stack
 from tests.helpers import auth
 from tests.stack import wait_for

@@ -1,4 +1,5 @@
-"""The Redis side of a delivery attempt (``worker/steps.py``, ``shared/lua/attempt_*.lua``,
+"""The Redis side of a delivery attempt (``postroom/worker/attempt_store.py``,
+``postroom/shared/lua/attempt_*.lua``,
 the bucket's attempt mark): what each step reads and writes, on real Redis and fakeredis,
 and whole attempts in process against a real SMTP server — sent in two round trips, the
 lease and the accepted set left as the watcher expects, a relay's reply kept through a
@@ -20,20 +21,20 @@ import redis.client
 import redis.connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from shared import keys
-from shared.crypto import SecretBox
-from shared.documents import new_document
-from shared.queue import accepted_jobs, encode_job
-from shared.ratelimit import TokenBucket
-from shared.solutions import SolutionStore
+from postroom.shared import keys
+from postroom.shared.crypto import SecretBox
+from postroom.shared.documents import new_document
+from postroom.shared.queue import accepted_jobs, encode_job
+from postroom.shared.ratelimit import TokenBucket
+from postroom.shared.solutions import SolutionStore
+from postroom.worker import attempt_store, tasks
+from postroom.worker.batching import Item
+from postroom.worker.lease import holder
+from postroom.worker.ledger import LedgerState, Outcomes
+from postroom.worker.resources import WorkerContext
+from postroom.worker.sending import Attempt
 from tests.helpers import SECRET_KEY, as_bytes, make_settings
 from tests.smtp_server import ScriptedSmtpServer
-from worker import steps, tasks
-from worker.batching import Item
-from worker.context import WorkerContext
-from worker.lease import holder
-from worker.ledger import LedgerState, Outcomes
-from worker.sending import Attempt
 
 SID = "acme"
 ACCEPTED = {"status": "accepted", "code": 250, "reply": None}
@@ -115,7 +116,7 @@ def test_begin_takes_the_lease_and_reads_document_ledger_and_solution(
     any_redis.hset(keys.ledger(SID, "task-1"),
                    mapping={"attempts": 2, "rcpt:a@example.com": json.dumps(ACCEPTED)})  # fmt: skip
 
-    begun = steps.begin(ctx, SID, "task-1", 30.0)
+    begun = attempt_store.begin(ctx, SID, "task-1", 30.0)
 
     assert (True, "queued") == (begun.leased, begun.doc and begun.doc["state"])
     assert (2, {"a@example.com": ACCEPTED}) == (begun.ledger.attempts, begun.ledger.done)
@@ -133,7 +134,7 @@ def test_begin_leaves_a_live_holder_alone_and_says_how_long_it_holds(
     queued(ctx, make_job())
     any_redis.set(keys.lease(SID, "task-1"), "elsewhere:1", px=5000)
 
-    begun = steps.begin(ctx, SID, "task-1", 30.0)
+    begun = attempt_store.begin(ctx, SID, "task-1", 30.0)
 
     assert (False, None, LedgerState()) == (begun.leased, begun.solution, begun.ledger)
     assert 4.0 < begun.lease_left_s <= 5.0
@@ -154,8 +155,8 @@ def test_begin_takes_over_its_own_lease_and_that_of_a_dead_process_here(
     any_redis.set(keys.lease(SID, "task-1"), holder(), px=5000)
     any_redis.set(keys.lease(SID, "task-2"), f"{host}:{gone.pid}", px=5000)
 
-    first = steps.begin(ctx, SID, "task-1", 30.0)
-    second = steps.begin(ctx, SID, "task-2", 30.0)
+    first = attempt_store.begin(ctx, SID, "task-1", 30.0)
+    second = attempt_store.begin(ctx, SID, "task-2", 30.0)
 
     assert (True, True) == (first.leased, second.leased)
     assert holder().encode() == any_redis.get(keys.lease(SID, "task-2"))
@@ -171,18 +172,18 @@ def test_begin_with_a_result_backend_of_its_own(any_redis: redis.Redis) -> None:
     queued(ctx, job)
     assert None is any_redis.get(keys.task(SID, "task-1"))
 
-    begun = steps.begin(ctx, SID, "task-1", 30.0)
+    begun = attempt_store.begin(ctx, SID, "task-1", 30.0)
     assert (True, "queued") == (begun.leased, begun.doc and begun.doc["state"])
 
     any_redis.delete(keys.lease(SID, "task-1"))
     ctx.documents.put({**new_document("task-1", SID, 0.0), "state": "sent"})
-    final = steps.begin(ctx, SID, "task-1", 30.0)
+    final = attempt_store.begin(ctx, SID, "task-1", 30.0)
     assert (False, "sent") == (final.leased, final.doc and final.doc["state"])
     assert 0 == any_redis.exists(keys.lease(SID, "task-1"))
 
 
-def first_take(ctx: WorkerContext, request_capacity: int | None = None) -> steps.FirstTake:
-    return steps.FirstTake(ctx.settings.hlimit_period_s, request_capacity, ctx.ledger.ttl_s)
+def first_take(ctx: WorkerContext, request_capacity: int | None = None) -> attempt_store.FirstTake:
+    return attempt_store.FirstTake(ctx.settings.hlimit_period_s, request_capacity, ctx.ledger.ttl_s)
 
 
 def test_begin_takes_the_token_of_a_first_attempt(any_redis: redis.Redis) -> None:
@@ -192,7 +193,7 @@ def test_begin_takes_the_token_of_a_first_attempt(any_redis: redis.Redis) -> Non
     ctx = make_context(any_redis)
     queued(ctx, {**make_job(), "hlimit": 5}, hlimit=50)
 
-    begun = steps.begin(ctx, SID, "task-1", 30.0, first_take(ctx, 5))
+    begun = attempt_store.begin(ctx, SID, "task-1", 30.0, first_take(ctx, 5))
 
     assert begun.take is not None
     assert (True, 5, 4) == (begun.take.allowed, begun.take.limit, begun.take.remaining)
@@ -200,7 +201,7 @@ def test_begin_takes_the_token_of_a_first_attempt(any_redis: redis.Redis) -> Non
     assert 0 < any_redis.ttl(keys.ledger(SID, "task-1")) <= ctx.ledger.ttl_s
     bucket = TokenBucket(any_redis, ctx.settings.hlimit_period_s)
     assert (49, 4) == (bucket.peek(SID, 50).remaining, bucket.peek(SID, 50, 5).remaining)
-    assert None is steps.begin(ctx, SID, "task-1", 30.0, first_take(ctx, 5)).take
+    assert None is attempt_store.begin(ctx, SID, "task-1", 30.0, first_take(ctx, 5)).take
     assert 49 == bucket.peek(SID, 50).remaining
 
 
@@ -214,15 +215,15 @@ def test_begin_takes_no_token_but_a_first_attempts(any_redis: redis.Redis) -> No
     any_redis.hset(keys.ledger(SID, "task-1"), "attempts", 1)
     ctx.documents.put({**new_document("task-2", SID, 0.0), "attempts": 1})
     ctx.documents.put({**new_document("task-3", SID, 0.0), "state": "sent"})
-    assert None is steps.begin(ctx, SID, "task-4", 30.0).take
+    assert None is attempt_store.begin(ctx, SID, "task-4", 30.0).take
     for n in (1, 2, 3):
-        assert None is steps.begin(ctx, SID, f"task-{n}", 30.0, first_take(ctx)).take
+        assert None is attempt_store.begin(ctx, SID, f"task-{n}", 30.0, first_take(ctx)).take
     SolutionStore(ctx.state, SecretBox(SECRET_KEY)).delete(SID)
-    assert None is steps.begin(ctx, SID, "task-5", 30.0, first_take(ctx)).take
+    assert None is attempt_store.begin(ctx, SID, "task-5", 30.0, first_take(ctx)).take
     assert 50 == bucket.peek(SID, 50).remaining
 
     queued(ctx, make_job(6), hlimit=0)
-    refused = steps.begin(ctx, SID, "task-6", 30.0, first_take(ctx))
+    refused = attempt_store.begin(ctx, SID, "task-6", 30.0, first_take(ctx))
     assert refused.take is not None and not refused.take.allowed
     assert {} == ledger_of(any_redis, 6)
 
@@ -266,13 +267,13 @@ def test_finish_records_writes_releases_and_takes_the_job_out_of_the_accepted_se
     job = make_job()
     queued(ctx, job)
     any_redis.hset(keys.ledger(SID, "task-1"), mapping={"sending": 1, "attempts": 1})
-    begun = steps.begin(ctx, SID, "task-1", 30.0)
+    begun = attempt_store.begin(ctx, SID, "task-1", 30.0)
     pubsub = any_redis.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(keys.task_done_channel(SID, "task-1"))
     outcomes = Outcomes({"a@example.com": ACCEPTED}, "250 ok")
     doc = {**(begun.doc or {}), "state": "sent", "attempts": 1}
 
-    steps.finish(ctx, job, doc=doc, transition="sent", outcomes=outcomes, release=True,
+    attempt_store.finish(ctx, job, doc=doc, transition="sent", outcomes=outcomes, release=True,
                  forget=True)  # fmt: skip
 
     expected = LedgerState(done={"a@example.com": ACCEPTED}, response="250 ok", attempts=1)
@@ -300,7 +301,7 @@ def test_finish_parks_the_job_and_leaves_anothers_lease_alone(any_redis: redis.R
     any_redis.set(keys.lease(SID, "task-1"), "elsewhere:1", px=5000)
     doc = {**new_document("task-1", SID, job["created_at"]), "state": "retrying"}
 
-    steps.finish(ctx, job, doc=doc, transition="retrying", release=True, schedule_at=1234.5)
+    attempt_store.finish(ctx, job, doc=doc, transition="retrying", release=True, schedule_at=1234.5)
 
     assert 1234.5 == ctx.schedule.due_at(job)
     assert any_redis.zscore(keys.accepted(), encode_job(job)) is not None
@@ -317,7 +318,7 @@ def test_finish_loads_a_script_redis_forgot(fake_redis: redis.Redis) -> None:
     fake_redis.script_flush()
     doc = {**new_document("task-1", SID, job["created_at"]), "state": "sent"}
 
-    steps.finish(ctx, job, doc=doc, transition="sent",
+    attempt_store.finish(ctx, job, doc=doc, transition="sent",
                  outcomes=Outcomes({"a@example.com": ACCEPTED}), forget=True)  # fmt: skip
 
     assert "sent" == document(fake_redis)["state"]

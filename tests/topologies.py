@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 import redis
 
-from shared.embedded_redis import free_port, redis_server_binary
+from postroom.dev.embedded_redis import free_port, redis_server_binary
 
 TOPOLOGIES = ("redis", "rabbitmq", "rabbitmq+cluster")
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672")
@@ -266,7 +266,7 @@ def redis_cluster() -> Iterator[Cluster]:
 @pytest.fixture
 def cluster_redis(redis_cluster: Cluster) -> Iterator[redis.Redis]:
     """A client of the tests' Redis Cluster (``redis+cluster://``), flushed before and after."""
-    from shared.redis_client import redis_client
+    from postroom.shared.redis_client import redis_client
 
     redis_cluster.flush()
     client = redis_client(redis_cluster.url)

@@ -1,0 +1,1 @@
+"""The OpenAPI document of the API, built from the request schemas."""

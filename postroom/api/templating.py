@@ -1,0 +1,57 @@
+"""A send naming a stored template: rendered at intake, so a worker never meets a render
+error (see :mod:`postroom.shared.templates`).
+
+The rendered subject, text and html replace the request's (which a template send may not
+give) and pass the same rules a given subject, text and html pass: a render that breaks one
+(a control character, an encoded-word, a subject over 998 characters) is the send's 400
+naming ``template_data``; an unknown template is a 400 naming ``template``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import marshmallow
+
+from postroom.api.services import Services
+from postroom.shared.errors import ValidationError
+from postroom.shared.schemas import convert_messages
+from postroom.shared.schemas.attachments import check_inline
+from postroom.shared.templates import RenderError, render
+
+
+def apply_template(svc: Services, sid: str, data: dict[str, Any]) -> None:
+    """Render the template ``data`` names (if any) into its subject, text and html, and
+    check the inline attachments against the rendered html."""
+    name = data.get("template")
+    if name is None:
+        return
+    template = svc.templates.get(sid, name)
+    if template is None:
+        raise ValidationError("invalid fields: template",
+                              fields={"template": [f"No template named {name!r}."]})
+    try:
+        rendered = render(template, data.get("template_data") or {})
+    except RenderError as exc:
+        raise _bad_data(str(exc)) from None
+    fields = svc.schemas.send.fields
+    for part, value in rendered.as_dict().items():
+        if value is None:
+            continue
+        try:
+            for validate in fields[part].validators:
+                validate(value)
+        except marshmallow.ValidationError as exc:
+            messages = exc.messages if isinstance(exc.messages, list) else [str(exc.messages)]
+            raise _bad_data(f"the rendered {part}: {' '.join(map(str, messages))}") from None
+    data.update(rendered.as_dict())
+    try:
+        check_inline(data.get("attachments") or [], rendered.html)
+    except marshmallow.ValidationError as exc:
+        fields_ = convert_messages(exc.normalized_messages())
+        raise ValidationError("invalid fields: attachments", fields=fields_) from None
+
+
+def _bad_data(message: str) -> ValidationError:
+    return ValidationError("invalid fields: template_data",
+                           fields={"template_data": [f"The template does not render: {message}"]})

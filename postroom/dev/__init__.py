@@ -1,0 +1,1 @@
+"""The dev stack of ``postroom dev``: an embedded Redis, a mail sink, the processes."""
