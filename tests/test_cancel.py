@@ -1,4 +1,4 @@
-"""The cancel script (postroom/shared/cancel.py, postroom/shared/lua/task_cancel.lua) on a real
+"""The cancel script (postroom/api/cancel.py, postroom/shared/lua/task_cancel.lua) on a real
 Redis and
 on fakeredis beside it: a task no worker has begun becomes ``canceled``; one a worker
 holds, or whose ledger shows an attempt, is a 409; the result backend apart works too."""
@@ -10,8 +10,8 @@ import json
 import pytest
 import redis
 
+from postroom.api.cancel import HOLDER, cancel_task
 from postroom.shared import keys
-from postroom.shared.cancel import HOLDER, cancel_task
 from postroom.shared.documents import DocumentStore, new_document
 from postroom.shared.errors import Conflict, NotFound
 

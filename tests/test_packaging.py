@@ -3,6 +3,7 @@ the top level, and the installed commands import nothing from the working direct
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -33,10 +34,13 @@ def installed_top_level(target: Path) -> set[str]:
 def test_installing_adds_exactly_one_top_level_name(tmp_path: Path) -> None:
     """``pip install .`` (from a copy of the sources, as a user's clone is) installs the
     package ``postroom`` (with its Lua scripts) and no other top-level name."""
+    sources = tmp_path / "postroom-src"
+    shutil.copytree(ROOT, sources, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache", "node_modules"))
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(ROOT)],
+         "--target", str(target), str(sources)],
         check=True, capture_output=True, timeout=300,
     )
     assert {"postroom"} == installed_top_level(target)

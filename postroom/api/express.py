@@ -38,8 +38,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from postroom.api import tasklist
 from postroom.api.auth import bearer_token, is_admin
-from postroom.shared import keys, tasklist
+from postroom.shared import keys
 from postroom.shared.crypto import hash_token
 from postroom.shared.documents import DocumentStore
 from postroom.shared.errors import ServiceUnavailable, Unauthorized

@@ -23,12 +23,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from postroom.api import tasklist
 from postroom.api.admission import admit
 from postroom.api.auth import Principal
 from postroom.api.intake import build_job
 from postroom.api.services import Services
 from postroom.shared import attachments as stored_attachments
-from postroom.shared import tasklist
 from postroom.shared.documents import new_document
 from postroom.shared.errors import (
     Blocked,

@@ -11,6 +11,7 @@ from flask import current_app
 
 from postroom.api.auth import Principal, authenticate, authorize
 from postroom.api.express import Express
+from postroom.api.templates.store import TemplateStore
 from postroom.shared.connections import redis_clients
 from postroom.shared.crypto import SecretBox
 from postroom.shared.documents import DocumentStore
@@ -25,7 +26,6 @@ from postroom.shared.schemas.webhooks import WebhookCreateSchema, WebhookPatchSc
 from postroom.shared.settings import Settings
 from postroom.shared.solutions import Solution, SolutionStore
 from postroom.shared.suppressions import SuppressionStore
-from postroom.shared.templates import TemplateStore
 from postroom.shared.webhooks import WebhookGuard, WebhookStore
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from postroom.api.tasklist import CURSOR_PATTERN
 from postroom.shared.documents import STATES
 from postroom.shared.events import ALL, EVENT_TYPES
 from postroom.shared.schemas.json_schema import REF_PREFIX, Converter
 from postroom.shared.schemas.webhooks import WebhookCreateSchema, WebhookPatchSchema
-from postroom.shared.tasklist import CURSOR_PATTERN
 
 JSON = "application/json"
 Schema = dict[str, Any]

@@ -29,7 +29,7 @@ from postroom.api.body import json_object
 from postroom.api.intake import body_fingerprint
 from postroom.api.routes import tasks
 from postroom.api.services import Services, services
-from postroom.api.templating import apply_template
+from postroom.api.templates.rendering import apply_template
 from postroom.shared.errors import PostroomError, ValidationError
 from postroom.shared.ratelimit import Decision
 from postroom.shared.schemas import load_or_raise

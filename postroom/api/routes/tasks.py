@@ -1,6 +1,6 @@
 """``GET /solutions/{sid}/tasks/{task_id}``: the task document; ``DELETE``: cancel it;
 ``GET /solutions/{sid}/tasks``: the solution's tasks, newest first
-(:mod:`postroom.shared.tasklist`)."""
+(:mod:`postroom.api.tasklist`)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from urllib.parse import quote
 
 from flask import Blueprint, Response, jsonify, request
 
+from postroom.api import tasklist
 from postroom.api.auth import require_solution
+from postroom.api.cancel import cancel_task
 from postroom.api.services import services
-from postroom.shared import tasklist
-from postroom.shared.cancel import cancel_task
 from postroom.shared.documents import STATES
 from postroom.shared.errors import NotFound, ValidationError
 from postroom.shared.schemas import email_param
@@ -45,7 +45,7 @@ def show(sid: str, task_id: str) -> Response:
 def cancel(sid: str, task_id: str) -> Response:
     """Cancel a ``scheduled`` task, or a ``queued`` one no worker has begun: 200 with the
     document, now ``canceled``; 409 ``Conflict`` once it is sending or final
-    (:mod:`postroom.shared.cancel`)."""
+    (:mod:`postroom.api.cancel`)."""
     svc = services()
     require_solution(svc.principal(), sid)
     doc = cancel_task(svc.state, svc.results, svc.documents, sid, task_id)

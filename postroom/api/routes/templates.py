@@ -1,4 +1,4 @@
-"""A solution's message templates (Jinja2, sandboxed: :mod:`postroom.shared.templates`).
+"""A solution's message templates (Jinja2, sandboxed: :mod:`postroom.api.templates.store`).
 
 ``PUT …/templates/{name}`` stores ``{subject, text?, html?}`` (201 new, 200 replaced; a
 syntax error is a 400 naming the part), ``GET`` one or the list, ``DELETE`` one (204), and
@@ -14,13 +14,13 @@ from flask import Blueprint, Response, jsonify, request
 
 from postroom.api.body import json_object
 from postroom.api.services import Services, services
-from postroom.api.templating import apply_template
+from postroom.api.templates.rendering import apply_template
+from postroom.api.templates.store import MAX_TEMPLATES
 from postroom.shared.errors import Conflict, NotFound, ValidationError
 from postroom.shared.schemas import load_or_raise
 from postroom.shared.schemas.templates import TEMPLATE_NAME
 from postroom.shared.schemas.validators import FullMatch
 from postroom.shared.solutions import iso
-from postroom.shared.templates import MAX_TEMPLATES
 
 bp = Blueprint("templates", __name__)
 

@@ -20,7 +20,7 @@
 -- ARGV[8]  the accepted-set member      ARGV[9]  its score (when it is due for a check)
 -- ARGV[10] the framed task message, pushed on the queue; "" to push nothing (the caller
 --          publishes the job to RabbitMQ once this script has written the rest)
--- ARGV[11] the task list's entry (postroom/shared/tasklist.py)   ARGV[12] its score (created_at)
+-- ARGV[11] the task list's entry (postroom/api/tasklist.py)   ARGV[12] its score (created_at)
 -- ARGV[13] the oldest score the task list keeps (entries before it are trimmed)
 -- ARGV[14...] the recipients' suppression keys (none when the message has none to check)
 --

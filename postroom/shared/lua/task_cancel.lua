@@ -1,4 +1,4 @@
--- postroom: cancel a task that no worker has begun (postroom/shared/cancel.py), in one step.
+-- postroom: cancel a task that no worker has begun (postroom/api/cancel.py), in one step.
 --
 -- KEYS[1]  the message's lease, a string naming its holder         (keys.lease(sid, id))
 -- KEYS[2]  the message's ledger, a hash                            (keys.ledger(sid, id))

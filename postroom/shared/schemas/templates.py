@@ -8,9 +8,9 @@ from typing import Any, ClassVar
 from marshmallow import ValidationError, fields, validates_schema
 from marshmallow.validate import Length
 
+from postroom.api.templates.store import PARTS, check_syntax
 from postroom.shared.schemas.fields import StrictSchema, Text
 from postroom.shared.schemas.validators import FullMatch, NoControlChars
-from postroom.shared.templates import PARTS, check_syntax
 
 TEMPLATE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 

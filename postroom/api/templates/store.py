@@ -5,11 +5,13 @@ stored (a syntax error is the PUT's 400) and rendered at intake (a send naming i
 ``render`` route), never in a worker: a render error is the send's 400 naming
 ``template_data``, and what the worker gets is plain subject, text and html.
 
-Templates render in the bounded sandbox of :mod:`postroom.shared.sandbox` (``html`` autoescaped,
+Templates render in the bounded sandbox of :mod:`postroom.api.templates.sandbox` (``html``
+autoescaped,
 ``subject`` and ``text`` not; an undefined variable is an error), and one render is bounded
 too:
 
-- its output is at most :data:`~postroom.shared.sandbox.MAX_OUTPUT_CHARS` characters, all parts
+- its output is at most :data:`~postroom.api.templates.sandbox.MAX_OUTPUT_CHARS` characters, all
+parts
   together, and it runs at most :data:`MAX_RENDER_S` seconds (a line tracer on the
   template's own frames checks the clock: a loop that produces nothing is stopped too);
 - a source is compiled once per process (:func:`_compiled`, the 512 last used).
@@ -30,8 +32,8 @@ import redis
 from jinja2 import Template, TemplateError, TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
+from postroom.api.templates.sandbox import MAX_OUTPUT_CHARS, environment
 from postroom.shared import keys
-from postroom.shared.sandbox import MAX_OUTPUT_CHARS, environment
 
 PARTS = ("subject", "text", "html")
 #: the longest one render may run

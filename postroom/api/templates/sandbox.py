@@ -17,7 +17,7 @@ allocates anything:
   into text.
 
 A variable the data does not define is an error (``StrictUndefined``).
-:mod:`postroom.shared.templates`
+:mod:`postroom.api.templates.store`
 adds the limits of one render: its output and its time.
 
 ``~`` is bounded by extending Jinja2's code generator (:class:`_Generator`), an internal

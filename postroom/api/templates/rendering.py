@@ -1,5 +1,5 @@
 """A send naming a stored template: rendered at intake, so a worker never meets a render
-error (see :mod:`postroom.shared.templates`).
+error (see :mod:`postroom.api.templates.store`).
 
 The rendered subject, text and html replace the request's (which a template send may not
 give) and pass the same rules a given subject, text and html pass: a render that breaks one
@@ -14,10 +14,10 @@ from typing import Any
 import marshmallow
 
 from postroom.api.services import Services
+from postroom.api.templates.store import RenderError, render
 from postroom.shared.errors import ValidationError
 from postroom.shared.schemas import convert_messages
 from postroom.shared.schemas.attachments import check_inline
-from postroom.shared.templates import RenderError, render
 
 
 def apply_template(svc: Services, sid: str, data: dict[str, Any]) -> None:

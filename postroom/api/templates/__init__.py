@@ -1,0 +1,1 @@
+"""Message templates: the store, the bounded Jinja2 sandbox, and rendering at intake."""
