@@ -9,8 +9,8 @@ import time
 import pytest
 import redis
 
+from api.intake.idempotency import Claim, IdempotencyStore
 from shared.errors import Conflict
-from shared.idempotency import Claim, IdempotencyStore
 
 FIRST = Claim("body-hash", "task-1")
 SECOND = Claim("body-hash", "task-2")

@@ -26,13 +26,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import redis
 
 from shared import keys
 from shared.documents import FINAL, DocumentStore
 from shared.queue import Claimed, JobSet
+from shared.records import Job
 from worker.lease import Leases
 
 log = logging.getLogger("postroom.worker.schedule")
@@ -41,7 +41,7 @@ CLAIM_S = 30.0
 
 __all__ = ["CLAIM_S", "Claimed", "Mover", "Schedule", "Watcher"]
 
-Publish = Callable[[dict[str, Any]], None]
+Publish = Callable[[Job], None]
 
 
 class Schedule(JobSet):

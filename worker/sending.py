@@ -30,6 +30,7 @@ from shared.errors import (
 )
 from shared.keys import ledger as ledger_key
 from shared.ratelimit import Decision
+from shared.records import Job
 from shared.relays import Relay
 from shared.solutions import Solution, iso
 from worker import metrics
@@ -58,7 +59,7 @@ def _rejected(code: int | None, reply: str | None) -> dict[str, Any]:
     return {"status": "rejected", "code": code, "reply": reply}
 
 
-def recipients_of(job: dict[str, Any]) -> list[str]:
+def recipients_of(job: Job) -> list[str]:
     msg = job["message"]
     seen: dict[str, None] = {}
     for addr in [*msg["to"], *msg["cc"], *msg["bcc"]]:
@@ -69,7 +70,7 @@ def recipients_of(job: dict[str, Any]) -> list[str]:
 class Attempt:
     """Runs one delivery attempt of ``job`` with the services of ``ctx``."""
 
-    def __init__(self, ctx: WorkerContext, job: dict[str, Any]) -> None:
+    def __init__(self, ctx: WorkerContext, job: Job) -> None:
         self.ctx = ctx
         self.job = job
         self.sid: str = job["solution_id"]
@@ -131,9 +132,9 @@ class Attempt:
         relay = self._judged_relay()
         first_take = None
         if not isinstance(relay, PostroomError) and self.recipients:
-            first_take = FirstTake(
-                self.ctx.settings.hlimit_period_s, self.job.get("hlimit"), self.ctx.ledger.ttl_s
-            )
+            settings = self.ctx.settings
+            first_take = FirstTake(settings.hlimit_period_s, self.job.get("hlimit"),
+                                   self.ctx.ledger.ttl_s, settings.hlimit_default)
         return relay, first_take
 
     def begin_call(self) -> tuple[Judged, BeginCall] | None:
@@ -239,7 +240,7 @@ class Attempt:
         attempt = int(doc["attempts"]) + 1
         decision = taken if taken is not None else ctx.bucket.take(
             self.sid,
-            solution.hlimit,
+            solution.hlimit(ctx.settings.hlimit_default),
             self.job.get("hlimit"),
             once_key=ledger_key(self.sid, self.task_id),
             attempt=attempt,
@@ -356,18 +357,7 @@ class Attempt:
             return err
 
     def _relay(self) -> Relay:
-        spec = self.job.get("relay")
-        if spec:
-            password = spec.get("password")
-            return Relay(
-                host=spec["host"],
-                port=int(spec["port"]),
-                scheme=spec["scheme"],
-                user=spec.get("user"),
-                password=self.ctx.box.decrypt(password) if password else None,
-                caller_chosen=True,
-            )
-        relay = self.ctx.default_relay
+        relay = Relay.of_job(self.job.get("relay"), self.ctx.default_relay, self.ctx.box.decrypt)
         if relay is None:
             raise PermanentSendError(
                 "no relay: the request names none and POSTROOM_DEFAULT_SMTP_URL is not set"
@@ -474,8 +464,9 @@ class Attempt:
             return
         left = MAX_DEFER_S - (time.time() - float(self.job["created_at"]))
         key = ledger_key(self.sid, self.task_id)
+        capacity = solution.hlimit(ctx.settings.hlimit_default)
         held = ctx.bucket.reserve(
-            self.sid, solution.hlimit, self.job.get("hlimit"), once_key=key, within_s=left
+            self.sid, capacity, self.job.get("hlimit"), once_key=key, within_s=left
         )
         if held.retry_after is None or not (held.allowed or held.reserved):
             if held.retry_after is not None:

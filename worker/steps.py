@@ -46,10 +46,11 @@ from shared.documents import FINAL
 from shared.events import email_event_types, emit, finish_events
 from shared.queue import encode_job
 from shared.ratelimit import Decision, decision_of
+from shared.records import Job
 from shared.redis_client import is_cluster
 from shared.schemas.addresses import address_key
 from shared.scripts import Lua, script
-from shared.solutions import CONFIG_DEFAULTS, Solution
+from shared.solutions import Solution
 from shared.suppressions import in_force
 from shared.text import as_str
 from worker.context import WorkerContext
@@ -78,13 +79,15 @@ class Begun:
 @dataclass(frozen=True)
 class FirstTake:
     """Asks :func:`begin` to take the hLimit token of a message at its first attempt, as
-    ``TokenBucket.take(sid, solution.hlimit, request_capacity, once_key=ledger, attempt=1,
-    ledger_ttl_s=...)`` would, with the capacity read from the solution's record in the
-    same step. Only when the result backend is postroom's Redis."""
+    ``TokenBucket.take(sid, solution.hlimit(default_capacity), request_capacity,
+    once_key=ledger, attempt=1, ledger_ttl_s=...)`` would, with the capacity read from the
+    solution's record in the same step. Only when the result backend is postroom's Redis."""
 
     period_s: float
     request_capacity: int | None
     ledger_ttl_s: int
+    #: the capacity of a record that names no hLimit (``POSTROOM_HLIMIT_DEFAULT``)
+    default_capacity: int
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,7 @@ def _begin_call(
                 script_keys.append(keys.request_bucket(sid, request))
             args[3:7] = [
                 repr(first_take.period_s),
-                int(CONFIG_DEFAULTS["hLimit"]),  # as Solution.hlimit reads a record
+                first_take.default_capacity,  # as shared.solutions.hlimit_of
                 -1 if request is None else request,
                 first_take.ledger_ttl_s,
             ]
@@ -141,7 +144,7 @@ def begin(
     """Take the message's lease and read its document, ledger, solution and the suppression
     entries of ``recipients``; with ``first_take``, take the token of a message at its
     first attempt too (not when a recipient has a suppression entry)."""
-    same = ctx.results is ctx.state
+    same = ctx.one_redis
     doc: dict[str, Any] | None = None
     if not same:
         doc = ctx.documents.get(sid, task_id)
@@ -167,7 +170,7 @@ def begin_ahead(
     """:func:`begin` made ready to run in the same round trip as the previous message's
     :func:`finish` (a batch's next message); None when the result backend is not this
     Redis (begin then reads the document first)."""
-    if ctx.results is not ctx.state:
+    if not ctx.one_redis:
         return None
     return _begin_call(sid, task_id, lease_s, first_take, recipients, same=True)
 
@@ -210,7 +213,7 @@ def _begun(answer: Any, recipients: Sequence[str], doc: dict[str, Any] | None,
 
 def finish(
     ctx: WorkerContext,
-    job: dict[str, Any],
+    job: Job,
     *,
     doc: dict[str, Any] | None = None,
     transition: str | None = None,
@@ -232,7 +235,7 @@ def finish(
     already read from the relay are written on their own first, with patience
     (:meth:`worker.ledger.Ledger.record`), and the error is raised."""
     sid, task_id = job["solution_id"], job["task_id"]
-    same = ctx.results is ctx.state
+    same = ctx.one_redis
     if not same:
         # the ledger before the document, the document before anything says it is done
         if outcomes is not None:

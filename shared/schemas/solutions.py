@@ -23,6 +23,7 @@ from shared.schemas.send import (
     user_field,
 )
 from shared.schemas.text import FullMatch, HostName, NoControlChars
+from shared.solutions import config_defaults
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -61,17 +62,9 @@ class SolutionConfigSchema(StrictSchema):
         metadata={"description": "When the bucket is empty: answer 429, or hold the message."},
     )
 
-    def __init__(self, *, hlimit_default: int = 10, partial: bool = False, **kwargs: Any):
+    def __init__(self, *, hlimit_default: int, partial: bool = False, **kwargs: Any):
         super().__init__(partial=partial, **kwargs)
-        self.defaults: dict[str, Any] = {
-            "connection_server": None,
-            "connection_user": None,
-            "connection_password": None,
-            "connection_port": None,
-            "connection_scheme": "smtp",
-            "hLimit": hlimit_default,
-            "hLimit_policy": "reject",
-        }
+        self.defaults = config_defaults(hlimit_default)
         for field in self.fields.values():
             default = self.defaults.get(field.attribute or field.name or "")
             if default is not None and not partial:
