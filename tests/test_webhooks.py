@@ -20,7 +20,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from api.app import create_app
 from shared import events, keys
-from shared.records import Job
+from shared.records import Job, TaskDocument
 from shared.settings import Settings
 from tests.helpers import ADMIN, auth, create_solution, make_settings
 from tests.stack import wait_for
@@ -200,8 +200,9 @@ def test_each_event_type_arrives_signed_as_the_specification_verifies(
     ctx = WorkerContext.build(h.settings)
     ctx.suppressions.bounce_threshold = 1
     ctx.suppressions.record_bounces(SID, {"c@example.com": {"status": "rejected", "code": 550}})
-    doc = {"task_id": "t1", "solution_id": SID, "state": "sent", "attempts": 1,
-           "result": {"rejected": ["x@example.com"]}, "error": None, "metadata": {"k": "v"}}
+    doc = cast(TaskDocument, {"task_id": "t1", "solution_id": SID, "state": "sent",
+                              "attempts": 1, "result": {"rejected": ["x@example.com"]},
+                              "error": None, "metadata": {"k": "v"}})
     job = cast(Job, {"task_id": "t1", "solution_id": SID})
     finish(ctx, job, doc=doc)
     for state in ("retrying", "failed"):
@@ -262,9 +263,11 @@ def test_no_event_without_a_document_write(
     ctx = WorkerContext.build(h.settings)
     job = cast(Job, {"task_id": "t1", "solution_id": SID})
     finish(ctx, job, release=True)
-    finish(ctx, job, doc={"task_id": "t1", "solution_id": SID, "state": "deferred"})
+    finish(ctx, job, doc=cast(TaskDocument, {"task_id": "t1", "solution_id": SID,
+                                             "state": "deferred"}))
     assert 0 == real_redis.zcard(keys.webhook_due(SID, wid))
-    finish(ctx, job, doc={"task_id": "t1", "solution_id": SID, "state": "sent", "result": {}})
+    finish(ctx, job, doc=cast(TaskDocument, {"task_id": "t1", "solution_id": SID,
+                                             "state": "sent", "result": {}}))
     assert 1 == real_redis.zcard(keys.webhook_due(SID, wid))
 
 

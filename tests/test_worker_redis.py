@@ -24,7 +24,7 @@ from shared import keys
 from shared.documents import new_document
 from shared.queue import accepted_jobs, encode_job
 from shared.ratelimit import TokenBucket
-from shared.records import Job
+from shared.records import Job, TaskDocument
 from tests.helpers import as_bytes, make_settings
 from tests.smtp_server import ScriptedSmtpServer
 from worker import steps, tasks
@@ -271,7 +271,8 @@ def test_finish_records_writes_releases_and_takes_the_job_out_of_the_accepted_se
     pubsub = any_redis.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(keys.task_done_channel(SID, "task-1"))
     outcomes = Outcomes({"a@example.com": ACCEPTED}, "250 ok")
-    doc = {**(begun.doc or {}), "state": "sent", "attempts": 1}
+    assert begun.doc is not None
+    doc: TaskDocument = {**begun.doc, "state": "sent", "attempts": 1}
 
     steps.finish(ctx, job, doc=doc, transition="sent", outcomes=outcomes, release=True,
                  forget=True)  # fmt: skip
@@ -299,7 +300,7 @@ def test_finish_parks_the_job_and_leaves_anothers_lease_alone(any_redis: redis.R
     job = make_job()
     queued(ctx, job)
     any_redis.set(keys.lease(SID, "task-1"), "elsewhere:1", px=5000)
-    doc = {**new_document("task-1", SID, job["created_at"]), "state": "retrying"}
+    doc: TaskDocument = {**new_document("task-1", SID, job["created_at"]), "state": "retrying"}
 
     steps.finish(ctx, job, doc=doc, transition="retrying", release=True, schedule_at=1234.5)
 
@@ -316,7 +317,7 @@ def test_finish_loads_a_script_redis_forgot(fake_redis: redis.Redis) -> None:
     job = make_job()
     queued(ctx, job)
     fake_redis.script_flush()
-    doc = {**new_document("task-1", SID, job["created_at"]), "state": "sent"}
+    doc: TaskDocument = {**new_document("task-1", SID, job["created_at"]), "state": "sent"}
 
     steps.finish(ctx, job, doc=doc, transition="sent",
                  outcomes=Outcomes({"a@example.com": ACCEPTED}), forget=True)  # fmt: skip

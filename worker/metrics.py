@@ -28,7 +28,7 @@ from shared import metrics_files
 from shared.connections import redis_clients
 from shared.errors import SendError
 from shared.queue_metrics import BacklogCollector
-from shared.records import Job
+from shared.records import Job, TaskDocument
 from shared.settings import Settings
 from worker.pool import SmtpPool
 from worker.smtp import DeliveryResult
@@ -185,7 +185,7 @@ def deliver(pool: SmtpPool, *args: Any, **kwargs: Any) -> DeliveryResult:
         m.relay_connections.set(pool.idle_count())
 
 
-def written(transition: str, doc: dict[str, Any], job: Job) -> None:
+def written(transition: str, doc: TaskDocument, job: Job) -> None:
     """A message's attempt ended in ``transition`` (``sent``, ``failed``, ``retrying``,
     ``deferred``), written down with the document ``doc``."""
     m = _current

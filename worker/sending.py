@@ -30,7 +30,7 @@ from shared.errors import (
 )
 from shared.keys import ledger as ledger_key
 from shared.ratelimit import Decision
-from shared.records import Job
+from shared.records import Job, TaskDocument
 from shared.relays import Relay
 from shared.solutions import Solution, iso
 from worker import metrics
@@ -193,7 +193,7 @@ class Attempt:
         else:
             self._fail(doc, state, err)
 
-    def _unfinished(self) -> tuple[dict[str, Any], LedgerState] | None:
+    def _unfinished(self) -> tuple[TaskDocument, LedgerState] | None:
         """The document (made again if it was lost) and the ledger's state, or None when the
         document is final already."""
         doc = self.ctx.documents.get(self.sid, self.task_id)
@@ -206,7 +206,7 @@ class Attempt:
 
     def _attempt(
         self,
-        doc: dict[str, Any],
+        doc: TaskDocument,
         state: LedgerState,
         solution: Solution | None,
         judged: Judged,
@@ -326,7 +326,7 @@ class Attempt:
             self.ctx.suppressions.record_bounces(self.sid, self._bounces, self.task_id)
             self._bounces = {}
 
-    def _delivered(self, doc: dict[str, Any], state: LedgerState, result: DeliveryResult) -> None:
+    def _delivered(self, doc: TaskDocument, state: LedgerState, result: DeliveryResult) -> None:
         outcomes = {r: {"status": "accepted", "code": 250, "reply": None} for r in result.accepted}
         for addr, code, reply in result.rejected:
             outcomes[addr] = _rejected(code, reply)
@@ -375,7 +375,7 @@ class Attempt:
             "messageId": self.job["message_id"],
         }
 
-    def _finish(self, doc: dict[str, Any], state: LedgerState) -> None:
+    def _finish(self, doc: TaskDocument, state: LedgerState) -> None:
         if not state.with_status("accepted", self.recipients):
             first = next(iter(state.done.values()), {})
             err = SmtpRejected(
@@ -385,16 +385,16 @@ class Attempt:
             )
             self._fail(doc, state, err)
             return
-        doc.update(
-            state="sent",
-            result=self._result(state),
-            error=None,
-            next_attempt_at=None,
-            pending=[],
-        )
+        doc.update({
+            "state": "sent",
+            "result": self._result(state),
+            "error": None,
+            "next_attempt_at": None,
+            "pending": [],
+        })
         self._write(doc, "sent")
 
-    def _suppressed(self, doc: dict[str, Any], state: LedgerState, blocked: list[str]) -> None:
+    def _suppressed(self, doc: TaskDocument, state: LedgerState, blocked: list[str]) -> None:
         """Every recipient left is on the suppression list: sent, when earlier attempts
         reached others; else failed, ``Blocked`` (the 429 intake would have answered)."""
         if state.with_status("accepted", self.recipients):
@@ -402,17 +402,17 @@ class Attempt:
             return
         self._fail(doc, state, Blocked.recipients(blocked))
 
-    def _fail(self, doc: dict[str, Any], state: LedgerState, err: PostroomError) -> None:
-        doc.update(
-            state="failed",
-            result=self._result(state) if state.done else None,
-            error=err.body(),
-            next_attempt_at=None,
-            pending=[],
-        )
+    def _fail(self, doc: TaskDocument, state: LedgerState, err: PostroomError) -> None:
+        doc.update({
+            "state": "failed",
+            "result": self._result(state) if state.done else None,
+            "error": err.body(),
+            "next_attempt_at": None,
+            "pending": [],
+        })
         self._write(doc, "failed", error_type=err.type)
 
-    def _retry(self, doc: dict[str, Any], state: LedgerState, err: TransientSendError) -> None:
+    def _retry(self, doc: TaskDocument, state: LedgerState, err: TransientSendError) -> None:
         ctx = self.ctx
         age = time.time() - float(self.job["created_at"])
         delay = ctx.retry_policy.next_delay(int(doc["attempts"]), age, err.retry_after)
@@ -431,18 +431,18 @@ class Attempt:
                 self._fail(doc, state, final)
             return
         due = time.time() + delay
-        doc.update(
-            state="retrying",
-            next_attempt_at=iso(due),
-            error=err.body(),
-            pending=pending,
-            result=self._result(state) if state.done else None,
-        )
+        doc.update({
+            "state": "retrying",
+            "next_attempt_at": iso(due),
+            "error": err.body(),
+            "pending": pending,
+            "result": self._result(state) if state.done else None,
+        })
         self._write(doc, "retrying", schedule_at=due, delay=round(delay, 3))
 
     def _limited(
         self,
-        doc: dict[str, Any],
+        doc: TaskDocument,
         state: LedgerState,
         solution: Solution,
         retry_after: float | None,
@@ -476,12 +476,12 @@ class Attempt:
             return
         # the reservation is in the ledger, which gets the document's time to live below
         due = time.time() + held.retry_after
-        doc.update(state="deferred", next_attempt_at=iso(due), error=None)
+        doc.update({"state": "deferred", "next_attempt_at": iso(due), "error": None})
         self._write(doc, "deferred", schedule_at=due, retry_after=round(held.retry_after, 3))
 
     def _write(
         self,
-        doc: dict[str, Any],
+        doc: TaskDocument,
         transition: str,
         schedule_at: float | None = None,
         **fields: Any,

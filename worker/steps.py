@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
@@ -46,7 +46,7 @@ from shared.documents import FINAL
 from shared.events import email_event_types, emit, finish_events
 from shared.queue import encode_job
 from shared.ratelimit import Decision, decision_of
-from shared.records import Job
+from shared.records import Job, TaskDocument
 from shared.redis_client import is_cluster
 from shared.schemas.addresses import address_key
 from shared.scripts import Lua, script
@@ -64,7 +64,7 @@ class Begun:
     ``lease_left_s`` more seconds, or the document is final already (then nothing else was
     looked at)."""
 
-    doc: dict[str, Any] | None
+    doc: TaskDocument | None
     leased: bool
     lease_left_s: float = 0.0
     ledger: LedgerState = field(default_factory=LedgerState)
@@ -145,7 +145,7 @@ def begin(
     entries of ``recipients``; with ``first_take``, take the token of a message at its
     first attempt too (not when a recipient has a suppression entry)."""
     same = ctx.one_redis
-    doc: dict[str, Any] | None = None
+    doc: TaskDocument | None = None
     if not same:
         doc = ctx.documents.get(sid, task_id)
         if doc is not None and doc["state"] in FINAL:
@@ -193,11 +193,11 @@ def _held_by_the_dead(ctx: WorkerContext, answer: Any) -> bool:
     return not answer[0] and answer[1] is not None and holder_dead(ctx.state, as_str(answer[1]))
 
 
-def _begun(answer: Any, recipients: Sequence[str], doc: dict[str, Any] | None,
+def _begun(answer: Any, recipients: Sequence[str], doc: TaskDocument | None,
            same: bool) -> Begun:  # fmt: skip
     leased, _, lease_ms, raw_doc = answer[:4]
     if same and raw_doc is not None:
-        doc = json.loads(raw_doc)
+        doc = cast(TaskDocument, json.loads(raw_doc))
     if not leased:
         return Begun(doc, leased=False, lease_left_s=max(0.0, int(lease_ms) / 1000.0))
     raw_solution, flat, take, listed = answer[4], answer[5], answer[6], answer[7]
@@ -215,7 +215,7 @@ def finish(
     ctx: WorkerContext,
     job: Job,
     *,
-    doc: dict[str, Any] | None = None,
+    doc: TaskDocument | None = None,
     transition: str | None = None,
     outcomes: Outcomes | None = None,
     release: bool = False,

@@ -3,7 +3,7 @@
 Loaded configurations use the JSON names (``hLimit``, ``hLimit_policy``). ``null`` puts a
 field back to its default. PUT (and create) return every field, omitted ones at their
 defaults; PATCH returns only the fields given, to be merged into the stored ones.
-``connection_port`` ``None`` means the scheme's default port (``relays.DEFAULT_PORTS``):
+``connection_port`` ``None`` means the scheme's default port (``shared.relays.relay_port``):
 a stored number would go stale when the scheme changes.
 """
 
