@@ -20,6 +20,9 @@ from shared.crypto import SecretBox, hash_token, new_token
 from shared.errors import Conflict, NotFound
 from shared.text import as_str
 
+#: what a solution does when its bucket is empty, unless it says otherwise: answer 429
+DEFAULT_POLICY = "reject"
+
 
 def config_defaults(hlimit_default: int) -> dict[str, Any]:
     """What a solution's configuration holds where it says nothing (``hLimit``:
@@ -31,7 +34,7 @@ def config_defaults(hlimit_default: int) -> dict[str, Any]:
         "connection_port": None,
         "connection_scheme": "smtp",
         "hLimit": hlimit_default,
-        "hLimit_policy": "reject",
+        "hLimit_policy": DEFAULT_POLICY,
     }
 
 
@@ -58,11 +61,7 @@ class Solution:
 
     @property
     def policy(self) -> str:
-        return str(self.config.get("hLimit_policy") or "reject")
-
-    @property
-    def has_own_relay(self) -> bool:
-        return bool(self.config.get("connection_server"))
+        return str(self.config.get("hLimit_policy") or DEFAULT_POLICY)
 
     def public(self) -> dict[str, Any]:
         """What the API shows: never the password, only whether one is set."""
