@@ -13,7 +13,7 @@ sends through Flask's test client, one at a time, each confirmed by RabbitMQ, pr
 - ``kept publisher, two steps``: the job framed by postroom and published over a kept
   connection (``postroom/shared/amqp_publisher.py``), the same two Redis round trips;
 - ``kept publisher, one step``: as the intake runs now, the one-step script (checks and
-  writes in one round trip, ``postroom/api/express.py``), then the publish.
+  writes in one round trip, ``postroom/api/intake/one_step.py``), then the publish.
 
 Rounds alternate the order; the medians and their ratios to the first way are printed.
 A queue no worker consumes collects the jobs (it is deleted with the virtual host).
@@ -54,7 +54,7 @@ def intake(settings: Settings, way: str) -> Callable[[], int]:
     flask_app = create_app(settings)
     svc = flask_app.extensions["postroom"]
     if way != WAYS[2]:
-        svc.express = None  # the usual two steps
+        svc.one_step = None  # the usual two steps
     if way == WAYS[0]:
         svc.enqueuer._amqp = None  # Celery's send_task
     app = flask_app.test_client()

@@ -156,7 +156,7 @@ def app_with_solution(settings: Settings) -> tuple[Any, Any, str]:
 
 
 def profile_intake(settings: Settings, meter: Meter, n: int) -> tuple[str, Any]:
-    from postroom.api.intake import build_job
+    from postroom.api.intake.job import build_job
     from postroom.shared.documents import new_document
     from postroom.shared.queue import Enqueuer, make_producer
     from postroom.shared.schemas import load_or_raise
@@ -183,7 +183,7 @@ def profile_intake(settings: Settings, meter: Meter, n: int) -> tuple[str, Any]:
     with meter.measure("  token lookup (by_token)", n):
         repeat(lambda i: svc.solutions.by_token(token), n)
     with meter.measure("  bucket peek (Lua)", n):
-        repeat(lambda i: svc.bucket.peek(SID, solution.hlimit, None), n)
+        repeat(lambda i: svc.bucket.peek(SID, solution.hlimit(settings.hlimit_default), None), n)
     data = load_or_raise(svc.schemas.send, body)
     with meter.measure("  build_job (uuid, Message-ID)", n):
         repeat(lambda i: build_job(data, solution, settings, svc.box), n)
@@ -201,7 +201,7 @@ def profile_intake(settings: Settings, meter: Meter, n: int) -> tuple[str, Any]:
 
 def queued_jobs(svc: Any, settings: Settings, n: int) -> list[dict[str, Any]]:
     """Jobs as the API makes them, each with its first document written."""
-    from postroom.api.intake import build_job
+    from postroom.api.intake.job import build_job
     from postroom.shared.documents import new_document
     from postroom.shared.schemas import load_or_raise
 
@@ -277,7 +277,8 @@ def profile_attempt(
         repeat(lambda i: steps.begin(ctx, SID, jobs[i]["task_id"], 60.0), n)
     with meter.measure("  bucket take, marking the attempt (Lua)", n):
         ledgers = [keys.ledger(SID, j["task_id"]) for j in jobs]
-        repeat(lambda i: ctx.bucket.take(SID, solution.hlimit, None, once_key=ledgers[i],
+        hlimit = solution.hlimit(settings.hlimit_default)
+        repeat(lambda i: ctx.bucket.take(SID, hlimit, None, once_key=ledgers[i],
                                          attempt=1, ledger_ttl_s=3600), n)  # fmt: skip
     with meter.measure("  MIME build (build_message)", n):
         repeat(lambda i: build_message(sender=msg["from"], to=msg["to"], cc=msg["cc"],

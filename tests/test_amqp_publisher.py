@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -14,11 +14,13 @@ from kombu import Connection
 from postroom.shared import keys
 from postroom.shared.amqp_publisher import AmqpPublisher
 from postroom.shared.queue import Enqueuer, make_producer
+from postroom.shared.records import Job
 from tests.e2e import Stack
 from tests.helpers import RoundTrips, auth, make_settings
 from tests.topologies import Rabbit, rabbitmqctl
 
-JOB = {"task_id": "7d0c7a52-1", "solution_id": "acme", "message": {"to": ["a@example.com"]}}
+JOB = cast(Job, {"task_id": "7d0c7a52-1", "solution_id": "acme",
+                 "message": {"to": ["a@example.com"]}})
 
 
 @pytest.fixture

@@ -137,7 +137,7 @@ def test_solution_lifecycle_from_the_shell(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """create prints the token once; show prints JSON; rotate-token replaces it; delete."""
-    store = SolutionStore(real_redis, SecretBox(postroom_env))
+    store = SolutionStore(real_redis, SecretBox(postroom_env), Settings().hlimit_default)
 
     assert 0 == main(
         ["solution", "create", "acme", "--hlimit", "5", "--policy", "defer", "--token", "tok-1"]
@@ -278,7 +278,7 @@ def test_dev_demo_solution_answers_to_demo_token(real_redis: redis.Redis, redis_
 
     key = generate_key()
     settings = Settings(redis_url=redis_url, secret_key=key)
-    store = SolutionStore(real_redis, SecretBox(key))
+    store = SolutionStore(real_redis, SecretBox(key), Settings().hlimit_default)
     store.create("demo", {}, "another-token")
 
     ensure_demo(settings)

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any
+from typing import Any, cast
 
 import redis
 
 from postroom.shared import keys
 from postroom.shared.framing import TaskFraming
 from postroom.shared.queue import Enqueuer, make_producer
+from postroom.shared.records import Job
 from tests.helpers import as_bytes, make_settings
 
-JOB = {"task_id": "7d0c7a52-1", "solution_id": "acme", "message": {"to": ["a@example.com"]}}
+JOB = cast(Job, {"task_id": "7d0c7a52-1", "solution_id": "acme",
+                 "message": {"to": ["a@example.com"]}})
 
 
 def _decoded(raw: bytes) -> dict[str, Any]:

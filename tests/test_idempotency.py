@@ -9,8 +9,8 @@ import time
 import pytest
 import redis
 
+from postroom.api.intake.idempotency import Claim, IdempotencyStore
 from postroom.shared.errors import Conflict
-from postroom.shared.idempotency import Claim, IdempotencyStore
 
 FIRST = Claim("body-hash", "task-1")
 SECOND = Claim("body-hash", "task-2")

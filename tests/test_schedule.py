@@ -5,7 +5,7 @@ Redis and on fakeredis."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import cast
 
 import pytest
 import redis
@@ -14,14 +14,19 @@ from postroom.shared import keys
 from postroom.shared.documents import DocumentStore, new_document
 from postroom.shared.errors import ServiceUnavailable
 from postroom.shared.queue import JobSet, accepted_jobs, make_enqueuer
+from postroom.shared.records import Job
 from postroom.shared.settings import Settings
+from postroom.worker import attempt_store as steps
 from postroom.worker.lease import Leases
+from postroom.worker.resources import WorkerContext
 from postroom.worker.schedule import CLAIM_S, Mover, Schedule, Watcher
 from tests.smtp_server import free_port
 
 
-def job(n: int) -> dict[str, Any]:
-    return {"task_id": f"t{n}", "solution_id": "acme", "message": {"to": [f"u{n}@x.org"]}}
+def job(n: int) -> Job:
+    """A job as far as the schedule looks at one."""
+    return cast(Job, {"task_id": f"t{n}", "solution_id": "acme",
+                      "message": {"to": [f"u{n}@x.org"]}})
 
 
 def test_only_due_jobs_are_claimed(any_redis: redis.Redis) -> None:
@@ -78,7 +83,7 @@ def test_the_mover_publishes_due_jobs_and_removes_them(any_redis: redis.Redis) -
     """One tick publishes every due job once and empties the schedule of them; jobs not
     yet due stay."""
     schedule = Schedule(any_redis)
-    published: list[dict[str, Any]] = []
+    published: list[Job] = []
     now = time.time()
     schedule.add(job(1), now - 1)
     schedule.add(job(2), now - 2)
@@ -94,7 +99,7 @@ def test_a_failed_publish_leaves_the_job_to_come_due_again(any_redis: redis.Redi
     schedule = Schedule(any_redis)
     schedule.add(job(1), time.time() - 1)
 
-    def broker_down(_: dict[str, Any]) -> None:
+    def broker_down(_: Job) -> None:
         raise ConnectionError("broker down")
 
     with pytest.raises(ConnectionError):
@@ -106,7 +111,7 @@ def test_a_failed_publish_leaves_the_job_to_come_due_again(any_redis: redis.Redi
 def test_the_mover_thread_moves_jobs_until_stopped(any_redis: redis.Redis) -> None:
     """Started, the mover publishes a job as soon as it comes due; stopped, it ends."""
     schedule = Schedule(any_redis)
-    published: list[dict[str, Any]] = []
+    published: list[Job] = []
     mover = Mover(schedule, published.append, interval_s=0.01)
     mover.start()
     try:
@@ -125,8 +130,8 @@ def test_the_mover_thread_moves_jobs_until_stopped(any_redis: redis.Redis) -> No
 WINDOW = 60.0
 
 
-class Published(list[dict[str, Any]]):
-    def __call__(self, job: dict[str, Any]) -> None:
+class Published(list[Job]):
+    def __call__(self, job: Job) -> None:
         self.append(job)
 
 
@@ -139,9 +144,9 @@ def watcher_for(client: redis.Redis, published: Published,
 
 
 def accepted_job(client: redis.Redis, n: int, state: str | None = "queued",
-                 created_at: float = 1000.0) -> dict[str, Any]:
+                 created_at: float = 1000.0) -> Job:
     """A job accepted at ``created_at`` (checked a window later), with its document."""
-    j = {**job(n), "created_at": created_at}
+    j = cast(Job, {**job(n), "created_at": created_at})
     JobSet(client, keys.accepted(), WINDOW).add(j, created_at + WINDOW)
     if state is not None:
         doc = new_document(j["task_id"], "acme", created_at)
@@ -178,7 +183,8 @@ def test_a_leased_or_scheduled_job_is_left_alone(any_redis: redis.Redis) -> None
     watcher, accepted = watcher_for(any_redis, published)
     leased = accepted_job(any_redis, 1)
     parked = accepted_job(any_redis, 2, state="retrying")
-    assert Leases(any_redis).acquire("acme", leased["task_id"], 600)
+    ctx = WorkerContext(settings=Settings(), state=any_redis, results=any_redis)
+    assert steps.begin(ctx, "acme", leased["task_id"], 600).leased  # as a worker takes it
     Schedule(any_redis).add(parked, 5000.0)
     assert 0 == watcher.tick(now=1000.0 + WINDOW)
     assert ([], 2) == (published, accepted.size())
@@ -204,13 +210,13 @@ def test_the_enqueuer_records_accepted_jobs_and_withdraws_refused_ones(
     (503) is not, so the watcher never sends a job the client was told was not accepted."""
     settings = Settings(redis_url=redis_url, visibility_timeout_s=60)
     enqueuer = make_enqueuer(settings, real_redis)
-    taken = {**job(1), "created_at": time.time()}
+    taken = cast(Job, {**job(1), "created_at": time.time()})
     enqueuer.enqueue(taken)
     due = accepted_jobs(real_redis, settings).due_at(taken)
     assert due is not None and time.time() + 50 < due <= time.time() + 60
 
     down = settings.replace(broker_url=f"redis://127.0.0.1:{free_port()}/0")
-    refused = {**job(2), "created_at": time.time()}
+    refused = cast(Job, {**job(2), "created_at": time.time()})
     with pytest.raises(ServiceUnavailable):
         make_enqueuer(down, real_redis).enqueue(refused)
     assert None is accepted_jobs(real_redis, settings).due_at(refused)

@@ -7,6 +7,7 @@ import redis
 
 from postroom.shared.crypto import SecretBox
 from postroom.shared.errors import Conflict, NotFound
+from postroom.shared.settings import Settings
 from postroom.shared.solutions import SolutionStore
 from tests.helpers import SECRET_KEY
 
@@ -15,7 +16,7 @@ def test_create_change_rotate_and_delete(any_redis: redis.Redis) -> None:
     """Create, patch (a WATCHed transaction), rotate the token (the old one stops
     answering) and delete (record, token, bucket, suppressions): the same on a Redis
     Cluster, where the token entries live in other hash slots than the record."""
-    store = SolutionStore(any_redis, SecretBox(SECRET_KEY))
+    store = SolutionStore(any_redis, SecretBox(SECRET_KEY), Settings().hlimit_default)
     token = store.create("acme", {"hLimit": 7})
     with pytest.raises(Conflict):
         store.create("acme", {})

@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -20,6 +20,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from postroom.api.app import create_app
 from postroom.shared import events, keys
+from postroom.shared.records import Job, TaskDocument
 from postroom.shared.settings import Settings
 from postroom.worker.attempt_store import finish
 from postroom.worker.resources import WorkerContext
@@ -199,12 +200,13 @@ def test_each_event_type_arrives_signed_as_the_specification_verifies(
     ctx = WorkerContext.build(h.settings)
     ctx.suppressions.bounce_threshold = 1
     ctx.suppressions.record_bounces(SID, {"c@example.com": {"status": "rejected", "code": 550}})
-    doc = {"task_id": "t1", "solution_id": SID, "state": "sent", "attempts": 1,
-           "result": {"rejected": ["x@example.com"]}, "error": None, "metadata": {"k": "v"}}
-    job = {"task_id": "t1", "solution_id": SID}
+    doc = cast(TaskDocument, {"task_id": "t1", "solution_id": SID, "state": "sent",
+                              "attempts": 1, "result": {"rejected": ["x@example.com"]},
+                              "error": None, "metadata": {"k": "v"}})
+    job = cast(Job, {"task_id": "t1", "solution_id": SID})
     finish(ctx, job, doc=doc)
     for state in ("retrying", "failed"):
-        finish(ctx, {**job, "task_id": f"t-{state}"},
+        finish(ctx, cast(Job, {**job, "task_id": f"t-{state}"}),
                doc={**doc, "task_id": f"t-{state}", "state": state, "result": None})
     wanted = ["webhook.test", "suppression.created", "email.sent", "email.rejected",
               "email.retrying", "email.failed"]
@@ -259,11 +261,13 @@ def test_no_event_without_a_document_write(
     h = harness()
     wid = h.create("http://127.0.0.1:9/hook")["id"]
     ctx = WorkerContext.build(h.settings)
-    job = {"task_id": "t1", "solution_id": SID}
+    job = cast(Job, {"task_id": "t1", "solution_id": SID})
     finish(ctx, job, release=True)
-    finish(ctx, job, doc={"task_id": "t1", "solution_id": SID, "state": "deferred"})
+    finish(ctx, job, doc=cast(TaskDocument, {"task_id": "t1", "solution_id": SID,
+                                             "state": "deferred"}))
     assert 0 == real_redis.zcard(keys.webhook_due(SID, wid))
-    finish(ctx, job, doc={"task_id": "t1", "solution_id": SID, "state": "sent", "result": {}})
+    finish(ctx, job, doc=cast(TaskDocument, {"task_id": "t1", "solution_id": SID,
+                                             "state": "sent", "result": {}}))
     assert 1 == real_redis.zcard(keys.webhook_due(SID, wid))
 
 

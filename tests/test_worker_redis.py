@@ -22,25 +22,24 @@ import redis.connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from postroom.shared import keys
-from postroom.shared.crypto import SecretBox
 from postroom.shared.documents import new_document
 from postroom.shared.queue import accepted_jobs, encode_job
 from postroom.shared.ratelimit import TokenBucket
-from postroom.shared.solutions import SolutionStore
+from postroom.shared.records import Job, TaskDocument
 from postroom.worker import attempt_store, tasks
 from postroom.worker.batching import Item
 from postroom.worker.lease import holder
 from postroom.worker.ledger import LedgerState, Outcomes
 from postroom.worker.resources import WorkerContext
 from postroom.worker.sending import Attempt
-from tests.helpers import SECRET_KEY, as_bytes, make_settings
+from tests.helpers import as_bytes, make_settings
 from tests.smtp_server import ScriptedSmtpServer
 
 SID = "acme"
 ACCEPTED = {"status": "accepted", "code": 250, "reply": None}
 
 
-def make_job(n: int = 1, to: list[str] | None = None) -> dict[str, Any]:
+def make_job(n: int = 1, to: list[str] | None = None) -> Job:
     return {
         "task_id": f"task-{n}",
         "solution_id": SID,
@@ -57,6 +56,7 @@ def make_job(n: int = 1, to: list[str] | None = None) -> dict[str, Any]:
             "text": "hi",
             "html": None,
         },
+        "metadata": {},
     }
 
 
@@ -68,10 +68,10 @@ def make_context(state: redis.Redis, results: redis.Redis | None = None,
     return WorkerContext(settings=settings, state=state, results=results or state)
 
 
-def queued(ctx: WorkerContext, job: dict[str, Any], hlimit: int = 100) -> None:
+def queued(ctx: WorkerContext, job: Job, hlimit: int = 100) -> None:
     """What intake leaves behind: the solution, the first document, the accepted entry."""
     if ctx.state.get(keys.solution(SID)) is None:
-        SolutionStore(ctx.state, SecretBox(SECRET_KEY)).create(SID, {"hLimit": hlimit})
+        ctx.solutions.create(SID, {"hLimit": hlimit})
     ctx.documents.put(new_document(job["task_id"], SID, job["created_at"]))
     accepted_jobs(ctx.state, ctx.settings).add(job, time.time() + 3600)
 
@@ -120,7 +120,7 @@ def test_begin_takes_the_lease_and_reads_document_ledger_and_solution(
 
     assert (True, "queued") == (begun.leased, begun.doc and begun.doc["state"])
     assert (2, {"a@example.com": ACCEPTED}) == (begun.ledger.attempts, begun.ledger.done)
-    assert begun.solution is not None and 7 == begun.solution.hlimit
+    assert begun.solution is not None and 7 == begun.solution.hlimit(ctx.settings.hlimit_default)
     assert holder().encode() == any_redis.get(keys.lease(SID, "task-1"))
     assert 29_000 < any_redis.pttl(keys.lease(SID, "task-1")) <= 30_000
 
@@ -183,7 +183,8 @@ def test_begin_with_a_result_backend_of_its_own(any_redis: redis.Redis) -> None:
 
 
 def first_take(ctx: WorkerContext, request_capacity: int | None = None) -> attempt_store.FirstTake:
-    return attempt_store.FirstTake(ctx.settings.hlimit_period_s, request_capacity, ctx.ledger.ttl_s)
+    return attempt_store.FirstTake(ctx.settings.hlimit_period_s, request_capacity, ctx.ledger.ttl_s,
+                           ctx.settings.hlimit_default)
 
 
 def test_begin_takes_the_token_of_a_first_attempt(any_redis: redis.Redis) -> None:
@@ -218,7 +219,7 @@ def test_begin_takes_no_token_but_a_first_attempts(any_redis: redis.Redis) -> No
     assert None is attempt_store.begin(ctx, SID, "task-4", 30.0).take
     for n in (1, 2, 3):
         assert None is attempt_store.begin(ctx, SID, f"task-{n}", 30.0, first_take(ctx)).take
-    SolutionStore(ctx.state, SecretBox(SECRET_KEY)).delete(SID)
+    ctx.solutions.delete(SID)
     assert None is attempt_store.begin(ctx, SID, "task-5", 30.0, first_take(ctx)).take
     assert 50 == bucket.peek(SID, 50).remaining
 
@@ -271,7 +272,8 @@ def test_finish_records_writes_releases_and_takes_the_job_out_of_the_accepted_se
     pubsub = any_redis.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(keys.task_done_channel(SID, "task-1"))
     outcomes = Outcomes({"a@example.com": ACCEPTED}, "250 ok")
-    doc = {**(begun.doc or {}), "state": "sent", "attempts": 1}
+    assert begun.doc is not None
+    doc: TaskDocument = {**begun.doc, "state": "sent", "attempts": 1}
 
     attempt_store.finish(ctx, job, doc=doc, transition="sent", outcomes=outcomes, release=True,
                  forget=True)  # fmt: skip
@@ -299,7 +301,7 @@ def test_finish_parks_the_job_and_leaves_anothers_lease_alone(any_redis: redis.R
     job = make_job()
     queued(ctx, job)
     any_redis.set(keys.lease(SID, "task-1"), "elsewhere:1", px=5000)
-    doc = {**new_document("task-1", SID, job["created_at"]), "state": "retrying"}
+    doc: TaskDocument = {**new_document("task-1", SID, job["created_at"]), "state": "retrying"}
 
     attempt_store.finish(ctx, job, doc=doc, transition="retrying", release=True, schedule_at=1234.5)
 
@@ -316,7 +318,7 @@ def test_finish_loads_a_script_redis_forgot(fake_redis: redis.Redis) -> None:
     job = make_job()
     queued(ctx, job)
     fake_redis.script_flush()
-    doc = {**new_document("task-1", SID, job["created_at"]), "state": "sent"}
+    doc: TaskDocument = {**new_document("task-1", SID, job["created_at"]), "state": "sent"}
 
     attempt_store.finish(ctx, job, doc=doc, transition="sent",
                  outcomes=Outcomes({"a@example.com": ACCEPTED}), forget=True)  # fmt: skip
@@ -406,8 +408,8 @@ def test_a_relay_the_guard_refuses_takes_no_token(real_redis: redis.Redis) -> No
     """The relay is judged before the first attempt's begin: one refused fails the message
     (InvalidRelay) with no token taken and no attempt marked."""
     ctx = make_context(real_redis)
-    job = {**make_job(), "relay": {"host": "10.1.2.3", "port": 25, "scheme": "smtp",
-                                   "user": None, "password": None}}  # fmt: skip
+    job: Job = {**make_job(), "relay": {"host": "10.1.2.3", "port": 25, "scheme": "smtp",
+                                        "user": None, "password": None}}  # fmt: skip
     queued(ctx, job, hlimit=50)
 
     Attempt(ctx, job).run()
@@ -500,7 +502,7 @@ def batch_of(ctx: WorkerContext, count: int) -> list[Item]:
     jobs = [make_job(n) for n in range(1, count + 1)]
     for job in jobs:
         queued(ctx, job)
-    return [Item(job, time.time()) for job in jobs]
+    return [Item(dict(job), time.time()) for job in jobs]
 
 
 def run_batch(ctx: WorkerContext, items: list[Item]) -> list[bool]:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import cast
 
 import redis
 
 from postroom.shared import events, keys
 from postroom.shared.documents import DocumentStore
 from postroom.shared.errors import Conflict, NotFound
+from postroom.shared.records import TaskDocument
 from postroom.shared.scripts import script
 from postroom.shared.solutions import iso
 
@@ -37,7 +38,7 @@ _TRIES = 5
 
 def cancel_task(
     state: redis.Redis, results: redis.Redis, documents: DocumentStore, sid: str, task_id: str
-) -> dict[str, Any]:
+) -> TaskDocument:
     """Cancel task ``task_id`` of solution ``sid``; the document in state ``canceled``.
     NotFound when there is no such task, Conflict when it is begun or final."""
     same = results is state
@@ -45,11 +46,11 @@ def cancel_task(
         raw = results.get(keys.task(sid, task_id))
         if raw is None:
             raise NotFound(f"task {task_id!r} not found (unknown, or expired)")
-        doc = json.loads(raw)
+        doc = cast(TaskDocument, json.loads(raw))
         if doc["state"] not in CANCELABLE:
             raise _conflict(doc["state"])
-        canceled = {**doc, "state": "canceled", "next_attempt_at": None, "error": None,
-                    "updated_at": iso(time.time())}  # fmt: skip
+        canceled: TaskDocument = {**doc, "state": "canceled", "next_attempt_at": None,
+                                  "error": None, "updated_at": iso(time.time())}  # fmt: skip
         script_keys = [keys.lease(sid, task_id), keys.ledger(sid, task_id),
                        keys.attachments(sid, task_id), keys.webhooks(sid)]  # fmt: skip
         args: list[str | int] = [HOLDER, LEASE_MS, "", "", ""]

@@ -10,17 +10,17 @@ import redis
 from flask import current_app
 
 from postroom.api.auth import Principal, authenticate, authorize
-from postroom.api.express import Express
+from postroom.api.intake.idempotency import IdempotencyStore
+from postroom.api.intake.one_step import OneStepIntake
 from postroom.api.templates.store import TemplateStore
 from postroom.shared.connections import redis_clients
 from postroom.shared.crypto import SecretBox
 from postroom.shared.documents import DocumentStore
 from postroom.shared.errors import InvalidRelay, ValidationError
 from postroom.shared.guard import PLAIN_TEXT_REFUSED, CachedResolver, RelayGuard
-from postroom.shared.idempotency import IdempotencyStore
 from postroom.shared.queue import Enqueuer, make_enqueuer
 from postroom.shared.ratelimit import TokenBucket
-from postroom.shared.relays import DEFAULT_PORTS
+from postroom.shared.relays import configured_relay
 from postroom.shared.schemas import make_schemas
 from postroom.shared.schemas.webhooks import WebhookCreateSchema, WebhookPatchSchema
 from postroom.shared.settings import Settings
@@ -55,7 +55,7 @@ class Services:
     suppressions: SuppressionStore
     guard: RelayGuard
     #: the one-round-trip send, when the queue and the documents share postroom's Redis
-    express: Express | None
+    one_step: OneStepIntake | None
     #: the solutions' message templates
     templates: TemplateStore
     # -- webhooks --
@@ -83,12 +83,19 @@ class Services:
             suppressions=SuppressionStore(state, settings.bounce_threshold),
             guard=RelayGuard(settings.smtp_allow_hosts, settings.smtp_allow_ports,
                              resolver=CachedResolver()),
-            express=Express.build(settings, state, results, documents, enqueuer),
+            one_step=OneStepIntake.build(settings, state, results is state, documents,
+                                         enqueuer),
             templates=TemplateStore(state),
             webhooks=WebhookStore(state, box),
             webhook_guard=WebhookGuard(settings.webhook_allow_hosts, resolver=CachedResolver()),
             schemas_webhooks=WebhookSchemas(),
         )
+
+    @property
+    def one_redis(self) -> bool:
+        """Whether the documents are in the state's Redis (one client:
+        :func:`postroom.shared.connections.same_redis`): then their writes share a transaction."""
+        return self.results is self.state
 
     def principal(self) -> Principal:
         return authenticate(self.settings.admin_token, self.solutions)
@@ -117,13 +124,9 @@ class Services:
     def check_config_relay(self, config: Mapping[str, Any]) -> None:
         """A solution configuration's own relay (as it will be stored): the intake checks,
         a plain-text refusal naming ``connection_scheme``."""
-        host = config.get("connection_server")
-        if not host:
-            return
-        scheme = config.get("connection_scheme")
-        scheme = "smtp" if scheme is None else str(scheme)
-        port = config.get("connection_port") or DEFAULT_PORTS[scheme]
-        self.check_relay(str(host), int(port), scheme, ["connection_scheme"])
+        relay = configured_relay(config)
+        if relay is not None:
+            self.check_relay(relay["host"], relay["port"], relay["scheme"], ["connection_scheme"])
 
 
 def services() -> Services:

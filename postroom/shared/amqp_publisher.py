@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 from celery import Celery
@@ -46,7 +47,7 @@ class AmqpPublisher:
         self._channel: Any = None
         self._pid = 0
 
-    def publish(self, job: dict[str, Any], job_json: str | None = None) -> None:
+    def publish(self, job: Mapping[str, Any], job_json: str | None = None) -> None:
         """Publish ``job`` and wait for RabbitMQ's confirm; raise when it does not come."""
         message = self._framing.amqp_message(job, job_json)
         with self._lock:

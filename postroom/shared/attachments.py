@@ -16,6 +16,7 @@ import redis
 
 from postroom.shared import keys
 from postroom.shared.errors import PermanentSendError
+from postroom.shared.records import AttachmentMeta
 from postroom.shared.schemas.attachments import Attachment
 
 
@@ -29,7 +30,7 @@ def queue_put(pipe: Any, sid: str, task_id: str, attachments: Sequence[Attachmen
     pipe.expire(key, ttl_s)
 
 
-def load(client: redis.Redis, sid: str, task_id: str, metas: Sequence[dict[str, Any]]
+def load(client: redis.Redis, sid: str, task_id: str, metas: Sequence[AttachmentMeta]
          ) -> list[bytes]:  # fmt: skip
     """The bytes of a job's attachments, in order; a PermanentSendError when they are gone
     (expired with the document, or the task ended meanwhile)."""

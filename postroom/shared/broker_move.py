@@ -25,10 +25,11 @@ import base64
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 
+from postroom.shared.records import Job
 from postroom.shared.task_names import SEND_TASK
 
 #: kombu's Redis transport: the hash of unacknowledged messages and its index
@@ -43,7 +44,7 @@ class Moved:
     skipped: int
 
 
-def job_of(raw: bytes | str) -> dict[str, Any] | None:
+def job_of(raw: bytes | str) -> Job | None:
     """The send job in a message as kombu's Redis transport stores it, else None."""
     try:
         message = json.loads(raw)
@@ -56,13 +57,13 @@ def job_of(raw: bytes | str) -> dict[str, Any] | None:
         job = kwargs["job"]
     except (ValueError, KeyError, TypeError):
         return None
-    return job if isinstance(job, dict) and "task_id" in job else None
+    return cast(Job, job) if isinstance(job, dict) and "task_id" in job else None
 
 
 def move_jobs(
     source: redis.Redis,
     queue: str,
-    publish: Callable[[dict[str, Any]], None],
+    publish: Callable[[Job], None],
     include_unacked: bool = True,
 ) -> Moved:
     """Move every send job waiting in ``source`` (a Redis broker) for ``queue`` through

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, cast
 
 import redis
 
 from postroom.shared import keys
+from postroom.shared.records import TaskDocument
 from postroom.shared.redis_client import is_cluster
 from postroom.shared.solutions import iso
 
@@ -23,7 +24,7 @@ FINAL = frozenset({"sent", "failed", "canceled"})
 
 def new_document(
     task_id: str, sid: str, now: float, metadata: dict[str, str] | None = None
-) -> dict[str, Any]:
+) -> TaskDocument:
     stamp = iso(now)
     return {
         "task_id": task_id,
@@ -45,16 +46,16 @@ class DocumentStore:
         self._r = client
         self.ttl_s = ttl_s
 
-    def get(self, sid: str, task_id: str) -> dict[str, Any] | None:
+    def get(self, sid: str, task_id: str) -> TaskDocument | None:
         raw = self._r.get(keys.task(sid, task_id))
-        return json.loads(raw) if raw is not None else None
+        return cast(TaskDocument, json.loads(raw)) if raw is not None else None
 
-    def encode(self, doc: dict[str, Any]) -> str:
+    def encode(self, doc: TaskDocument) -> str:
         """The document as it is stored, stamped with the time of this write."""
         doc["updated_at"] = iso(time.time())
         return json.dumps(doc)
 
-    def put(self, doc: dict[str, Any], pipe: Any = None, ttl_s: int | None = None) -> None:
+    def put(self, doc: TaskDocument, pipe: Any = None, ttl_s: int | None = None) -> None:
         """Write a document (for ``ttl_s``, else the store's time to live); when it is
         final, wake whoever waits for it (``?wait=N``).
 
@@ -77,7 +78,7 @@ class DocumentStore:
     def delete(self, sid: str, task_id: str) -> None:
         self._r.delete(keys.task(sid, task_id))
 
-    def wait_final(self, sid: str, task_id: str, timeout_s: float) -> dict[str, Any] | None:
+    def wait_final(self, sid: str, task_id: str, timeout_s: float) -> TaskDocument | None:
         """The document once final, or ``None`` if it is not final within ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         pubsub = self._r.pubsub(ignore_subscribe_messages=True)

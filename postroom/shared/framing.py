@@ -22,6 +22,7 @@ import json
 import os
 import socket
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import amqp
@@ -36,7 +37,7 @@ _EMBED_JSON = json.dumps(_EMBED, separators=(",", ":"))
 _SLOTS = ("body", "task_id", "kwargsrepr", "origin", "tag")
 
 
-def redacted(job: dict[str, Any]) -> str:
+def redacted(job: Mapping[str, Any]) -> str:
     """What Celery may print of a job: ids only, never addresses, bodies or passwords."""
     return repr({"task_id": job.get("task_id"), "solution_id": job.get("solution_id")})
 
@@ -57,7 +58,7 @@ class TaskFraming:
             template = template.replace(json.dumps(mark), f"%({name})s")
         self._template = template
 
-    def frame(self, job: dict[str, Any], job_json: str | None = None) -> str:
+    def frame(self, job: Mapping[str, Any], job_json: str | None = None) -> str:
         """The message for ``job``; ``job_json``, the job as JSON when the caller has it
         already (any spelling: the worker decodes it)."""
         task_id = job["task_id"]
@@ -72,7 +73,7 @@ class TaskFraming:
             "tag": json.dumps(str(uuid.uuid4())),
         }
 
-    def amqp_message(self, job: dict[str, Any], job_json: str | None = None) -> amqp.Message:
+    def amqp_message(self, job: Mapping[str, Any], job_json: str | None = None) -> amqp.Message:
         """The AMQP message ``send_task`` publishes to RabbitMQ for ``job`` (protocol 2,
         JSON): the same body and headers as :meth:`frame`, as AMQP carries them."""
         task_id = job["task_id"]

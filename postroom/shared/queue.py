@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 from celery import Celery
@@ -29,8 +29,10 @@ from redis.exceptions import RedisError
 from postroom.shared import keys
 from postroom.shared.amqp_publisher import AmqpPublisher
 from postroom.shared.brokers import PUBLISH_ERRORS, broker_config, is_amqp, publish_options
+from postroom.shared.connections import same_redis
 from postroom.shared.errors import ServiceUnavailable
 from postroom.shared.framing import TaskFraming, redacted
+from postroom.shared.records import Job
 from postroom.shared.redis_client import redis_client
 from postroom.shared.settings import Settings
 from postroom.shared.task_names import SEND_TASK
@@ -124,10 +126,10 @@ class Claimed:
 
     member: str
     score: str
-    job: dict[str, Any]
+    job: Job
 
 
-def encode_job(job: dict[str, Any]) -> str:
+def encode_job(job: Mapping[str, Any]) -> str:
     """The one spelling of a job as a member: the same job is always the same member."""
     return json.dumps(job, sort_keys=True, separators=(",", ":"))
 
@@ -145,7 +147,7 @@ class JobSet:
 
     def add(
         self,
-        job: dict[str, Any],
+        job: Mapping[str, Any],
         due_ts: float,
         with_writes: Callable[[Any], None] | None = None,
     ) -> None:
@@ -157,7 +159,7 @@ class JobSet:
             with_writes(pipe)
         pipe.execute()
 
-    def add_to(self, pipe: Any, job: dict[str, Any], due_ts: float) -> None:
+    def add_to(self, pipe: Any, job: Mapping[str, Any], due_ts: float) -> None:
         """Queue the addition of ``job`` on ``pipe`` (a pipeline of this set's Redis)."""
         pipe.zadd(self.key, {encode_job(job): due_ts})
 
@@ -168,16 +170,16 @@ class JobSet:
     def claim_due(self, now: float, limit: int = 100) -> list[Claimed]:
         """The jobs due at ``now`` (at most ``limit``), claimed for ``claim_s``."""
         score, *members = self._claim(keys=[self.key], args=[now, limit, self.claim_s])
-        return [Claimed(m.decode(), score.decode(), json.loads(m)) for m in members]
+        return [Claimed(m.decode(), score.decode(), cast(Job, json.loads(m))) for m in members]
 
     def done(self, claimed: Claimed) -> bool:
         """Remove a claimed job, unless it was added again since it was claimed."""
         return bool(self._done(keys=[self.key], args=[claimed.member, claimed.score]))
 
-    def remove(self, job: dict[str, Any]) -> None:
+    def remove(self, job: Mapping[str, Any]) -> None:
         self._r.zrem(self.key, encode_job(job))
 
-    def due_at(self, job: dict[str, Any]) -> float | None:
+    def due_at(self, job: Mapping[str, Any]) -> float | None:
         """When ``job`` is due, or None when it is not in the set."""
         score = self._r.zscore(self.key, encode_job(job))
         return None if score is None else float(score)
@@ -220,7 +222,7 @@ def unavailable(exc: BaseException) -> ServiceUnavailable:
 class OneStep:
     """What a script needs to queue a job itself, in the same atomic step as other writes
     (the broker is postroom's own Redis): the queue's list, the job framed as the broker
-    holds it, and its accepted-set entry. See ``postroom/api/express.py``.
+    holds it, and its accepted-set entry. See ``postroom/api/intake/one_step.py``.
 
     With ``publish`` (the broker is RabbitMQ), the script writes everything but the job,
     and the caller then publishes the job with ``publish`` (raising ServiceUnavailable when
@@ -229,13 +231,13 @@ class OneStep:
     queue: str
     framing: TaskFraming
     accepted: JobSet
-    publish: Callable[[dict[str, Any]], None] | None = None
+    publish: Callable[[Job], None] | None = None
 
-    def message(self, job: dict[str, Any], member: str) -> str:
+    def message(self, job: Job, member: str) -> str:
         """What the script pushes on the queue for ``job``: "" when it is published apart."""
         return "" if self.publish is not None else self.framing.frame(job, member)
 
-    def entry(self, job: dict[str, Any]) -> tuple[str, float]:
+    def entry(self, job: Job) -> tuple[str, float]:
         """The accepted-set member and score of ``job``, as :meth:`Enqueuer.enqueue` adds it."""
         return encode_job(job), time.time() + self.accepted.claim_s
 
@@ -278,14 +280,14 @@ class Enqueuer:
             return OneStep(self._queue, TaskFraming(self._queue), accepted, self.publish)
         return None
 
-    def publish(self, job: dict[str, Any]) -> None:
+    def publish(self, job: Job) -> None:
         """Publish ``job`` alone (its document and accepted-set entry are written already);
         ServiceUnavailable when the broker does not take it."""
         self._publish(job, None)
 
     def enqueue(
         self,
-        job: dict[str, Any],
+        job: Job,
         countdown: float | None = None,
         with_writes: Callable[[Any], None] | None = None,
     ) -> None:
@@ -319,7 +321,7 @@ class Enqueuer:
 
     def schedule(
         self,
-        job: dict[str, Any],
+        job: Job,
         due_ts: float,
         with_writes: Callable[[Any], None] | None = None,
     ) -> None:
@@ -341,7 +343,7 @@ class Enqueuer:
 
     def _in_one_transaction(
         self,
-        job: dict[str, Any],
+        job: Job,
         direct: DirectBroker,
         accepted: JobSet,
         with_writes: Callable[[Any], None] | None,
@@ -356,13 +358,13 @@ class Enqueuer:
         except (RedisError, OSError) as exc:
             raise unavailable(exc) from None
 
-    def _push(self, job: dict[str, Any], direct: DirectBroker) -> None:
+    def _push(self, job: Job, direct: DirectBroker) -> None:
         try:
             direct.client.lpush(direct.framing.queue, direct.framing.frame(job))
         except (RedisError, OSError) as exc:
             raise unavailable(exc) from None
 
-    def _publish(self, job: dict[str, Any], countdown: float | None) -> None:
+    def _publish(self, job: Job, countdown: float | None) -> None:
         if self._amqp is not None and countdown is None:
             try:
                 self._amqp.publish(job)
@@ -399,7 +401,7 @@ def make_enqueuer(settings: Settings, state: redis.Redis) -> Enqueuer:
     """The API's enqueuer: a producer app, the accepted set in ``state`` (the Redis of
     ``POSTROOM_REDIS_URL``) and, on a Redis broker, direct publishing."""
     direct = None
-    if settings.broker_url == settings.redis_url:
+    if same_redis(settings.broker_url, settings.redis_url):
         direct = DirectBroker(state, TaskFraming(settings.queue), shares_state=True)
     elif settings.broker_url.startswith(("redis://", "rediss://")):
         client = redis_client(settings.broker_url)

@@ -11,7 +11,8 @@ Semantics worth knowing:
 - capacity 0 (solution or request) is never allowed: ``retry_after is None`` means
   "never"; nothing is read or written, and a message that already took its token is
   refused too (hLimit 0 stops sending);
-- a request capacity at or above the solution's names no second bucket (it cannot tighten);
+- a request capacity at or above the solution's names no second bucket (it cannot tighten;
+  the script alone decides this);
 - a capacity change keeps what was used: a larger capacity adds the difference at once, a
   smaller one removes it at once (never below empty); the refill runs at the new rate;
 - a bucket key that has expired is a full bucket; keys expire about when they would be full;
@@ -137,9 +138,8 @@ class TokenBucket:
         request_arg = -1
         if request_capacity is not None:
             _check_capacity("request_capacity", request_capacity)
-            if request_capacity < capacity:
-                script_keys.append(keys.request_bucket(sid, request_capacity))
-                request_arg = request_capacity
+            script_keys.append(keys.request_bucket(sid, request_capacity))
+            request_arg = request_capacity
         if once_key is not None:
             if f"{{{sid}}}" not in once_key:
                 raise ValueError(f"once_key must carry the hash tag {{{sid}}}: {once_key!r}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,17 +19,31 @@ from postroom.shared import keys
 from postroom.shared.crypto import SecretBox, hash_token, new_token
 from postroom.shared.errors import Conflict, NotFound
 from postroom.shared.redis_values import as_str
-from postroom.shared.relays import Relay
 
-CONFIG_DEFAULTS: dict[str, Any] = {
-    "connection_server": None,
-    "connection_user": None,
-    "connection_password": None,
-    "connection_port": None,
-    "connection_scheme": "smtp",
-    "hLimit": 10,
-    "hLimit_policy": "reject",
-}
+#: what a solution does when its bucket is empty, unless it says otherwise: answer 429
+DEFAULT_POLICY = "reject"
+
+
+def config_defaults(hlimit_default: int) -> dict[str, Any]:
+    """What a solution's configuration holds where it says nothing (``hLimit``:
+    ``POSTROOM_HLIMIT_DEFAULT``)."""
+    return {
+        "connection_server": None,
+        "connection_user": None,
+        "connection_password": None,
+        "connection_port": None,
+        "connection_scheme": "smtp",
+        "hLimit": hlimit_default,
+        "hLimit_policy": DEFAULT_POLICY,
+    }
+
+
+def hlimit_of(config: Mapping[str, Any], default: int) -> int:
+    """A solution's hLimit: its configuration's, else ``default`` (``POSTROOM_HLIMIT_DEFAULT``).
+    The scripts that read a record in Redis apply the same rule, given the same default
+    (``postroom/shared/lua/intake_peek.lua``, ``postroom/shared/lua/attempt_begin.lua``)."""
+    value = config.get("hLimit")
+    return default if value is None else int(value)
 
 
 @dataclass(frozen=True)
@@ -38,20 +52,16 @@ class Solution:
     created_at: float
     config: dict[str, Any]  # password encrypted under "connection_password"
     #: SHA-1 of the record as stored, when it was read from Redis ("" otherwise): which
-    #: version of the record this is (see postroom/api/express.py)
+    #: version of the record this is (see postroom/api/intake/one_step.py)
     digest: str = field(default="", compare=False, repr=False)
 
-    @property
-    def hlimit(self) -> int:
-        return int(self.config.get("hLimit", CONFIG_DEFAULTS["hLimit"]))
+    def hlimit(self, default: int) -> int:
+        """This solution's hLimit (``default``: ``POSTROOM_HLIMIT_DEFAULT``)."""
+        return hlimit_of(self.config, default)
 
     @property
     def policy(self) -> str:
-        return str(self.config.get("hLimit_policy") or "reject")
-
-    @property
-    def has_own_relay(self) -> bool:
-        return bool(self.config.get("connection_server"))
+        return str(self.config.get("hLimit_policy") or DEFAULT_POLICY)
 
     def public(self) -> dict[str, Any]:
         """What the API shows: never the password, only whether one is set."""
@@ -62,24 +72,6 @@ class Solution:
             "created_at": iso(self.created_at),
             "config": config,
         }
-
-    def relay(self, box: SecretBox) -> Relay | None:
-        """The relay configured for this solution, with the password decrypted."""
-        if not self.has_own_relay:
-            return None
-        from postroom.shared.relays import DEFAULT_PORTS
-
-        scheme = self.config.get("connection_scheme") or ""
-        enc = self.config.get("connection_password")
-        return Relay(
-            host=str(self.config["connection_server"]),
-            port=int(self.config.get("connection_port") or DEFAULT_PORTS[scheme]),
-            scheme=scheme,
-            user=self.config.get("connection_user") or None,
-            password=box.decrypt(enc) if enc else None,
-            caller_chosen=True,
-        )
-
 
 def iso(ts: float | None) -> str | None:
     if ts is None:
@@ -97,11 +89,11 @@ def _solution(sid: str, raw: bytes | str | None) -> Solution:
 
 
 class SolutionStore:
-    def __init__(self, client: redis.Redis, box: SecretBox, hlimit_default: int = 10) -> None:
+    def __init__(self, client: redis.Redis, box: SecretBox, hlimit_default: int) -> None:
         self._r = client
         self._box = box
-        # what a configuration that does not say takes (POSTROOM_HLIMIT_DEFAULT)
-        self.defaults = {**CONFIG_DEFAULTS, "hLimit": hlimit_default}
+        # what a configuration that does not say takes
+        self.defaults = config_defaults(hlimit_default)
 
     # -- reads --------------------------------------------------------------------
 

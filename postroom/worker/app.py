@@ -14,7 +14,7 @@ import redis
 from celery import Celery, bootsteps
 from celery.signals import worker_process_shutdown, worker_shutting_down
 
-from postroom.shared.connections import redis_clients
+from postroom.shared.connections import redis_clients, same_redis
 from postroom.shared.queue import Enqueuer, accepted_jobs, celery_config
 from postroom.shared.settings import Settings
 from postroom.worker import batching, budgets, instances, metrics, probes, tasks
@@ -140,7 +140,7 @@ def make_celery(settings: Settings) -> Celery:
             restore = None
             if transport is not None:  # postroom's Redis transport notes what each holds
                 broker = redis.Redis.from_url(settings.broker_url, socket_timeout=10.0)
-                clients = [broker] if settings.broker_url == settings.redis_url else [
+                clients = [broker] if same_redis(settings.broker_url, settings.redis_url) else [
                     broker, state]
                 self.connection = app.connection_for_write()
                 channel = self.connection.default_channel

@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
@@ -46,11 +46,12 @@ from postroom.shared.documents import FINAL
 from postroom.shared.events import email_event_types, emit, finish_events
 from postroom.shared.queue import encode_job
 from postroom.shared.ratelimit import Decision, decision_of
+from postroom.shared.records import Job, TaskDocument
 from postroom.shared.redis_client import is_cluster
 from postroom.shared.redis_values import as_str
 from postroom.shared.schemas.addresses import address_key
 from postroom.shared.scripts import Lua, script
-from postroom.shared.solutions import CONFIG_DEFAULTS, Solution
+from postroom.shared.solutions import Solution
 from postroom.shared.suppressions import in_force
 from postroom.worker.lease import holder, holder_dead
 from postroom.worker.ledger import LedgerState, Outcomes
@@ -63,7 +64,7 @@ class Begun:
     ``lease_left_s`` more seconds, or the document is final already (then nothing else was
     looked at)."""
 
-    doc: dict[str, Any] | None
+    doc: TaskDocument | None
     leased: bool
     lease_left_s: float = 0.0
     ledger: LedgerState = field(default_factory=LedgerState)
@@ -78,13 +79,15 @@ class Begun:
 @dataclass(frozen=True)
 class FirstTake:
     """Asks :func:`begin` to take the hLimit token of a message at its first attempt, as
-    ``TokenBucket.take(sid, solution.hlimit, request_capacity, once_key=ledger, attempt=1,
-    ledger_ttl_s=...)`` would, with the capacity read from the solution's record in the
-    same step. Only when the result backend is postroom's Redis."""
+    ``TokenBucket.take(sid, solution.hlimit(default_capacity), request_capacity,
+    once_key=ledger, attempt=1, ledger_ttl_s=...)`` would, with the capacity read from the
+    solution's record in the same step. Only when the result backend is postroom's Redis."""
 
     period_s: float
     request_capacity: int | None
     ledger_ttl_s: int
+    #: the capacity of a record that names no hLimit (``POSTROOM_HLIMIT_DEFAULT``)
+    default_capacity: int
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,7 @@ def _begin_call(
                 script_keys.append(keys.request_bucket(sid, request))
             args[3:7] = [
                 repr(first_take.period_s),
-                int(CONFIG_DEFAULTS["hLimit"]),  # as Solution.hlimit reads a record
+                first_take.default_capacity,  # as postroom.shared.solutions.hlimit_of
                 -1 if request is None else request,
                 first_take.ledger_ttl_s,
             ]
@@ -141,8 +144,8 @@ def begin(
     """Take the message's lease and read its document, ledger, solution and the suppression
     entries of ``recipients``; with ``first_take``, take the token of a message at its
     first attempt too (not when a recipient has a suppression entry)."""
-    same = ctx.results is ctx.state
-    doc: dict[str, Any] | None = None
+    same = ctx.one_redis
+    doc: TaskDocument | None = None
     if not same:
         doc = ctx.documents.get(sid, task_id)
         if doc is not None and doc["state"] in FINAL:
@@ -167,7 +170,7 @@ def begin_ahead(
     """:func:`begin` made ready to run in the same round trip as the previous message's
     :func:`finish` (a batch's next message); None when the result backend is not this
     Redis (begin then reads the document first)."""
-    if ctx.results is not ctx.state:
+    if not ctx.one_redis:
         return None
     return _begin_call(sid, task_id, lease_s, first_take, recipients, same=True)
 
@@ -190,11 +193,11 @@ def _held_by_the_dead(ctx: WorkerContext, answer: Any) -> bool:
     return not answer[0] and answer[1] is not None and holder_dead(ctx.state, as_str(answer[1]))
 
 
-def _begun(answer: Any, recipients: Sequence[str], doc: dict[str, Any] | None,
+def _begun(answer: Any, recipients: Sequence[str], doc: TaskDocument | None,
            same: bool) -> Begun:  # fmt: skip
     leased, _, lease_ms, raw_doc = answer[:4]
     if same and raw_doc is not None:
-        doc = json.loads(raw_doc)
+        doc = cast(TaskDocument, json.loads(raw_doc))
     if not leased:
         return Begun(doc, leased=False, lease_left_s=max(0.0, int(lease_ms) / 1000.0))
     raw_solution, flat, take, listed = answer[4], answer[5], answer[6], answer[7]
@@ -210,9 +213,9 @@ def _begun(answer: Any, recipients: Sequence[str], doc: dict[str, Any] | None,
 
 def finish(
     ctx: WorkerContext,
-    job: dict[str, Any],
+    job: Job,
     *,
-    doc: dict[str, Any] | None = None,
+    doc: TaskDocument | None = None,
     transition: str | None = None,
     outcomes: Outcomes | None = None,
     release: bool = False,
@@ -232,7 +235,7 @@ def finish(
     already read from the relay are written on their own first, with patience
     (:meth:`postroom.worker.ledger.Ledger.record`), and the error is raised."""
     sid, task_id = job["solution_id"], job["task_id"]
-    same = ctx.results is ctx.state
+    same = ctx.one_redis
     if not same:
         # the ledger before the document, the document before anything says it is done
         if outcomes is not None:

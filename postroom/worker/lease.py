@@ -2,10 +2,11 @@
 
 The lease names its holder (``host:pid``). It lasts as long as the longest attempt can
 (:func:`attempt_bound_s`) and then expires on its own; a holder on this host whose process
-is gone (a killed pool child) is taken over at once. An attempt takes and releases it
-within its first and last Redis steps (:mod:`postroom.worker.attempt_store`,
-``postroom/shared/lua/attempt_*.lua``),
-with the same rules as :meth:`Leases.acquire` and :meth:`Leases.release` here.
+is gone (a killed pool child) is taken over at once. An attempt takes it in its first Redis
+step (``postroom/shared/lua/attempt_begin.lua``, the one place that takes a lease) and releases it
+in
+its last (``postroom/shared/lua/attempt_finish.lua``), or with :meth:`Leases.release` when it ends
+without one.
 
 The same bound ties the broker's redelivery window to the send deadline
 (:func:`check_timeouts`): a message the broker hands out again while its first send may
@@ -21,7 +22,6 @@ import redis
 
 from postroom.shared import keys
 from postroom.shared.errors import ConfigError
-from postroom.shared.redis_values import as_str
 from postroom.shared.settings import Settings
 from postroom.worker import instances
 
@@ -61,15 +61,6 @@ def check_timeouts(settings: Settings) -> None:
             f"POSTROOM_MAX_RECIPIENTS {settings.max_recipients}) is shorter, "
             f"+ {BOOKKEEPING_S:g} s): raise it, or lower the send deadline"
         )
-
-# KEYS[1] the lease; ARGV[1] the holder expected; ARGV[2] the new holder; ARGV[3] ttl ms
-_TAKE_OVER = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  return 1
-end
-return 0
-"""
 
 # KEYS[1] the lease; ARGV[1] the holder
 _RELEASE = """
@@ -126,22 +117,7 @@ def _unreaped(pid: int) -> bool:
 class Leases:
     def __init__(self, client: redis.Redis) -> None:
         self._r = client
-        self._take_over = client.register_script(_TAKE_OVER)
         self._release = client.register_script(_RELEASE)
-
-    def acquire(self, sid: str, task_id: str, ttl_s: float) -> bool:
-        key = keys.lease(sid, task_id)
-        me = holder()
-        ttl_ms = int(ttl_s * 1000)
-        if self._r.set(key, me, nx=True, px=ttl_ms):
-            return True
-        current = self._r.get(key)
-        if current is None:
-            return bool(self._r.set(key, me, nx=True, px=ttl_ms))
-        current_holder = as_str(current)
-        if current_holder == me or holder_dead(self._r, current_holder):
-            return bool(self._take_over(keys=[key], args=[current_holder, me, ttl_ms]))
-        return False
 
     def held(self, sid: str, task_id: str) -> bool:
         """Whether some worker holds the message's lease now."""

@@ -17,12 +17,12 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from email.header import Header
 from email.utils import format_datetime
-from typing import Any
 from urllib.parse import quote
 
 import redis
 
 from postroom.shared import attachments as stored
+from postroom.shared.records import Job
 from postroom.shared.schemas.attachments import Attachment
 
 CRLF = b"\r\n"
@@ -94,7 +94,7 @@ def build_message(
     return CRLF.join(head) + CRLF + single
 
 
-def attachments_of(client: redis.Redis, job: dict[str, Any]) -> list[Attachment]:
+def attachments_of(client: redis.Redis, job: Job) -> list[Attachment]:
     """A job's attachments, their bytes read from postroom's Redis."""
     metas = job.get("attachments") or []
     if not metas:

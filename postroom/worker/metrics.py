@@ -28,6 +28,7 @@ from postroom.shared import metrics_files
 from postroom.shared.connections import redis_clients
 from postroom.shared.errors import SendError
 from postroom.shared.queue_metrics import BacklogCollector
+from postroom.shared.records import Job, TaskDocument
 from postroom.shared.settings import Settings
 from postroom.worker.pool import SmtpPool
 from postroom.worker.smtp import DeliveryResult
@@ -184,7 +185,7 @@ def deliver(pool: SmtpPool, *args: Any, **kwargs: Any) -> DeliveryResult:
         m.relay_connections.set(pool.idle_count())
 
 
-def written(transition: str, doc: dict[str, Any], job: dict[str, Any]) -> None:
+def written(transition: str, doc: TaskDocument, job: Job) -> None:
     """A message's attempt ended in ``transition`` (``sent``, ``failed``, ``retrying``,
     ``deferred``), written down with the document ``doc``."""
     m = _current

@@ -38,6 +38,12 @@ class WorkerContext:
         state, results = redis_clients(settings, socket_timeout=10.0)
         return cls(settings=settings, state=state, results=results)
 
+    @property
+    def one_redis(self) -> bool:
+        """Whether the documents are in the state's Redis (one client:
+        :func:`postroom.shared.connections.same_redis`): then one script writes both."""
+        return self.results is self.state
+
     @cached_property
     def box(self) -> SecretBox:
         return SecretBox(self.settings.secret_key)

@@ -27,13 +27,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import redis
 
 from postroom.shared import keys
 from postroom.shared.documents import FINAL, DocumentStore
 from postroom.shared.queue import Claimed, JobSet
+from postroom.shared.records import Job
 from postroom.worker.lease import Leases
 
 log = logging.getLogger("postroom.worker.schedule")
@@ -42,7 +42,7 @@ CLAIM_S = 30.0
 
 __all__ = ["CLAIM_S", "Claimed", "Mover", "Schedule", "Watcher"]
 
-Publish = Callable[[dict[str, Any]], None]
+Publish = Callable[[Job], None]
 
 
 class Schedule(JobSet):

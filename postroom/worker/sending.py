@@ -31,6 +31,7 @@ from postroom.shared.errors import (
 )
 from postroom.shared.keys import ledger as ledger_key
 from postroom.shared.ratelimit import Decision
+from postroom.shared.records import Job, TaskDocument
 from postroom.shared.relays import Relay
 from postroom.shared.solutions import Solution, iso
 from postroom.worker import metrics
@@ -67,7 +68,7 @@ def _rejected(code: int | None, reply: str | None) -> dict[str, Any]:
     return {"status": "rejected", "code": code, "reply": reply}
 
 
-def recipients_of(job: dict[str, Any]) -> list[str]:
+def recipients_of(job: Job) -> list[str]:
     msg = job["message"]
     seen: dict[str, None] = {}
     for addr in [*msg["to"], *msg["cc"], *msg["bcc"]]:
@@ -78,7 +79,7 @@ def recipients_of(job: dict[str, Any]) -> list[str]:
 class Attempt:
     """Runs one delivery attempt of ``job`` with the services of ``ctx``."""
 
-    def __init__(self, ctx: WorkerContext, job: dict[str, Any]) -> None:
+    def __init__(self, ctx: WorkerContext, job: Job) -> None:
         self.ctx = ctx
         self.job = job
         self.sid: str = job["solution_id"]
@@ -140,9 +141,9 @@ class Attempt:
         relay = self._judged_relay()
         first_take = None
         if not isinstance(relay, PostroomError) and self.recipients:
-            first_take = FirstTake(
-                self.ctx.settings.hlimit_period_s, self.job.get("hlimit"), self.ctx.ledger.ttl_s
-            )
+            settings = self.ctx.settings
+            first_take = FirstTake(settings.hlimit_period_s, self.job.get("hlimit"),
+                                   self.ctx.ledger.ttl_s, settings.hlimit_default)
         return relay, first_take
 
     def begin_call(self) -> tuple[Judged, BeginCall] | None:
@@ -201,7 +202,7 @@ class Attempt:
         else:
             self._fail(doc, state, err)
 
-    def _unfinished(self) -> tuple[dict[str, Any], LedgerState] | None:
+    def _unfinished(self) -> tuple[TaskDocument, LedgerState] | None:
         """The document (made again if it was lost) and the ledger's state, or None when the
         document is final already."""
         doc = self.ctx.documents.get(self.sid, self.task_id)
@@ -214,7 +215,7 @@ class Attempt:
 
     def _attempt(
         self,
-        doc: dict[str, Any],
+        doc: TaskDocument,
         state: LedgerState,
         solution: Solution | None,
         judged: Judged,
@@ -248,7 +249,7 @@ class Attempt:
         attempt = int(doc["attempts"]) + 1
         decision = taken if taken is not None else ctx.bucket.take(
             self.sid,
-            solution.hlimit,
+            solution.hlimit(ctx.settings.hlimit_default),
             self.job.get("hlimit"),
             once_key=ledger_key(self.sid, self.task_id),
             attempt=attempt,
@@ -334,7 +335,7 @@ class Attempt:
             self.ctx.suppressions.record_bounces(self.sid, self._bounces, self.task_id)
             self._bounces = {}
 
-    def _delivered(self, doc: dict[str, Any], state: LedgerState, result: DeliveryResult) -> None:
+    def _delivered(self, doc: TaskDocument, state: LedgerState, result: DeliveryResult) -> None:
         outcomes = {r: {"status": "accepted", "code": 250, "reply": None} for r in result.accepted}
         for addr, code, reply in result.rejected:
             outcomes[addr] = _rejected(code, reply)
@@ -365,18 +366,7 @@ class Attempt:
             return err
 
     def _relay(self) -> Relay:
-        spec = self.job.get("relay")
-        if spec:
-            password = spec.get("password")
-            return Relay(
-                host=spec["host"],
-                port=int(spec["port"]),
-                scheme=spec["scheme"],
-                user=spec.get("user"),
-                password=self.ctx.box.decrypt(password) if password else None,
-                caller_chosen=True,
-            )
-        relay = self.ctx.default_relay
+        relay = Relay.of_job(self.job.get("relay"), self.ctx.default_relay, self.ctx.box.decrypt)
         if relay is None:
             raise PermanentSendError(
                 "no relay: the request names none and POSTROOM_DEFAULT_SMTP_URL is not set"
@@ -394,7 +384,7 @@ class Attempt:
             "messageId": self.job["message_id"],
         }
 
-    def _finish(self, doc: dict[str, Any], state: LedgerState) -> None:
+    def _finish(self, doc: TaskDocument, state: LedgerState) -> None:
         if not state.with_status("accepted", self.recipients):
             first = next(iter(state.done.values()), {})
             err = SmtpRejected(
@@ -404,16 +394,16 @@ class Attempt:
             )
             self._fail(doc, state, err)
             return
-        doc.update(
-            state="sent",
-            result=self._result(state),
-            error=None,
-            next_attempt_at=None,
-            pending=[],
-        )
+        doc.update({
+            "state": "sent",
+            "result": self._result(state),
+            "error": None,
+            "next_attempt_at": None,
+            "pending": [],
+        })
         self._write(doc, "sent")
 
-    def _suppressed(self, doc: dict[str, Any], state: LedgerState, blocked: list[str]) -> None:
+    def _suppressed(self, doc: TaskDocument, state: LedgerState, blocked: list[str]) -> None:
         """Every recipient left is on the suppression list: sent, when earlier attempts
         reached others; else failed, ``Blocked`` (the 429 intake would have answered)."""
         if state.with_status("accepted", self.recipients):
@@ -421,17 +411,17 @@ class Attempt:
             return
         self._fail(doc, state, Blocked.recipients(blocked))
 
-    def _fail(self, doc: dict[str, Any], state: LedgerState, err: PostroomError) -> None:
-        doc.update(
-            state="failed",
-            result=self._result(state) if state.done else None,
-            error=err.body(),
-            next_attempt_at=None,
-            pending=[],
-        )
+    def _fail(self, doc: TaskDocument, state: LedgerState, err: PostroomError) -> None:
+        doc.update({
+            "state": "failed",
+            "result": self._result(state) if state.done else None,
+            "error": err.body(),
+            "next_attempt_at": None,
+            "pending": [],
+        })
         self._write(doc, "failed", error_type=err.type)
 
-    def _retry(self, doc: dict[str, Any], state: LedgerState, err: TransientSendError) -> None:
+    def _retry(self, doc: TaskDocument, state: LedgerState, err: TransientSendError) -> None:
         ctx = self.ctx
         age = time.time() - float(self.job["created_at"])
         delay = ctx.retry_policy.next_delay(int(doc["attempts"]), age, err.retry_after)
@@ -450,18 +440,18 @@ class Attempt:
                 self._fail(doc, state, final)
             return
         due = time.time() + delay
-        doc.update(
-            state="retrying",
-            next_attempt_at=iso(due),
-            error=err.body(),
-            pending=pending,
-            result=self._result(state) if state.done else None,
-        )
+        doc.update({
+            "state": "retrying",
+            "next_attempt_at": iso(due),
+            "error": err.body(),
+            "pending": pending,
+            "result": self._result(state) if state.done else None,
+        })
         self._write(doc, "retrying", schedule_at=due, delay=round(delay, 3))
 
     def _limited(
         self,
-        doc: dict[str, Any],
+        doc: TaskDocument,
         state: LedgerState,
         solution: Solution,
         retry_after: float | None,
@@ -483,8 +473,9 @@ class Attempt:
             return
         left = MAX_DEFER_S - (time.time() - float(self.job["created_at"]))
         key = ledger_key(self.sid, self.task_id)
+        capacity = solution.hlimit(ctx.settings.hlimit_default)
         held = ctx.bucket.reserve(
-            self.sid, solution.hlimit, self.job.get("hlimit"), once_key=key, within_s=left
+            self.sid, capacity, self.job.get("hlimit"), once_key=key, within_s=left
         )
         if held.retry_after is None or not (held.allowed or held.reserved):
             if held.retry_after is not None:
@@ -494,12 +485,12 @@ class Attempt:
             return
         # the reservation is in the ledger, which gets the document's time to live below
         due = time.time() + held.retry_after
-        doc.update(state="deferred", next_attempt_at=iso(due), error=None)
+        doc.update({"state": "deferred", "next_attempt_at": iso(due), "error": None})
         self._write(doc, "deferred", schedule_at=due, retry_after=round(held.retry_after, 3))
 
     def _write(
         self,
-        doc: dict[str, Any],
+        doc: TaskDocument,
         transition: str,
         schedule_at: float | None = None,
         **fields: Any,

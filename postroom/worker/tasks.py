@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import cast
 
 from celery import Celery, Task
 from celery.exceptions import Reject
@@ -26,6 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from postroom.shared import keys
 from postroom.shared.errors import InternalError
+from postroom.shared.records import Job
 from postroom.shared.settings import Settings
 from postroom.shared.task_names import SEND_TASK
 from postroom.worker import batching, budgets, metrics
@@ -60,11 +61,16 @@ def register(app: Celery, context: Callable[[], WorkerContext], settings: Settin
         ignore_result=True,
         Strategy="postroom.worker.batching:BatchStrategy",
     )
-    def send_email(self: Task, job: dict[str, Any]) -> None:
+    def send_email(self: Task, job: Job) -> None:
         if not run(context(), job):
             raise Reject("Redis unavailable", requeue=True)
 
     return send_email
+
+
+def job_of(item: Item) -> Job:
+    """The job of a message the strategy decoded (:mod:`postroom.worker.batching`)."""
+    return cast(Job, item.job)
 
 
 def run_batch_with(
@@ -89,18 +95,18 @@ def _run_lane(ctx: WorkerContext, settings: Settings, items: list[Item]) -> list
 
     Each attempt's last Redis step carries the next one's first (:attr:`Attempt.next`):
     one round trip per message and one more per lane, instead of two per message."""
-    attempts = [Attempt(ctx, item.job) for item in items]
+    attempts = [Attempt(ctx, job_of(item)) for item in items]
     for attempt, item in zip(attempts, items, strict=True):
         attempt.ready = partial(_may_start, item, settings)
     verdicts: list[bool] = []
     store_down = False
-    for n, (item, attempt) in enumerate(zip(items, attempts, strict=True)):
+    for n, attempt in enumerate(attempts):
         if store_down or not attempt.ready():
             _give_back(attempt)
             verdicts.append(False)
             continue
         attempt.next = attempts[n + 1] if n + 1 < len(items) else None
-        done = run(ctx, item.job, close_idle=False, attempt=attempt)
+        done = run(ctx, attempt.job, close_idle=False, attempt=attempt)
         verdicts.append(done)
         store_down = not done
     return verdicts
@@ -129,7 +135,7 @@ def lost_with(context: Callable[[], WorkerContext], settings: Settings, item: It
     time it is given up: its document ends ``failed`` with an ``InternalError`` saying so
     (or as its ledger says, when every recipient is done), and True is returned."""
     ctx = context()
-    job = item.job
+    job = job_of(item)
     key = keys.deaths(job["solution_id"], job["task_id"])
     pipe = ctx.state.pipeline(transaction=True)
     pipe.incr(key)
@@ -146,7 +152,7 @@ def lost_with(context: Callable[[], WorkerContext], settings: Settings, item: It
 
 def run(
     ctx: WorkerContext,
-    job: dict[str, Any],
+    job: Job,
     close_idle: bool = True,
     attempt: Attempt | None = None,
 ) -> bool:

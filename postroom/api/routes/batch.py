@@ -16,12 +16,12 @@ on its own (the key is claimed before, confirmed after), like a keyed single sen
 reused with another message is that message's 422 ``IdempotencyMismatch``.
 
 The messages that pass queue together: one round trip reads the caller and the solution,
-one more judges and queues every message by the one-step script (:mod:`postroom.api.express`) in a
-single transaction. A message that script does not queue (a recipient suppressed, an empty
-bucket, the record changed meanwhile) takes the usual path on its own and gets that path's
-answer. Like single sends, the batch only peeks at the bucket: the worker takes each
-message's token, so a batch larger than the tokens left is accepted and its surplus ends
-``RateLimited`` (or waits, under ``defer``).
+one more judges and queues every message by the one-step script in a single transaction
+(:func:`postroom.api.intake.pipeline.accept_batch`). A message that script does not queue (a
+recipient suppressed, an empty bucket, the record changed meanwhile) is checked and queued
+on its own and gets that answer. Like single sends, the batch only peeks at the bucket: the
+worker takes each message's token, so a batch larger than the tokens left is accepted and
+its surplus ends ``RateLimited`` (or waits, under ``defer``).
 """
 
 from __future__ import annotations
@@ -30,26 +30,21 @@ import logging
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from postroom.api import sends
-from postroom.api.auth import Principal
 from postroom.api.body import json_object
-from postroom.api.intake import body_fingerprint
+from postroom.api.intake.checks import load_send
+from postroom.api.intake.idempotency import idempotency_key, replayed
+from postroom.api.intake.job import body_fingerprint
+from postroom.api.intake.pipeline import Accepted, Keyed, accept_batch
 from postroom.api.routes import tasks
-from postroom.api.services import Services, services
-from postroom.api.templates.rendering import apply_template
-from postroom.shared.documents import new_document
-from postroom.shared.errors import PostroomError, ServiceUnavailable, ValidationError
-from postroom.shared.ratelimit import Decision
+from postroom.api.services import services
+from postroom.shared.errors import PostroomError, ValidationError
+from postroom.shared.records import SendRequest
 from postroom.shared.schemas import load_or_raise
-from postroom.shared.solutions import Solution
 
 bp = Blueprint("batch", __name__)
 log = logging.getLogger("postroom.api")
 
-STORE_AWAY = "the service's store is unavailable; this message was not accepted, retry it"
 #: a message's own idempotency key, taken out before the message is loaded as a send
 KEY = "idempotency_key"
 
@@ -68,10 +63,10 @@ def _single_send_options() -> None:
         )
 
 
-def _queued(index: int, sid: str, task_id: str, state: str = "queued") -> dict[str, Any]:
-    link = tasks.link(sid, task_id)
-    return {"index": index, "status": 202, "task_id": task_id, "state": state,
-            "links": {"self": link}}  # fmt: skip
+def _queued(index: int, sid: str, accepted: Accepted) -> dict[str, Any]:
+    link = tasks.link(sid, accepted.task_id)
+    return {"index": index, "status": 202, "task_id": accepted.task_id,
+            "state": accepted.state, "links": {"self": link}}  # fmt: skip
 
 
 def _refused(index: int, err: PostroomError) -> dict[str, Any]:
@@ -87,42 +82,26 @@ def send_batch(sid: str) -> tuple[Response, int]:
     except PostroomError:
         svc.authorize(sid)  # a bad token or an unknown solution is answered first
         raise
-    known = svc.authorize(sid)
-    solution = known[1]
+    _, solution = svc.authorize(sid)
 
     results: list[dict[str, Any]] = [{} for _ in messages]
-    # index, data, and the job built for the one-step path (None: the usual path judges it,
-    # as when `from` or the relay is refused, or when that path is not open)
-    ready: list[tuple[int, dict[str, Any], dict[str, Any] | None]] = []
-    keyed: list[tuple[int, dict[str, Any], str, str]] = []  # index, data, key, fingerprint
+    loaded: list[tuple[int, SendRequest, Keyed | None]] = []
     for index, raw in enumerate(messages):
         try:
-            key, fingerprint, raw = _key_of(raw)
-            if key is not None:  # a replay is answered before the schema can refuse it
-                earlier = svc.idempotency.get(sid, key)
+            keyed, raw = _key_of(raw)
+            if keyed is not None:  # a replay is answered before the schema can refuse it
+                earlier = svc.idempotency.get(sid, keyed.key)
                 if earlier is not None:
-                    task_id = sends.replayed(earlier, fingerprint, KEY)
-                    results[index] = _queued(index, sid, task_id)
+                    task_id = replayed(earlier, keyed.fingerprint, KEY)
+                    results[index] = _queued(index, sid, Accepted(task_id))
                     continue
-            data = load_or_raise(svc.schemas.send, raw)
-            apply_template(svc, sid, data)
+            loaded.append((index, load_send(svc, sid, raw), keyed))
         except PostroomError as err:
             results[index] = _refused(index, err)
-            continue
-        if key is not None:
-            keyed.append((index, data, key, fingerprint))
-            continue
-        job = sends.prepared(svc, data, solution) if svc.express is not None else None
-        ready.append((index, data, job))
-
-    decisions = _in_one_step(svc, solution, ready)
-    for (index, data, job), decision in zip(ready, decisions, strict=True):
-        if decision is None or job is None:
-            results[index] = _alone(svc, sid, index, data, known)
-        else:
-            results[index] = _queued(index, sid, job["task_id"])
-    for index, data, key, fingerprint in keyed:
-        results[index] = _alone(svc, sid, index, data, known, (key, fingerprint))
+    answers = accept_batch(svc, solution, [(data, keyed) for _, data, keyed in loaded])
+    for (index, _, _), answer in zip(loaded, answers, strict=True):
+        results[index] = (_refused(index, answer) if isinstance(answer, PostroomError)
+                          else _queued(index, sid, answer))  # fmt: skip
     queued = sum(1 for r in results if r["status"] == 202)
     log.info("batch queued", extra={"solution_id": sid, "queued": queued,
                                     "refused": len(results) - queued})  # fmt: skip
@@ -130,56 +109,10 @@ def send_batch(sid: str) -> tuple[Response, int]:
     return jsonify(body), 200
 
 
-def _in_one_step(
-    svc: Services,
-    solution: Solution,
-    ready: list[tuple[int, dict[str, Any], dict[str, Any] | None]],
-) -> list[Decision | None]:
-    """Each built job judged and queued by the one-step script, all in one round trip;
-    None for a message it did not queue (and for every one where that path is not open)."""
-    express = svc.express
-    built = [(data, job) for _, data, job in ready if job is not None]
-    if express is None or not built:
-        return [None] * len(ready)
-    express.remember(solution)  # read just now
-    calls = [
-        (job, new_document(job["task_id"], solution.solution_id, job["created_at"],
-                           job.get("metadata")),
-         sends.recipients_of(data), data.get("hLimit"))
-        for data, job in built
-    ]  # fmt: skip
-    answers = iter(express.send_many(calls, solution))
-    return [None if job is None else next(answers) for _, _, job in ready]
-
-
-def _key_of(raw: Any) -> tuple[str | None, str, Any]:
-    """A message's own idempotency key (checked: 400 naming it), the message's fingerprint,
-    and the message without the key; ``(None, "", raw)`` for a message without one."""
+def _key_of(raw: Any) -> tuple[Keyed | None, Any]:
+    """A message's own idempotency key (checked: 400 naming it) with the fingerprint of the
+    message without it, and that message; ``(None, raw)`` for a message without one."""
     if not isinstance(raw, dict) or KEY not in raw:
-        return None, "", raw
+        return None, raw
     message = {k: v for k, v in raw.items() if k != KEY}
-    return sends.idempotency_key(raw[KEY], KEY), body_fingerprint(message), message
-
-
-def _alone(
-    svc: Services,
-    sid: str,
-    index: int,
-    data: dict[str, Any],
-    known: tuple[Principal, Solution],
-    keyed: tuple[str, str] | None = None,
-) -> dict[str, Any]:
-    """One message on the usual path (under its idempotency key and fingerprint, if
-    ``keyed``): its queued entry or its refusal."""
-    try:
-        if keyed is not None:
-            task_id, _ = sends.queue_keyed(svc, sid, data, *keyed, known, KEY)
-        else:
-            job, _ = sends.judged_job(svc, sid, data, known)
-            sends.queue(svc, job, data["attachments"])
-            task_id = job["task_id"]
-    except PostroomError as err:
-        return _refused(index, err)
-    except (RedisConnectionError, RedisTimeoutError):
-        return _refused(index, ServiceUnavailable(STORE_AWAY))
-    return _queued(index, sid, task_id, sends.state_of_request(data))
+    return Keyed(idempotency_key(raw[KEY], KEY), body_fingerprint(message), KEY), message

@@ -1,17 +1,11 @@
-"""``POST /solutions/{sid}/email``: validate, check, enqueue, answer 202 at once.
+"""``POST /solutions/{sid}/email``: read the request, take it through the intake, answer
+202 at once.
 
-The checks, in order: token, solution, ``?wait``, the body (415/400), an
+The order of the answers: token, solution, ``?wait``, the body (415/400), an
 ``Idempotency-Key`` replay (answered before anything else can refuse it), the schema
-(400), ``from`` (400), the caller's relay (400 ``InvalidRelay``), the suppression list
-(429 ``Blocked``), the hLimit bucket (429 ``RateLimited``). Nothing is enqueued unless
-every check passes.
-
-A send that passes reaches Redis twice: once for everything the checks read (the token,
-the solution, the suppressions, the bucket: :mod:`postroom.api.admission`), once to queue it. When
-this process has seen the solution pass before, once: the checks and the queueing in one
-script (:mod:`postroom.api.express`), falling back to the two steps on any other finding. The body
-is read before the token is checked, but a bad token or an unknown solution is still the
-answer a bad body gets.
+(400), then the intake's checks (:mod:`postroom.api.intake.checks`). Nothing is enqueued unless
+every check passes. The body is read before the token is checked, but a bad token or an
+unknown solution is still the answer a bad body gets.
 """
 
 from __future__ import annotations
@@ -19,21 +13,18 @@ from __future__ import annotations
 import json
 import logging
 import math
-from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
-from postroom.api import sends
-from postroom.api.auth import Principal
 from postroom.api.body import json_object
-from postroom.api.intake import body_fingerprint
+from postroom.api.intake.checks import load_send
+from postroom.api.intake.idempotency import idempotency_key, replayed
+from postroom.api.intake.job import body_fingerprint
+from postroom.api.intake.pipeline import Accepted, Keyed, accept, accept_keyed
 from postroom.api.routes import tasks
 from postroom.api.services import Services, services
-from postroom.api.templates.rendering import apply_template
 from postroom.shared.errors import PostroomError, ValidationError
 from postroom.shared.ratelimit import Decision
-from postroom.shared.schemas import load_or_raise
-from postroom.shared.solutions import Solution
 
 bp = Blueprint("email", __name__)
 log = logging.getLogger("postroom.api")
@@ -58,13 +49,13 @@ def _wait_seconds() -> int | None:
 
 def _idempotency_key() -> str | None:
     key = request.headers.get(KEY_HEADER)
-    return None if key is None else sends.idempotency_key(key, KEY_HEADER)
+    return None if key is None else idempotency_key(key, KEY_HEADER)
 
 
 def _accepted(sid: str, task_id: str, decision: Decision | None,
               state: str = "queued") -> Response:  # fmt: skip
-    """The 202, built directly (not through ``url_for`` and ``jsonify``, which cost an
-    accepted send a tenth of its time): the same body and headers."""
+    """The 202, built directly rather than through ``url_for`` and ``jsonify`` (the same
+    body and headers, for less: ``docs/throughput.md``)."""
     location = tasks.link(sid, task_id)
     body = {"task_id": task_id, "state": state, "links": {"self": location}}
     headers = [("Location", location)]
@@ -90,45 +81,34 @@ def rate_headers(decision: Decision) -> list[tuple[str, str]]:
 @bp.post("/solutions/<sid>/email")
 def send(sid: str) -> Response | tuple[Response, int]:
     svc = services()
-    known: tuple[Principal, Solution] | None = None
+    authorized = False
     try:
         wait = _wait_seconds()
         body = json_object()
-        idem_key = _idempotency_key()
-        fingerprint = body_fingerprint(body) if idem_key else ""
-        if idem_key:  # a replay is answered before the schema can refuse the body
-            known = svc.authorize(sid)
-            earlier = svc.idempotency.get(sid, idem_key)
+        key = _idempotency_key()
+        keyed = None if key is None else Keyed(key, body_fingerprint(body), KEY_HEADER)
+        if keyed is not None:  # a replay is answered before the schema can refuse the body
+            svc.authorize(sid)
+            authorized = True
+            earlier = svc.idempotency.get(sid, keyed.key)
             if earlier is not None:
-                return _accepted(sid, sends.replayed(earlier, fingerprint, KEY_HEADER), None)
-        data: dict[str, Any] = load_or_raise(svc.schemas.send, body)
-        apply_template(svc, sid, data)
+                task_id = replayed(earlier, keyed.fingerprint, KEY_HEADER)
+                return _accepted(sid, task_id, None)
+        data = load_send(svc, sid, body)
     except PostroomError:
-        if known is None:
+        if not authorized:
             svc.authorize(sid)  # a bad token or an unknown solution is answered first
         raise
-
-    if idem_key is not None:
-        task_id, keyed = sends.queue_keyed(svc, sid, data, idem_key, fingerprint, known,
-                                           KEY_HEADER)  # fmt: skip
-        if keyed is None:  # another request took the key meanwhile: its task, as a replay
-            return _accepted(sid, task_id, None)
-        return _queued(svc, sid, task_id, keyed, wait, sends.state_of_request(data))
-
-    queued = sends.in_one_step(svc, sid, data)
-    if queued is not None:
-        return _queued(svc, sid, *queued, wait)
-
-    # the caller, the solution, the suppressions and the bucket: one round trip
-    job, decision = sends.judged_job(svc, sid, data, known)
-    sends.queue(svc, job, data["attachments"])
-    return _queued(svc, sid, job["task_id"], decision, wait, sends.state_of(job))
+    accepted = accept(svc, sid, data) if keyed is None else accept_keyed(svc, sid, data, keyed)
+    if accepted.decision is None:  # another request took the key meanwhile: its task
+        return _accepted(sid, accepted.task_id, None)
+    return _queued(svc, sid, accepted, wait)
 
 
-def _queued(
-    svc: Services, sid: str, task_id: str, decision: Decision, wait: int | None,
-    state: str = "queued",
-) -> Response | tuple[Response, int]:
+def _queued(svc: Services, sid: str, accepted: Accepted, wait: int | None,
+            ) -> Response | tuple[Response, int]:  # fmt: skip
+    task_id, decision = accepted.task_id, accepted.decision
+    assert decision is not None
     log.info("queued", extra={"task_id": task_id, "solution_id": sid})
     if wait is not None:
         final = svc.documents.wait_final(sid, task_id, wait)
@@ -136,4 +116,4 @@ def _queued(
             response = jsonify(final)
             response.headers.extend(rate_headers(decision))
             return response, 200
-    return _accepted(sid, task_id, decision, state)
+    return _accepted(sid, task_id, decision, accepted.state)

@@ -19,10 +19,11 @@ bp = Blueprint("quota", __name__)
 def show(sid: str) -> Response:
     svc = services()
     _, solution = svc.authorize(sid)
-    decision = svc.bucket.peek(sid, solution.hlimit)
+    hlimit = solution.hlimit(svc.settings.hlimit_default)
+    decision = svc.bucket.peek(sid, hlimit)
     return jsonify(
         {
-            "hLimit": solution.hlimit,
+            "hLimit": hlimit,
             "hLimit_policy": solution.policy,
             "remaining": decision.remaining,
             "retry_after": decision.retry_after,

@@ -14,7 +14,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from postroom.api.body import json_object
 from postroom.api.services import Services, services
-from postroom.api.templates.rendering import apply_template
+from postroom.api.templates.rendering import render_template
 from postroom.api.templates.store import MAX_TEMPLATES
 from postroom.shared.errors import Conflict, NotFound, ValidationError
 from postroom.shared.schemas import load_or_raise
@@ -100,6 +100,4 @@ def render(sid: str, name: str) -> Response:
     _get(svc, sid, name)
     body = json_object() if request.get_data(cache=True) else {}
     data = load_or_raise(svc.schemas.render, body)
-    message: dict[str, Any] = {"template": name, "template_data": data.get("data") or {}}
-    apply_template(svc, sid, message)
-    return jsonify({part: message[part] for part in ("subject", "text", "html")})
+    return jsonify(render_template(svc, sid, name, data.get("data") or {}).as_dict())

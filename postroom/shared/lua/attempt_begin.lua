@@ -25,8 +25,8 @@
 -- wrote it (state "queued", attempts 0), the ledger is empty, the solution exists and no
 -- recipient has a suppression entry, the message's token is taken as the worker's later
 -- take would (bucket.lua, mode "take", once per message, marking attempt 1 `sending` in the
--- ledger when allowed), with the capacity read from the record, and the request's bucket
--- only when below it.
+-- ledger when allowed), with the capacity read from the record (ARGV[5] when it names
+-- none, as postroom.shared.solutions.hlimit_of).
 --
 -- Returns {leased (0|1), holder, lease_ms, document, solution, ledger, take, listed}:
 -- leased 1: the lease is this worker's for ARGV[2] ms; solution (nil: deleted), ledger
@@ -72,16 +72,12 @@ if ARGV[4] ~= "" and doc and record and #ledger == 0 and not any_listed then
   local fresh = cjson.decode(doc)
   if fresh["state"] == "queued" and (tonumber(fresh["attempts"]) or 0) == 0 then
     local cap = tonumber((cjson.decode(record)["config"] or {})["hLimit"]) or tonumber(ARGV[5])
-    local request = tonumber(ARGV[6])
     local bucket_keys = { KEYS[6] }
-    if request >= 0 and request < cap then
+    if tonumber(ARGV[6]) >= 0 then
       bucket_keys[2] = KEYS[7]
-    else
-      request = -1
     end
     bucket_keys[#bucket_keys + 1] = KEYS[1]
-    take = bucket(bucket_keys, { ARGV[4], tostring(cap), tostring(request), "take", "1", "0", "1",
-      ARGV[7] })
+    take = bucket(bucket_keys, { ARGV[4], tostring(cap), ARGV[6], "take", "1", "0", "1", ARGV[7] })
   end
 end
 return { 1, false, 0, doc, record, ledger, take, listed }

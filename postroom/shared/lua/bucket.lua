@@ -1,13 +1,13 @@
 -- postroom hLimit token bucket: peek at, take, or reserve one token of one or two buckets.
 --
 -- KEYS[1]  the solution's bucket, a hash {tokens, ts, cap, since}   (keys.bucket(sid))
--- KEYS[2]  the request's bucket, same shape; only when ARGV[3] >= 0
---                                                                  (keys.request_bucket(sid, cap))
+-- KEYS[2]  the request's bucket, same shape; given when ARGV[3] >= 0, used only when
+--          ARGV[3] is below ARGV[2]                                (keys.request_bucket(sid, cap))
 -- KEYS[n]  the message's ledger hash, last key; only when ARGV[5] == "1"  (keys.ledger(sid, id))
 --
 -- ARGV[1]  period P in seconds (float): a bucket of capacity C refills C tokens per P
 -- ARGV[2]  the solution's capacity (integer >= 0)
--- ARGV[3]  the request's capacity (integer >= 0), or -1 when the request names no bucket
+-- ARGV[3]  the request's capacity (integer >= 0), or -1 when the request names none
 -- ARGV[4]  "peek" (compute only, write nothing), "take", or "reserve" (take; when no token
 --          is free, hold the next one in line for this message: needs the ledger)
 -- ARGV[5]  "1" when a ledger key is given (take once per message, see below)
@@ -60,8 +60,11 @@ local t = redis.call("TIME")
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 
 local buckets = { { key = KEYS[1], cap = tonumber(ARGV[2]) } }
-if tonumber(ARGV[3]) >= 0 then
-  buckets[2] = { key = KEYS[2], cap = tonumber(ARGV[3]) }
+-- the request-hLimit rule, here alone: a request's capacity at or above the solution's
+-- names no second bucket (it cannot tighten)
+local request_cap = tonumber(ARGV[3])
+if request_cap >= 0 and request_cap < buckets[1].cap then
+  buckets[2] = { key = KEYS[2], cap = request_cap }
 end
 local ledger = has_ledger and KEYS[#KEYS] or nil
 

@@ -7,8 +7,7 @@
 -- KEYS[2]  the request's bucket, only when ARGV[3] >= 0           (keys.request_bucket(...))
 -- KEYS[n]  the solution's record, JSON, last key                  (keys.solution(sid))
 -- ARGV     as bucket.lua's, mode "peek"; ARGV[2] is replaced by the record's hLimit
---          (ARGV[9]: the capacity of a record that names none), and a request capacity at or
---          above it names no second bucket (ARGV[3] becomes -1), as TokenBucket does.
+--          (ARGV[9]: the capacity of a record that names none, as postroom.shared.solutions.hlimit_of).
 --
 -- Returns bucket.lua's answer, or false (nil in Python) when the solution does not exist.
 
@@ -20,6 +19,3 @@ local record_config = cjson.decode(record_raw)["config"] or {}
 local record_cap = tonumber(record_config["hLimit"]) or tonumber(ARGV[9])
 KEYS[#KEYS] = nil
 ARGV[2] = tostring(record_cap)
-if tonumber(ARGV[3]) >= record_cap then
-  ARGV[3] = "-1"
-end

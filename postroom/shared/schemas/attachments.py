@@ -18,6 +18,7 @@ from typing import Any
 from marshmallow import ValidationError, fields, post_load, validates_schema
 from marshmallow.validate import Length
 
+from postroom.shared.records import AttachmentMeta
 from postroom.shared.schemas.fields import NULL, REQUIRED, StrictSchema, Text
 from postroom.shared.schemas.validators import NoControlChars
 
@@ -51,7 +52,7 @@ class Attachment:
     content_id: str | None
     content: bytes
 
-    def meta(self) -> dict[str, Any]:
+    def meta(self) -> AttachmentMeta:
         """What the job carries of it (the bytes are stored apart:
         :mod:`postroom.shared.attachments`)."""
         return {"filename": self.filename, "content_type": self.content_type,

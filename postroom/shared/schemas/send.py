@@ -26,7 +26,7 @@ from marshmallow import ValidationError, post_load, pre_load, validates_schema
 from marshmallow.validate import Length, OneOf, Range
 
 from postroom.shared import errors
-from postroom.shared.relays import DEFAULT_PORTS, SCHEMES
+from postroom.shared.relays import SCHEMES, configured_relay, relay_port
 from postroom.shared.schemas.attachments import AttachmentList, check_attachment_size, check_inline
 from postroom.shared.schemas.fields import (
     AddressList,
@@ -101,7 +101,7 @@ class ConnectionSchema(StrictSchema):
         port = data.get("port")
         return {
             "server": data["server"].lower(),
-            "port": DEFAULT_PORTS[scheme] if port is None else port,
+            "port": relay_port(port, scheme),
             "user": data.get("user"),
             "password": data.get("password"),
             "scheme": scheme,
@@ -264,7 +264,7 @@ def check_sender(data: Mapping[str, Any], solution_config: Mapping[str, Any]) ->
     ``connection_server`` in the solution's configuration. Raises the 400 otherwise."""
     if data.get("from") is None:
         return
-    if data.get("connection") or solution_config.get("connection_server"):
+    if data.get("connection") or configured_relay(solution_config) is not None:
         return
     raise errors.ValidationError(
         "invalid fields: from",

@@ -3,7 +3,8 @@
 Loaded configurations use the JSON names (``hLimit``, ``hLimit_policy``). ``null`` puts a
 field back to its default. PUT (and create) return every field, omitted ones at their
 defaults; PATCH returns only the fields given, to be merged into the stored ones.
-``connection_port`` ``None`` means the scheme's default port (``relays.DEFAULT_PORTS``):
+``connection_port`` ``None`` means the scheme's default port
+(``postroom.shared.relays.relay_port``):
 a stored number would go stale when the scheme changes.
 """
 
@@ -23,6 +24,7 @@ from postroom.shared.schemas.send import (
     user_field,
 )
 from postroom.shared.schemas.validators import FullMatch, HostName, NoControlChars
+from postroom.shared.solutions import config_defaults
 
 if TYPE_CHECKING:
     from postroom.shared.settings import Settings
@@ -61,17 +63,9 @@ class SolutionConfigSchema(StrictSchema):
         metadata={"description": "When the bucket is empty: answer 429, or hold the message."},
     )
 
-    def __init__(self, *, hlimit_default: int = 10, partial: bool = False, **kwargs: Any):
+    def __init__(self, *, hlimit_default: int, partial: bool = False, **kwargs: Any):
         super().__init__(partial=partial, **kwargs)
-        self.defaults: dict[str, Any] = {
-            "connection_server": None,
-            "connection_user": None,
-            "connection_password": None,
-            "connection_port": None,
-            "connection_scheme": "smtp",
-            "hLimit": hlimit_default,
-            "hLimit_policy": "reject",
-        }
+        self.defaults = config_defaults(hlimit_default)
         for field in self.fields.values():
             default = self.defaults.get(field.attribute or field.name or "")
             if default is not None and not partial:

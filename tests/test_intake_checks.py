@@ -1,4 +1,4 @@
-"""The intake's reads in one round trip (postroom.api.admission), on a real Redis."""
+"""The intake's reads in one round trip (postroom.api.intake.checks), on a real Redis."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from flask.testing import FlaskClient
 
 from postroom.api.app import create_app
 from postroom.shared import keys
+from postroom.worker import attempt_store as steps
+from postroom.worker.resources import WorkerContext
 from tests.helpers import ADMIN, RoundTrips, auth, create_solution, make_settings, queue_length
 
 SEND = "/api/v1/solutions/acme/email"
@@ -27,7 +29,7 @@ def test_a_first_send_reaches_redis_twice(
     client: FlaskClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Token, solution, suppressions and bucket in one round trip; the job in another.
-    (Later sends of the same solution take one: tests/test_express.py.)"""
+    (Later sends of the same solution take one: tests/test_intake_one_step.py.)"""
     token = create_solution(client, hLimit=50)
     other = create_solution(client, "other")
     warm = client.post("/api/v1/solutions/other/email", json=OK, headers=auth(other))
@@ -98,3 +100,26 @@ def test_a_suppressed_recipient_among_others_is_named(client: FlaskClient) -> No
 def test_the_admin_token_may_send_for_a_solution(client: FlaskClient) -> None:
     create_solution(client)
     assert 202 == client.post(SEND, json=OK, headers=auth(ADMIN)).status_code
+
+
+def test_a_solution_without_hlimit_has_the_same_limit_at_intake_and_in_the_worker(
+    real_redis: redis.Redis, redis_url: str
+) -> None:
+    """A record that names no hLimit has ``POSTROOM_HLIMIT_DEFAULT`` (7 here): the intake's
+    peek and the worker's take (both reading the record in Redis) answer with that limit."""
+    settings = make_settings(redis_url, hlimit_default=7)
+    client = create_app(settings).test_client()
+    token = create_solution(client)
+    record = json.loads(real_redis.get(keys.solution("acme")) or b"{}")
+    del record["config"]["hLimit"]
+    real_redis.set(keys.solution("acme"), json.dumps(record))
+    r = client.post(SEND, json=OK, headers=auth(token))
+    assert (202, "7") == (r.status_code, r.headers["RateLimit-Limit"])
+
+    ctx = WorkerContext.build(settings)
+    first = steps.FirstTake(settings.hlimit_period_s, None, ctx.ledger.ttl_s,
+                            settings.hlimit_default)  # fmt: skip
+    begun = steps.begin(ctx, "acme", r.get_json()["task_id"], 30.0, first, OK["to"])
+    assert begun.take is not None and begun.solution is not None
+    assert (True, 7, 7) == (
+        begun.take.allowed, begun.take.limit, begun.solution.hlimit(settings.hlimit_default))

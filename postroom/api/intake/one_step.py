@@ -1,36 +1,33 @@
-"""A send that passes every check, checked and queued in one round trip.
+"""A send checked and queued in one round trip, for a solution this process has seen pass.
 
-The intake's usual path reads what its checks need in one round trip (:mod:`postroom.api.admission`)
-and queues the job in a second. Once an API process has seen a solution pass, it keeps a copy
-of the solution's record. The next send for that solution is judged on the copy (sender,
-relay), built from it, and handed to one script (``postroom/shared/lua/intake_send.lua``). The
-script checks, in Redis and in one atomic step:
+Once an API process has seen a solution pass its checks, it keeps a copy of the solution's
+record. The next send for that solution is judged on the copy (sender, relay), built from
+it, and handed to one script (``postroom/shared/lua/intake_send.lua``), which checks in Redis, in
+one
+atomic step:
 
 - the token is the solution's (or the admin's, judged here);
 - the record is still the one the job was built from (its SHA-1);
 - no recipient has a suppression entry;
 - the bucket has a token for the message.
 
-Only then does it write the task document, the accepted-set entry and the queued message.
-Any other finding writes nothing, the copy is dropped, and the route takes its usual path,
-which gives the answer it always gives. A stale copy costs a round trip, never a wrong verdict.
+Only then does it write the task document, the task-list entry, the accepted-set entry and
+the queued message. Any other finding writes nothing, the copy is dropped, and the send
+takes its checks apart (:mod:`postroom.api.intake.checks`), which give the answer they always give.
+A stale copy costs a round trip, never a wrong verdict.
 
-The one-step path needs the broker's queue, the accepted set and the task documents in one
-Redis (the default: ``POSTROOM_BROKER_URL`` and ``POSTROOM_RESULT_BACKEND`` unset), and it is
-not taken by a send with an ``Idempotency-Key``.
-
-On RabbitMQ (with one Redis, or Sentinel, for state: not a cluster, where the script's
-global keys would span slots) the script does the same checks and writes everything but the
-queued message; the job is then published with its confirm. A job RabbitMQ does not
-confirm is taken back (its document, accepted-set and task-list entries) and answered 503,
-as on the usual path. This saves the usual path's second Redis round trip: about a fifth of
-the API's CPU per send on RabbitMQ (``bench/bench_topologies.py``, ``docs/scaling.md``).
+It needs the broker's queue, the accepted set and the task documents in one Redis (the
+default: ``POSTROOM_BROKER_URL`` and ``POSTROOM_RESULT_BACKEND`` unset). On RabbitMQ (with one
+Redis, or Sentinel, for state: not a cluster, where the script's global keys would span
+slots) the script writes everything but the message, and the job is then published with its
+confirm; a job RabbitMQ does not confirm is taken back (its document, accepted-set and
+task-list entries) and answered 503.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import redis
@@ -42,23 +39,27 @@ from postroom.api import tasklist
 from postroom.api.auth import bearer_token, is_admin
 from postroom.shared import keys
 from postroom.shared.crypto import hash_token
-from postroom.shared.documents import DocumentStore
+from postroom.shared.documents import DocumentStore, new_document
 from postroom.shared.errors import ServiceUnavailable, Unauthorized
 from postroom.shared.queue import Enqueuer, OneStep, unavailable
 from postroom.shared.ratelimit import Decision, decision_of
+from postroom.shared.records import Job
 from postroom.shared.redis_client import is_cluster
 from postroom.shared.schemas.addresses import address_key
 from postroom.shared.scripts import script
 from postroom.shared.settings import Settings
-from postroom.shared.solutions import Solution
+from postroom.shared.solutions import Solution, hlimit_of
 
 log = logging.getLogger("postroom.api")
 
 #: solutions whose record a process keeps (the oldest is dropped first)
 MAX_KNOWN = 1024
 
+#: one send for the script: its job, its recipients, the request's own hLimit
+Send = tuple[Job, list[str], int | None]
 
-class Express:
+
+class OneStepIntake:
     """The one-step send of one API process, with the records it has seen pass."""
 
     def __init__(
@@ -80,13 +81,14 @@ class Express:
         cls,
         settings: Settings,
         state: redis.Redis,
-        results: redis.Redis,
+        one_redis: bool,
         documents: DocumentStore,
         enqueuer: Enqueuer,
-    ) -> Express | None:
-        """The one-step path, or None when the job and its document live elsewhere."""
+    ) -> OneStepIntake | None:
+        """The one-step path, or None when the job and its document live elsewhere
+        (``one_redis``: the documents are in ``state``)."""
         one_step = enqueuer.one_step()
-        if one_step is None or results is not state:
+        if one_step is None or not one_redis:
             return None
         if one_step.publish is not None and is_cluster(state):
             return None  # the script's global keys (token, accepted set) span slots
@@ -107,27 +109,12 @@ class Express:
                 self._known.pop(oldest, None)  # another thread may have taken it
         self._known[sid] = solution
 
-    def send(
-        self,
-        job: dict[str, Any],
-        doc: dict[str, Any],
-        recipients: Iterable[str],
-        request_hlimit: int | None,
-        solution: Solution,
-    ) -> Decision | None:
-        """Queue ``job`` (built from ``solution``) with its first document ``doc`` if every
-        check passes in Redis; the bucket's answer, or None when nothing was written."""
-        return self.send_many([(job, doc, recipients, request_hlimit)], solution)[0]
-
-    def send_many(
-        self,
-        sends: Sequence[tuple[dict[str, Any], dict[str, Any], Iterable[str], int | None]],
-        solution: Solution,
-    ) -> list[Decision | None]:
-        """:meth:`send` for each ``(job, doc, recipients, request_hlimit)`` of one solution,
-        all in one round trip and one transaction (one script call each: every send is
-        judged and queued on its own). When one finds something else, the copy of the
-        record is dropped."""
+    def send_many(self, sends: Sequence[Send], solution: Solution) -> list[Decision | None]:
+        """Queue each ``(job, recipients, request_hlimit)`` of one solution (its job built
+        from ``solution``) with its first document, if every check passes in Redis: the
+        bucket's answer, or None when nothing was written for it. All in one round trip and
+        one transaction, one script call each (every send is judged and queued on its own).
+        When one finds something else, the copy of the record is dropped."""
         sid = solution.solution_id
         try:
             token = bearer_token()
@@ -137,7 +124,9 @@ class Express:
         caller = keys.solution(sid) if admin else keys.token(hash_token(token))
         calls = [self._call(caller, admin, solution, *send) for send in sends]
         try:
-            if len(calls) == 1:  # one script alone is atomic (and needs no pipeline)
+            # split kept (about 10 % on intake, docs/throughput.md): one script alone is
+            # atomic and needs no transaction
+            if len(calls) == 1:
                 replies = [self._script(self._client, *calls[0])]
             else:  # all of them or none run: a lost connection leaves no batch half queued
                 pipe = self._client.pipeline(transaction=True)
@@ -154,7 +143,7 @@ class Express:
         for reply in replies:
             if isinstance(reply, RedisError):
                 raise unavailable(reply)
-        if self._one_step.publish is not None:
+        if self._one_step.publish is not None:  # split kept: RabbitMQ (docs/scaling.md)
             self._publish(sends, replies, solution.solution_id)
         if any(reply is None for reply in replies):
             self._known.pop(sid, None)
@@ -162,7 +151,7 @@ class Express:
 
     def _publish(
         self,
-        sends: Sequence[tuple[dict[str, Any], dict[str, Any], Iterable[str], int | None]],
+        sends: Sequence[Send],
         replies: list[Any],
         sid: str,
     ) -> None:
@@ -186,12 +175,12 @@ class Express:
 
     def _take_back(
         self,
-        sends: Sequence[tuple[dict[str, Any], dict[str, Any], Iterable[str], int | None]],
+        sends: Sequence[Send],
         sid: str,
     ) -> None:
         """Remove what the script wrote for ``sends``, whose publishing failed."""
         pipe = self._client.pipeline(transaction=False)
-        for job, _, recipients, _ in sends:
+        for job, recipients, _ in sends:
             member, _ = self._one_step.entry(job)
             pipe.delete(keys.task(sid, job["task_id"]))
             pipe.zrem(self._one_step.accepted.key, member)
@@ -206,17 +195,15 @@ class Express:
         caller: str,
         admin: bool,
         solution: Solution,
-        job: dict[str, Any],
-        doc: dict[str, Any],
-        recipients: Iterable[str],
+        job: Job,
+        recipients: list[str],
         request_hlimit: int | None,
     ) -> tuple[list[str], list[str | int | float]]:
         """The keys and arguments of ``intake_send.lua`` for one send."""
         sid = solution.solution_id
-        recipients = list(recipients)
-        capacity = solution.config.get("hLimit")
-        capacity = self._settings.hlimit_default if capacity is None else int(capacity)
-        request = -1 if request_hlimit is None or request_hlimit >= capacity else request_hlimit
+        doc = new_document(job["task_id"], sid, job["created_at"], job["metadata"])
+        capacity = hlimit_of(solution.config, self._settings.hlimit_default)
+        request = -1 if request_hlimit is None else request_hlimit
         member, due = self._one_step.entry(job)
         script_keys = [
             caller,

@@ -1,4 +1,4 @@
-"""A send checked and queued in one round trip (postroom.api.express), on a real Redis.
+"""A send checked and queued in one round trip (postroom.api.intake.one_step), on a real Redis.
 
 A send takes the one-step path once its API process has seen the solution pass. Each test
 here first sends twice: the first send takes the usual two steps and keeps the record, the
@@ -19,7 +19,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from postroom.api.app import create_app
-from postroom.api.express import MAX_KNOWN
+from postroom.api.intake.one_step import MAX_KNOWN
 from postroom.api.services import Services
 from postroom.shared import keys
 from postroom.shared.ratelimit import TokenBucket
@@ -40,7 +40,7 @@ OK = {"to": ["ann@example.com"], "text": "hello"}
 
 @pytest.fixture
 def app(real_redis: redis.Redis, redis_url: str) -> Flask:
-    # a relay on loopback may be configured (tests/test_express.py: a sender allowed since)
+    # a relay on loopback may be configured (tests/test_intake_one_step.py: a sender allowed since)
     return create_app(make_settings(redis_url, smtp_allow_hosts=("127.0.0.1",)))
 
 
@@ -265,16 +265,16 @@ def test_a_result_backend_of_its_own_means_two_steps(
     elsewhere = redis_url.replace("127.0.0.1", "localhost")  # another URL: another client
     assert elsewhere != redis_url
     app = create_app(make_settings(redis_url, result_backend=elsewhere))
-    assert services(app).express is None
-    assert services(create_app(make_settings(redis_url))).express is not None
+    assert services(app).one_step is None
+    assert services(create_app(make_settings(redis_url))).one_step is not None
 
 
 def test_the_kept_records_are_bounded(app: Flask) -> None:
-    express = services(app).express
-    assert express is not None
+    one_step = services(app).one_step
+    assert one_step is not None
     for n in range(MAX_KNOWN + 1):
-        express.remember(Solution(f"s{n}", 0.0, {}, digest="d"))
-    assert express.known("s0") is None
-    assert express.known(f"s{MAX_KNOWN}") is not None
-    express.remember(Solution("unread", 0.0, {}))  # not read from Redis: not kept
-    assert express.known("unread") is None
+        one_step.remember(Solution(f"s{n}", 0.0, {}, digest="d"))
+    assert one_step.known("s0") is None
+    assert one_step.known(f"s{MAX_KNOWN}") is not None
+    one_step.remember(Solution("unread", 0.0, {}))  # not read from Redis: not kept
+    assert one_step.known("unread") is None

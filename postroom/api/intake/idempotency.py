@@ -10,21 +10,29 @@ carry one key, at most one task is made.
 
 A claim that is never confirmed (its API process died mid-request) expires after
 :data:`PENDING_TTL_S`.
+
+The same holds for a batch message's own ``idempotency_key``; ``name`` below is what the
+caller calls the key, for the errors that name it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
 from postroom.shared import keys
-from postroom.shared.errors import Conflict
+from postroom.shared.errors import Conflict, IdempotencyMismatch, ValidationError
 from postroom.shared.redis_values import as_str
+from postroom.shared.schemas.validators import CONTROL
 
+MAX_KEY = 255
+_KEY_CONTROL = re.compile(f"[{CONTROL}]")
 TTL_S = 24 * 3600
 PENDING_TTL_S = 60
 SETTLE_WAIT_S = 10.0
@@ -50,6 +58,27 @@ class Claim:
     fingerprint: str
     task_id: str
     accepted: bool = False  # the broker has the task
+
+
+def idempotency_key(value: Any, name: str) -> str:
+    """``value`` as an idempotency key: 1 to 255 characters, no control characters; else a
+    400 naming ``name``."""
+    if (not isinstance(value, str) or not 1 <= len(value) <= MAX_KEY
+            or _KEY_CONTROL.search(value)):  # fmt: skip
+        raise ValidationError(
+            f"invalid {name}",
+            fields={name: ["Must be 1 to 255 characters, no control characters."]},
+        )
+    return value
+
+
+def replayed(claim: Claim, fingerprint: str, name: str) -> str:
+    """The task an earlier request with the same key made; 422 when its body differed."""
+    if claim.fingerprint != fingerprint:
+        raise IdempotencyMismatch(
+            f"this {name} was used with another request body in the last 24 hours"
+        )
+    return claim.task_id
 
 
 def _encode(claim: Claim) -> str:
