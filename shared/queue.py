@@ -27,11 +27,10 @@ from kombu.exceptions import KombuError, OperationalError
 from redis.exceptions import RedisError
 
 from shared import keys
-from shared.amqp_publisher import AmqpPublisher
 from shared.brokers import PUBLISH_ERRORS, broker_config, is_amqp, publish_options
+from shared.celery_wire.amqp_publisher import AmqpPublisher
+from shared.celery_wire.task_message import SEND_TASK, TaskFraming, redacted
 from shared.errors import ServiceUnavailable
-from shared.framing import TaskFraming, redacted
-from shared.names import SEND_TASK
 from shared.redis_client import redis_client
 from shared.settings import Settings
 
@@ -202,8 +201,9 @@ _PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "
 @dataclass(frozen=True)
 class DirectBroker:
     """Publishing by pushing framed messages straight onto a Redis broker's queue list
-    (see :mod:`shared.framing`). ``shares_state``: the broker is postroom's own Redis, so
-    a job, its accepted-set entry and the caller's writes go in one transaction."""
+    (see :mod:`shared.celery_wire.task_message`). ``shares_state``: the broker is
+    postroom's own Redis, so a job, its accepted-set entry and the caller's writes go in one
+    transaction."""
 
     client: redis.Redis
     framing: TaskFraming

@@ -1,5 +1,6 @@
-"""The intake's own publishing to RabbitMQ (``shared/amqp_publisher.py``) on a real server:
-the message is what Celery's ``send_task`` publishes, confirmed, over a kept connection."""
+"""The intake's own publishing to RabbitMQ (``shared/celery_wire/amqp_publisher.py``) on a
+real server: the message is what Celery's ``send_task`` publishes, confirmed, over a kept
+connection."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import redis
 from kombu import Connection
 
 from shared import keys
-from shared.amqp_publisher import AmqpPublisher
+from shared.celery_wire.amqp_publisher import AmqpPublisher
+from shared.celery_wire.task_message import decode_body
 from shared.queue import Enqueuer, make_producer
 from tests.e2e import Stack
 from tests.helpers import RoundTrips, auth, make_settings
@@ -62,6 +64,8 @@ def test_our_message_is_what_send_task_publishes(rabbit: Rabbit, queue: str) -> 
     celerys, ours = _take(rabbit.url, queue)
     assert _comparable(celerys) == _comparable(ours)
     assert [[], {"job": JOB}] == json.loads(ours.body)[:2]
+    # and the worker's decoding reads both
+    assert [JOB, JOB] == [decode_body(m.body) for m in (celerys, ours)]
 
 
 def test_a_lost_connection_is_made_again_and_each_job_published_once(

@@ -16,10 +16,11 @@ import pytest
 import redis
 
 from shared import keys
+from shared.celery_wire.dead_letters import DeadLetters
+from shared.celery_wire.task_message import decode_body
 from tests.helpers import make_settings
 from worker import batching
-from worker.batching import BatchStrategy, Item, decode_job, fits_window
-from worker.dead_letters import DeadLetters
+from worker.batching import BatchStrategy, Item, fits_window
 from worker.lease import attempt_bound_s
 
 
@@ -287,12 +288,12 @@ def test_the_stop_flag_is_new_for_each_install() -> None:
     assert not batching.stopping()
 
 
-def test_decode_job_reads_the_keyword_or_the_first_argument() -> None:
+def test_decode_body_reads_the_keyword_or_the_first_argument() -> None:
     job = {"task_id": "t", "solution_id": "s"}
-    assert job == decode_job(json.dumps([[], {"job": job}, {}]))
-    assert job == decode_job(json.dumps([[job], {}, {}]).encode())
+    assert job == decode_body(json.dumps([[], {"job": job}, {}]))
+    assert job == decode_body(json.dumps([[job], {}, {}]).encode())
     with pytest.raises(ValueError):
-        decode_job(json.dumps([[{"x": 1}], {}, {}]))
+        decode_body(json.dumps([[{"x": 1}], {}, {}]))
 
 
 def test_fits_window_leaves_room_for_the_longest_attempt() -> None:

@@ -13,11 +13,11 @@ import redis
 from kombu import Connection, Exchange
 
 from shared import keys
+from shared.celery_wire.dead_letters import entry
 from shared.queue import make_producer
 from tests.e2e import Stack
 from tests.smtp_server import free_port
 from tests.stack import wait_for
-from worker.dead_letters import entry
 
 
 def test_an_entry_keeps_why_the_headers_and_the_body_as_text() -> None:

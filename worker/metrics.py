@@ -85,7 +85,8 @@ class WorkerMetrics:
             per_solution=per_solution,
             dead_letters=Counter(
                 "postroom_worker_dead_letters", "Broker messages the worker could not "
-                "read, set aside in Redis (worker.dead_letters), by reason", ["reason"],
+                "read, set aside in Redis (shared.celery_wire.dead_letters), by reason",
+                ["reason"],
                 registry=None,
             ),
         )  # fmt: skip
@@ -210,7 +211,8 @@ def connections(pool: SmtpPool) -> None:
 
 
 def dead_letter(reason: str) -> None:
-    """A message the worker could not read was set aside (:mod:`worker.dead_letters`)."""
+    """A message the worker could not read was set aside
+    (:mod:`shared.celery_wire.dead_letters`)."""
     m = _current
     if m is not None and m.dead_letters is not None:
         m.dead_letters.labels(reason).inc()

@@ -24,8 +24,8 @@ from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import keys
+from shared.celery_wire.task_message import SEND_TASK
 from shared.errors import InternalError
-from shared.names import SEND_TASK
 from shared.settings import Settings
 from worker import batching, budgets, metrics
 from worker.batching import Item, fits_window, install
