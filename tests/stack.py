@@ -99,7 +99,7 @@ class ApiProcess:
 
     def __init__(self, settings: Settings, workers: int = 4, log_path: Path | None = None,
                  extra: Sequence[str] = ()) -> None:
-        from tests.smtp_server import free_port
+        from shared.embedded_redis import free_port
 
         self.settings = settings
         self.workers = workers

@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 import redis
 from flask.testing import FlaskClient
 
-from api.app import create_app
 from shared import keys
-from tests.helpers import ADMIN, RoundTrips, auth, create_solution, make_settings, queue_length
+from tests.helpers import ADMIN, RoundTrips, auth, create_solution, queue_length
 
 SEND = "/api/v1/solutions/acme/email"
 OK = {"to": ["ann@example.com"], "text": "hello"}
 
-
-@pytest.fixture
-def client(real_redis: redis.Redis, redis_url: str) -> Iterator[FlaskClient]:
-    app = create_app(make_settings(redis_url, hlimit_default=7))
-    yield app.test_client()
+pytestmark = pytest.mark.settings(hlimit_default=7)
 
 
 def test_a_first_send_reaches_redis_twice(

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import smtplib
-import socket
 import subprocess
 import sys
 from email.message import EmailMessage
@@ -21,6 +20,7 @@ from cryptography.fernet import Fernet
 
 from shared.cli import WSGI_APP, build_parser, gunicorn_argv, main
 from shared.crypto import SecretBox, generate_key
+from shared.embedded_redis import free_port
 from shared.settings import Settings
 from shared.sink import MailSink
 from shared.solutions import SolutionStore
@@ -37,12 +37,6 @@ def clean_env(**extra: str) -> dict[str, str]:
     }
     env.update(extra)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

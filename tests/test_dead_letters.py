@@ -14,9 +14,9 @@ from kombu import Connection, Exchange
 
 from shared import keys
 from shared.celery_wire.dead_letters import entry
+from shared.embedded_redis import free_port
 from shared.queue import make_producer
 from tests.e2e import Stack
-from tests.smtp_server import free_port
 from tests.stack import wait_for
 
 

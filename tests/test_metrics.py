@@ -16,10 +16,10 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared import metrics_files
+from shared.embedded_redis import free_port
 from shared.settings import Settings
 from tests.e2e import Stack
 from tests.helpers import ADMIN, auth, env_of, make_settings
-from tests.smtp_server import free_port
 from tests.stack import ROOT, ApiProcess, wait_for
 from worker import metrics, probes
 

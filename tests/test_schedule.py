@@ -12,10 +12,10 @@ import redis
 
 from shared import keys
 from shared.documents import DocumentStore, new_document
+from shared.embedded_redis import free_port
 from shared.errors import ServiceUnavailable
 from shared.queue import JobSet, accepted_jobs, make_enqueuer
 from shared.settings import Settings
-from tests.smtp_server import free_port
 from worker.lease import Leases
 from worker.schedule import CLAIM_S, Mover, Schedule, Watcher
 

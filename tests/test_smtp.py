@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from shared.embedded_redis import free_port
 from shared.errors import (
     SendError,
     SmtpAuthFailed,
@@ -21,7 +22,7 @@ from shared.errors import (
     TransientSendError,
 )
 from shared.relays import Relay
-from tests.smtp_server import DropMode, ScriptedSmtpServer, SilentServer, TlsFiles, free_port
+from tests.smtp_server import DropMode, ScriptedSmtpServer, SilentServer, TlsFiles
 from worker import outcomes
 from worker.message import build_message
 from worker.smtp import DeliveryResult, SmtpConnection, deliver, make_ssl_context
