@@ -261,8 +261,8 @@ class Enqueuer:
         broker_url = str(app.conf.broker_url)
         confirm_timeout_s = float(app.conf.get("postroom_confirm_timeout_s", 5.0))
         self._publish_options = publish_options(broker_url, confirm_timeout_s)
-        # on RabbitMQ a job is framed here and published over a kept connection, about
-        # twice as fast at intake as send_task (bench/bench_topologies.py, docs/scaling.md)
+        # on RabbitMQ a job is framed here and published over a kept connection, cheaper
+        # at intake than send_task (docs/throughput.md)
         self._amqp = AmqpPublisher(app, queue, confirm_timeout_s) if is_amqp(broker_url) else None
 
     def one_step(self) -> OneStep | None:

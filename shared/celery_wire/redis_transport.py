@@ -1,7 +1,7 @@
 """kombu's Redis transport, with three costs of the worker's main process taken out.
 
 Per message, kombu's Redis channel takes one job per BRPOP and records it as unacknowledged
-in a second round trip, builds a new ``redis.Redis`` client (a table of about 170 reply
+in a second round trip, builds a new ``redis.Redis`` client (with its whole table of reply
 callbacks) for that record and again for the acknowledgement, and acknowledges each
 message in a round trip of its own. Here, after a BRPOP brought one job, one atomic script
 records that job unacknowledged and takes what else waits (as many as the prefetch allows),
