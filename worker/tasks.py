@@ -53,6 +53,7 @@ def register(app: Celery, context: Callable[[], WorkerContext], settings: Settin
 
     @app.task(
         name=SEND_TASK,
+        shared=False,  # this app's alone: not added to every Celery app made after it
         bind=True,
         acks_late=True,
         reject_on_worker_lost=True,
