@@ -12,7 +12,8 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 #: the libraries whose internals postroom reaches into, and where
-FENCED = ("celery", "kombu", "amqp", "redis", "gunicorn", "email-validator", "jinja2")
+FENCED = ("celery", "kombu", "amqp", "redis", "gunicorn", "email-validator", "jinja2",
+          "prometheus-client")
 
 
 def requirements() -> dict[str, Requirement]:
@@ -119,3 +120,12 @@ def test_kombu_has_the_private_parts_the_redis_transport_reaches_into() -> None:
     assert (ours.UNACKED, ours.UNACKED_INDEX) == ("unacked", "unacked_index")
     # the raw payload kept on a delivered message, written back into the unacked record
     assert "self._raw = payload" in inspect.getsource(virtual.Message.__init__)
+
+
+def test_prometheus_client_says_whether_it_counts_in_files() -> None:
+    """shared/metrics_files.py tells multiprocess mode by ``ValueClass._multiprocess``:
+    False for the plain value class, True for the one multiprocess mode makes."""
+    from prometheus_client import values
+
+    assert values.MutexValue._multiprocess is False
+    assert values.MultiProcessValue()._multiprocess is True
