@@ -142,3 +142,32 @@ def test_a_batch_rabbitmq_stops_confirming_keeps_what_it_confirmed(
     kept = 1 + confirmed  # with the first send
     assert kept == len(list(real_redis.scan_iter("postroom:{acme}:task:*")))
     assert kept == real_redis.zcard(keys.accepted())
+
+
+def test_a_message_we_publish_is_one_celerys_own_worker_runs(rabbit: Rabbit, queue: str) -> None:
+    """A job published by postroom's publisher is run by Celery's own worker (its consumer,
+    its default strategy and request: not postroom's), configured as postroom configures
+    Celery, as the task ``postroom.send_email`` with the job as its argument ``job``."""
+    from celery import Celery
+    from celery.contrib.testing.worker import start_worker
+
+    from shared.celery_wire.task_message import SEND_TASK
+    from shared.queue import celery_config
+    from tests.stack import wait_for
+
+    settings = make_settings("redis://127.0.0.1:1/0", broker_url=rabbit.url, queue=queue)
+    app = Celery("roundtrip", set_as_current=False)
+    app.conf.update(celery_config(settings), worker_hijack_root_logger=False)
+    ran: list[dict[str, Any]] = []
+
+    @app.task(name=SEND_TASK, shared=False)
+    def send_email(job: dict[str, Any]) -> None:
+        ran.append(job)
+
+    publisher = AmqpPublisher(make_producer(settings), queue, 5.0)
+    publisher.publish(JOB)
+    publisher.close()
+    with start_worker(app, pool="solo", perform_ping_check=False, loglevel="WARNING",
+                      shutdown_timeout=10.0):
+        wait_for(lambda: bool(ran), 20, message="Celery's worker to run the published job")
+    assert [JOB] == ran

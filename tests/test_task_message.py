@@ -113,7 +113,7 @@ def test_a_message_we_frame_is_one_celerys_own_worker_runs(
                     worker_hijack_root_logger=False)
     ran: list[dict[str, Any]] = []
 
-    @app.task(name=SEND_TASK)
+    @app.task(name=SEND_TASK, shared=False)
     def send_email(job: dict[str, Any]) -> None:
         ran.append(job)
 
