@@ -11,7 +11,7 @@ sends through Flask's test client, one at a time, each confirmed by RabbitMQ, pr
 - ``send_task, two steps``: Celery's ``send_task`` per job, after the checks' round trip and
   the writes' round trip (how the intake published to RabbitMQ before);
 - ``kept publisher, two steps``: the job framed by postroom and published over a kept
-  connection (``postroom/shared/amqp_publisher.py``), the same two Redis round trips;
+  connection (``postroom/shared/celery_wire/amqp_publisher.py``), the same two Redis round trips;
 - ``kept publisher, one step``: as the intake runs now, the one-step script (checks and
   writes in one round trip, ``postroom/api/intake/one_step.py``), then the publish.
 

@@ -1,5 +1,6 @@
-"""Shared fixtures: a real Redis (a database of the tests' own), fakeredis beside it; and
-each test's level, marked automatically by what it uses (:func:`level`).
+"""Shared fixtures: a real Redis (a database of the tests' own), fakeredis beside it; the
+settings, app, test client and solution token of the API tests; and each test's level,
+marked automatically by what it uses (:func:`level`).
 
 ``TEST_REDIS_URL`` names the Redis the tests may use (default: database 13 of
 the local server); only that database is ever flushed. Without a reachable Redis the
@@ -15,8 +16,12 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from flask import Flask
+from flask.testing import FlaskClient
 
 from postroom.dev.embedded_redis import EmbeddedRedis
+from postroom.shared.settings import Settings
+from tests.helpers import ADMIN, auth, make_settings
 
 pytest_plugins = ["tests.smtp_fixtures", "tests.e2e", "tests.topologies"]
 
@@ -71,6 +76,41 @@ def any_redis(request: pytest.FixtureRequest) -> redis.Redis:
     name = {"real": "real_redis", "fake": "fake_redis", "cluster": "cluster_redis"}
     client: redis.Redis = request.getfixturevalue(name[request.param])
     return client
+
+
+# -- the API in process --------------------------------------------------------------
+
+
+@pytest.fixture
+def settings(request: pytest.FixtureRequest, real_redis: redis.Redis, redis_url: str) -> Settings:
+    """The tests' settings (:func:`tests.helpers.make_settings`) on the tests' Redis,
+    flushed; a module or test changes some with ``@pytest.mark.settings(name=value, ...)``
+    (the closest marker wins)."""
+    marker = request.node.get_closest_marker("settings")
+    return make_settings(redis_url, **(marker.kwargs if marker is not None else {}))
+
+
+@pytest.fixture
+def app(settings: Settings) -> Flask:
+    """The API app built from :func:`settings`."""
+    from postroom.api.app import create_app
+
+    return create_app(settings)
+
+
+@pytest.fixture
+def client(app: Flask) -> Iterator[FlaskClient]:
+    """Flask's test client of :func:`app`."""
+    with app.test_client() as c:
+        yield c
+
+
+@pytest.fixture
+def token(client: FlaskClient) -> str:
+    """The token of solution ``acme``, created by the admin."""
+    r = client.post("/api/v1/solutions", json={"solution_id": "acme"}, headers=auth(ADMIN))
+    assert r.status_code == 201, r.get_json()
+    return str(r.get_json()["token"])
 
 
 # -- levels ----------------------------------------------------------------------------

@@ -11,24 +11,19 @@ a network. The proxy counts the connections open through it now and at most
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
+
+from postroom.dev.embedded_redis import free_port
 
 LOOPBACK = "127.0.0.1"
 REFUSAL = b"421 4.3.2 too many connections, try again later\r\n"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 class DelayProxy:
     def __init__(self, upstream_port: int, delay_s: float) -> None:
         self.upstream_port = upstream_port
         self.delay_s = delay_s
-        self.port = _free_port()
+        self.port = free_port()
         self.open = 0
         self.peak = 0
         self.accepted = 0  # connections passed on to the server

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from tests.smtp_server import ScriptedSmtpServer, SilentServer, TlsFiles, free_port, make_tls_files
+from postroom.dev.embedded_redis import free_port
+from tests.smtp_server import ScriptedSmtpServer, SilentServer, TlsFiles, make_tls_files
 
 
 @pytest.fixture(scope="session")

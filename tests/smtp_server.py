@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from postroom.dev.embedded_redis import free_port
+
 LOOPBACK = "127.0.0.1"
 DropMode = Literal["partial", "before_reply"]
 RcptReplies = Mapping[str, str] | Callable[[str], str | None]
@@ -365,11 +367,3 @@ class SilentServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (nobody listens on it now)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port

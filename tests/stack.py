@@ -110,7 +110,7 @@ class ApiProcess:
 
     def __init__(self, settings: Settings, workers: int = 4, log_path: Path | None = None,
                  extra: Sequence[str] = (), cwd: Path | None = None) -> None:
-        from tests.smtp_server import free_port
+        from postroom.dev.embedded_redis import free_port
 
         self.settings = settings
         self.cwd = cwd

@@ -1,5 +1,6 @@
-"""The intake's own publishing to RabbitMQ (``postroom/shared/amqp_publisher.py``) on a real server:
-the message is what Celery's ``send_task`` publishes, confirmed, over a kept connection."""
+"""The intake's own publishing to RabbitMQ (``postroom/shared/celery_wire/amqp_publisher.py``) on a
+real server: the message is what Celery's ``send_task`` publishes, confirmed, over a kept
+connection."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import redis
 from kombu import Connection
 
 from postroom.shared import keys
-from postroom.shared.amqp_publisher import AmqpPublisher
+from postroom.shared.celery_wire.amqp_publisher import AmqpPublisher
+from postroom.shared.celery_wire.task_message import decode_body
 from postroom.shared.queue import Enqueuer, make_producer
 from postroom.shared.records import Job
 from tests.e2e import Stack
@@ -64,6 +66,8 @@ def test_our_message_is_what_send_task_publishes(rabbit: Rabbit, queue: str) -> 
     celerys, ours = _take(rabbit.url, queue)
     assert _comparable(celerys) == _comparable(ours)
     assert [[], {"job": JOB}] == json.loads(ours.body)[:2]
+    # and the worker's decoding reads both
+    assert [JOB, JOB] == [decode_body(m.body) for m in (celerys, ours)]
 
 
 def test_a_lost_connection_is_made_again_and_each_job_published_once(
@@ -140,3 +144,32 @@ def test_a_batch_rabbitmq_stops_confirming_keeps_what_it_confirmed(
     kept = 1 + confirmed  # with the first send
     assert kept == len(list(real_redis.scan_iter("postroom:{acme}:task:*")))
     assert kept == real_redis.zcard(keys.accepted())
+
+
+def test_a_message_we_publish_is_one_celerys_own_worker_runs(rabbit: Rabbit, queue: str) -> None:
+    """A job published by postroom's publisher is run by Celery's own worker (its consumer,
+    its default strategy and request: not postroom's), configured as postroom configures
+    Celery, as the task ``postroom.send_email`` with the job as its argument ``job``."""
+    from celery import Celery
+    from celery.contrib.testing.worker import start_worker
+
+    from postroom.shared.celery_wire.task_message import SEND_TASK
+    from postroom.shared.queue import celery_config
+    from tests.stack import wait_for
+
+    settings = make_settings("redis://127.0.0.1:1/0", broker_url=rabbit.url, queue=queue)
+    app = Celery("roundtrip", set_as_current=False)
+    app.conf.update(celery_config(settings), worker_hijack_root_logger=False)
+    ran: list[dict[str, Any]] = []
+
+    @app.task(name=SEND_TASK, shared=False)
+    def send_email(job: dict[str, Any]) -> None:
+        ran.append(job)
+
+    publisher = AmqpPublisher(make_producer(settings), queue, 5.0)
+    publisher.publish(JOB)
+    publisher.close()
+    with start_worker(app, pool="solo", perform_ping_check=False, loglevel="WARNING",
+                      shutdown_timeout=10.0):
+        wait_for(lambda: bool(ran), 20, message="Celery's worker to run the published job")
+    assert [JOB] == ran

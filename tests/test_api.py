@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -11,29 +10,9 @@ import redis
 from flask.testing import FlaskClient
 
 from postroom.api.app import create_app
-from postroom.shared.settings import Settings
 from tests.helpers import ADMIN, as_bytes, auth, make_settings, queue_length
 
 SEND = "/api/v1/solutions/acme/email"
-
-
-@pytest.fixture
-def settings(real_redis: redis.Redis, redis_url: str) -> Settings:
-    return make_settings(redis_url)
-
-
-@pytest.fixture
-def client(settings: Settings) -> Iterator[FlaskClient]:
-    app = create_app(settings)
-    with app.test_client() as c:
-        yield c
-
-
-@pytest.fixture
-def token(client: FlaskClient) -> str:
-    r = client.post("/api/v1/solutions", json={"solution_id": "acme"}, headers=auth(ADMIN))
-    assert r.status_code == 201, r.get_json()
-    return str(r.get_json()["token"])
 
 
 def send(client: FlaskClient, token: str, body: Any, **kw: Any) -> Any:

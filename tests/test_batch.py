@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -29,19 +29,11 @@ from tests.helpers import (
 
 BATCH = "/api/v1/solutions/acme/email/batch"
 
+pytestmark = pytest.mark.settings(max_batch=6)
+
 
 def message(n: int, **extra: Any) -> dict[str, Any]:
     return {"to": [f"rcpt-{n}@example.com"], "subject": f"message {n}", "text": "hi", **extra}
-
-
-@pytest.fixture
-def app(real_redis: redis.Redis, redis_url: str) -> Flask:
-    return create_app(make_settings(redis_url, max_batch=6))
-
-
-@pytest.fixture
-def client(app: Flask) -> Iterator[FlaskClient]:
-    yield app.test_client()
 
 
 def post(client: FlaskClient, token: str, messages: Any, **kwargs: Any) -> Any:

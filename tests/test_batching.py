@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
 
 from postroom.shared import keys
+from postroom.shared.celery_wire.dead_letters import DeadLetters
+from postroom.shared.celery_wire.task_message import decode_body
+from postroom.shared.records import Job
 from postroom.worker import batching
-from postroom.worker.batching import BatchStrategy, Item, decode_job, fits_window
-from postroom.worker.dead_letters import DeadLetters
+from postroom.worker.batching import BatchStrategy, Item, fits_window
 from postroom.worker.lease import attempt_bound_s
 from tests.helpers import make_settings
 
@@ -287,18 +289,18 @@ def test_the_stop_flag_is_new_for_each_install() -> None:
     assert not batching.stopping()
 
 
-def test_decode_job_reads_the_keyword_or_the_first_argument() -> None:
+def test_decode_body_reads_the_keyword_or_the_first_argument() -> None:
     job = {"task_id": "t", "solution_id": "s"}
-    assert job == decode_job(json.dumps([[], {"job": job}, {}]))
-    assert job == decode_job(json.dumps([[job], {}, {}]).encode())
+    assert job == decode_body(json.dumps([[], {"job": job}, {}]))
+    assert job == decode_body(json.dumps([[job], {}, {}]).encode())
     with pytest.raises(ValueError):
-        decode_job(json.dumps([[{"x": 1}], {}, {}]))
+        decode_body(json.dumps([[{"x": 1}], {}, {}]))
 
 
 def test_fits_window_leaves_room_for_the_longest_attempt() -> None:
     job = {"message": {"to": ["a@x.org", "b@x.org"], "cc": [], "bcc": ["c@x.org"]}}
     longest = attempt_bound_s(2.0, 3)
-    item = Item(job, delivered_at=1000.0)
+    item = Item(cast(Job, job), delivered_at=1000.0)
     window = longest + 10
     assert fits_window(item, 1000.0, 2.0, window)
     assert fits_window(item, 1009.9, 2.0, window)

@@ -15,14 +15,14 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Queue
 
-from postroom.worker.broker import Channel, Transport, transport_for
+from postroom.shared.celery_wire.redis_transport import Channel, Transport, transport_for
 from tests.e2e import Stack
 from tests.helpers import RoundTrips, all_bytes
 from tests.stack import wait_for
 
 
 def test_a_redis_broker_gets_postroom_transport_and_others_keep_kombus() -> None:
-    assert "postroom.worker.broker:Transport" == transport_for("redis://127.0.0.1:6379/0")
+    assert "postroom.shared.celery_wire.redis_transport:Transport" == transport_for("redis://127.0.0.1:6379/0")
     with Connection("redis://127.0.0.1:6379/0", transport=transport_for("redis://")) as conn:
         assert isinstance(conn.transport, Transport)
     assert transport_for("rediss://redis.example.com:6380/0") is None

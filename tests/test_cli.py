@@ -7,7 +7,6 @@ import json
 import os
 import re
 import smtplib
-import socket
 import subprocess
 import sys
 from email.message import EmailMessage
@@ -20,6 +19,7 @@ import redis
 from cryptography.fernet import Fernet
 
 from postroom.cli import WSGI_APP, build_parser, gunicorn_argv, main
+from postroom.dev.embedded_redis import free_port
 from postroom.dev.sink import MailSink
 from postroom.shared.crypto import SecretBox, generate_key
 from postroom.shared.settings import Settings
@@ -37,12 +37,6 @@ def clean_env(**extra: str) -> dict[str, str]:
     }
     env.update(extra)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

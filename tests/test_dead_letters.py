@@ -12,11 +12,11 @@ import pytest
 import redis
 from kombu import Connection, Exchange
 
+from postroom.dev.embedded_redis import free_port
 from postroom.shared import keys
+from postroom.shared.celery_wire.dead_letters import entry
 from postroom.shared.queue import make_producer
-from postroom.worker.dead_letters import entry
 from tests.e2e import Stack
-from tests.smtp_server import free_port
 from tests.stack import wait_for
 
 

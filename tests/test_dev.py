@@ -17,14 +17,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from postroom.dev.embedded_redis import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO_AUTH = {"Authorization": "Bearer demo-token"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def listening(port: int) -> bool:

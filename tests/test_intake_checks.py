@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -11,18 +10,14 @@ from flask.testing import FlaskClient
 
 from postroom.api.app import create_app
 from postroom.shared import keys
-from postroom.worker import attempt_store as steps
+from postroom.worker import attempt_store
 from postroom.worker.resources import WorkerContext
 from tests.helpers import ADMIN, RoundTrips, auth, create_solution, make_settings, queue_length
 
 SEND = "/api/v1/solutions/acme/email"
 OK = {"to": ["ann@example.com"], "text": "hello"}
 
-
-@pytest.fixture
-def client(real_redis: redis.Redis, redis_url: str) -> Iterator[FlaskClient]:
-    app = create_app(make_settings(redis_url, hlimit_default=7))
-    yield app.test_client()
+pytestmark = pytest.mark.settings(hlimit_default=7)
 
 
 def test_a_first_send_reaches_redis_twice(
@@ -117,9 +112,9 @@ def test_a_solution_without_hlimit_has_the_same_limit_at_intake_and_in_the_worke
     assert (202, "7") == (r.status_code, r.headers["RateLimit-Limit"])
 
     ctx = WorkerContext.build(settings)
-    first = steps.FirstTake(settings.hlimit_period_s, None, ctx.ledger.ttl_s,
+    first = attempt_store.FirstTake(settings.hlimit_period_s, None, ctx.ledger.ttl_s,
                             settings.hlimit_default)  # fmt: skip
-    begun = steps.begin(ctx, "acme", r.get_json()["task_id"], 30.0, first, OK["to"])
+    begun = attempt_store.begin(ctx, "acme", r.get_json()["task_id"], 30.0, first, OK["to"])
     assert begun.take is not None and begun.solution is not None
     assert (True, 7, 7) == (
         begun.take.allowed, begun.take.limit, begun.solution.hlimit(settings.hlimit_default))

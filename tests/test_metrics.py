@@ -15,12 +15,12 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from postroom.dev.embedded_redis import free_port
 from postroom.shared import metrics_files
 from postroom.shared.settings import Settings
 from postroom.worker import metrics, probes
 from tests.e2e import Stack
 from tests.helpers import ADMIN, auth, env_of, make_settings
-from tests.smtp_server import free_port
 from tests.stack import ROOT, ApiProcess, wait_for
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

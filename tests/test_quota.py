@@ -5,33 +5,21 @@ the same ``TokenBucket`` the worker uses)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
 from flask.testing import FlaskClient
 
-from postroom.api.app import create_app
 from postroom.shared.ratelimit import TokenBucket
-from postroom.shared.settings import Settings
-from tests.helpers import ADMIN, auth, make_settings, queue_length
+from tests.helpers import ADMIN, auth, queue_length
 
 PERIOD = 3600
 QUOTA = "/api/v1/solutions/acme/quota"
 SEND = "/api/v1/solutions/acme/email"
 MESSAGE = {"to": ["ann@example.com"], "text": "x"}
 
-
-@pytest.fixture
-def settings(real_redis: redis.Redis, redis_url: str) -> Settings:
-    return make_settings(redis_url, hlimit_period_s=PERIOD)
-
-
-@pytest.fixture
-def client(settings: Settings) -> Iterator[FlaskClient]:
-    with create_app(settings).test_client() as c:
-        yield c
+pytestmark = pytest.mark.settings(hlimit_period_s=PERIOD)
 
 
 @pytest.fixture

@@ -78,7 +78,7 @@ def test_rabbitmq_down_at_intake_is_503(
 ) -> None:
     """No RabbitMQ where the broker URL points: a send answers 503 and nothing is kept;
     the readiness check says 503 too."""
-    from tests.smtp_server import free_port
+    from postroom.dev.embedded_redis import free_port
 
     stack = loopback_stack(broker_url=f"amqp://guest:guest@127.0.0.1:{free_port()}//",
                            broker_confirm_timeout_s=1.0)  # fmt: skip

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -14,32 +13,13 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 
-from postroom.api.app import create_app
 from postroom.shared import keys
 from postroom.shared.settings import Settings
-from tests.helpers import ADMIN, auth, make_settings, queue_length
+from tests.helpers import ADMIN, auth, queue_length
 
 SEND = "/api/v1/solutions/acme/email"
 TEMPLATES = "/api/v1/solutions/acme/templates"
 BLOB = bytes(range(256)) * 400  # 100 KiB
-
-
-@pytest.fixture
-def settings(real_redis: redis.Redis, redis_url: str) -> Settings:
-    return make_settings(redis_url)
-
-
-@pytest.fixture
-def client(settings: Settings) -> Iterator[FlaskClient]:
-    with create_app(settings).test_client() as c:
-        yield c
-
-
-@pytest.fixture
-def token(client: FlaskClient) -> str:
-    r = client.post("/api/v1/solutions", json={"solution_id": "acme"}, headers=auth(ADMIN))
-    assert r.status_code == 201, r.get_json()
-    return str(r.get_json()["token"])
 
 
 def send(client: FlaskClient, token: str, body: Any) -> Any:

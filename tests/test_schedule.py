@@ -10,6 +10,7 @@ from typing import cast
 import pytest
 import redis
 
+from postroom.dev.embedded_redis import free_port
 from postroom.shared import keys
 from postroom.shared.documents import DocumentStore, new_document
 from postroom.shared.errors import ServiceUnavailable
@@ -20,7 +21,6 @@ from postroom.worker import attempt_store as steps
 from postroom.worker.lease import Leases
 from postroom.worker.resources import WorkerContext
 from postroom.worker.schedule import CLAIM_S, Mover, Schedule, Watcher
-from tests.smtp_server import free_port
 
 
 def job(n: int) -> Job:

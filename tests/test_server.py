@@ -15,11 +15,12 @@ from gunicorn import http
 from gunicorn.config import Config
 
 from postroom.api.server import nothing_more
-from postroom.shared.crypto import generate_key
 from postroom.shared.settings import Settings
 from tests.stack import ApiProcess
 
 BODY = b'{"to": ["a@example.com"]}'
+
+pytestmark = pytest.mark.settings(default_smtp_url="smtp+plain://127.0.0.1:25")
 
 
 def post(length: int, body: bytes = BODY, extra: str = "") -> bytes:
@@ -122,12 +123,6 @@ def test_a_socket_that_is_not_plain_tcp_takes_the_graceful_path(pair) -> None:  
 
 
 # -- postroom api itself ----------------------------------------------------------------
-
-
-@pytest.fixture
-def settings(redis_url: str) -> Settings:
-    return Settings(redis_url=redis_url, admin_token="server-admin", secret_key=generate_key(),
-                    default_smtp_url="smtp+plain://127.0.0.1:25")
 
 
 def exchange(port: int, request: bytes, close: bool) -> tuple[bytes, float, socket.socket]:

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from postroom.dev.embedded_redis import free_port
 from postroom.shared.errors import (
     SendError,
     SmtpAuthFailed,
@@ -25,7 +26,7 @@ from postroom.shared.relays import Relay
 from postroom.worker import outcomes
 from postroom.worker.message import build_message
 from postroom.worker.smtp import DeliveryResult, SmtpConnection, deliver, make_ssl_context
-from tests.smtp_server import DropMode, ScriptedSmtpServer, SilentServer, TlsFiles, free_port
+from tests.smtp_server import DropMode, ScriptedSmtpServer, SilentServer, TlsFiles
 
 SENDER = "sender@example.com"
 ALICE, BOB, CAROL = "alice@example.com", "bob@example.com", "carol@example.com"

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import calendar
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import redis
 from flask.testing import FlaskClient
 
-from postroom.api.app import create_app
 from postroom.shared import keys
 from postroom.shared.suppressions import BOUNCE_WINDOW_S, Suppression, SuppressionStore
 from tests.e2e import Stack
-from tests.helpers import ADMIN, auth, make_settings, queue_length
+from tests.helpers import ADMIN, auth, queue_length
 from tests.smtp_server import ScriptedSmtpServer
 
 NOW = 1_900_000_000.0
@@ -156,19 +155,6 @@ def test_remove_lifts_and_restarts_the_count(store: SuppressionStore) -> None:
 
 
 # -- the HTTP routes ----------------------------------------------------------------------
-
-
-@pytest.fixture
-def client(real_redis: redis.Redis, redis_url: str) -> Iterator[FlaskClient]:
-    with create_app(make_settings(redis_url)).test_client() as c:
-        yield c
-
-
-@pytest.fixture
-def token(client: FlaskClient) -> str:
-    r = client.post("/api/v1/solutions", json={"solution_id": "acme"}, headers=auth(ADMIN))
-    assert 201 == r.status_code, r.get_json()
-    return str(r.get_json()["token"])
 
 
 def send(client: FlaskClient, token: str, body: dict[str, Any], **headers: str) -> Any:

@@ -10,7 +10,7 @@ from postroom.shared.redis_client import parse_endpoints
 from postroom.shared.settings import Settings
 
 
-def settings(**env: str) -> Settings:
+def from_env(**env: str) -> Settings:
     return Settings.from_env({f"POSTROOM_{k.upper()}": v for k, v in env.items()},
                              require_secrets=False)  # fmt: skip
 
@@ -19,24 +19,24 @@ def test_a_cluster_for_state_without_a_broker_is_refused_naming_the_way_out() ->
     """kombu has no Redis Cluster transport: a cluster state URL with no broker URL fails
     at start-up, naming POSTROOM_BROKER_URL and RabbitMQ."""
     with pytest.raises(ConfigError) as err:
-        settings(redis_url="redis+cluster://10.0.0.1:7000,10.0.0.2:7000")
+        from_env(redis_url="redis+cluster://10.0.0.1:7000,10.0.0.2:7000")
     assert "POSTROOM_BROKER_URL" in str(err.value) and "amqp://" in str(err.value)
 
 
 def test_a_cluster_as_the_broker_is_refused() -> None:
     with pytest.raises(ConfigError, match="cannot be a Redis Cluster"):
-        settings(redis_url="redis://h:1/0", broker_url="redis+cluster://10.0.0.1:7000")
+        from_env(redis_url="redis://h:1/0", broker_url="redis+cluster://10.0.0.1:7000")
 
 
 def test_a_cluster_for_state_with_rabbitmq_is_fine() -> None:
-    s = settings(redis_url="redis+cluster://10.0.0.1:7000", broker_url="amqp://u:p@mq:5672/v")
+    s = from_env(redis_url="redis+cluster://10.0.0.1:7000", broker_url="amqp://u:p@mq:5672/v")
     assert ("amqp://u:p@mq:5672/v", "redis+cluster://10.0.0.1:7000") == (
         s.broker_url, s.result_backend)
 
 
 def test_rabbitmq_gets_quorum_queues_and_publisher_confirms() -> None:
     """On amqp:// the queue is declared quorum and every publish waits for a confirm."""
-    config = celery_config(settings(broker_url="amqp://u:p@mq:5672/v",
+    config = celery_config(from_env(broker_url="amqp://u:p@mq:5672/v",
                                     broker_confirm_timeout_s="3"))  # fmt: skip
     assert "quorum" == config["task_default_queue_type"]
     assert {"confirm_publish": True} == config["broker_transport_options"]
@@ -46,7 +46,7 @@ def test_rabbitmq_gets_quorum_queues_and_publisher_confirms() -> None:
 def test_sentinel_state_makes_a_sentinel_broker_on_the_same_master() -> None:
     """``redis+sentinel://`` for state: the broker defaults to kombu's ``sentinel://`` on
     the same sentinels, with the master's name in its transport options."""
-    s = settings(redis_url="redis+sentinel://:pw@s1:26379,s2:26380/mymaster/3")
+    s = from_env(redis_url="redis+sentinel://:pw@s1:26379,s2:26380/mymaster/3")
     assert "sentinel://:pw@s1:26379/3;sentinel://:pw@s2:26380/3" == s.broker_url
     options = celery_config(s)["broker_transport_options"]
     assert "mymaster" == options["master_name"]
@@ -55,8 +55,8 @@ def test_sentinel_state_makes_a_sentinel_broker_on_the_same_master() -> None:
 
 def test_a_sentinel_broker_needs_a_master_name() -> None:
     with pytest.raises(ConfigError, match="POSTROOM_BROKER_MASTER_NAME"):
-        celery_config(settings(redis_url="redis://h:1/0", broker_url="sentinel://s1:26379"))
-    config = celery_config(settings(redis_url="redis://h:1/0", broker_url="sentinel://s1:26379",
+        celery_config(from_env(redis_url="redis://h:1/0", broker_url="sentinel://s1:26379"))
+    config = celery_config(from_env(redis_url="redis://h:1/0", broker_url="sentinel://s1:26379",
                                     broker_master_name="m"))  # fmt: skip
     assert "m" == config["broker_transport_options"]["master_name"]
 

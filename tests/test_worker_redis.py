@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import fakeredis
 import pytest
@@ -502,7 +502,7 @@ def batch_of(ctx: WorkerContext, count: int) -> list[Item]:
     jobs = [make_job(n) for n in range(1, count + 1)]
     for job in jobs:
         queued(ctx, job)
-    return [Item(dict(job), time.time()) for job in jobs]
+    return [Item(cast(Job, dict(job)), time.time()) for job in jobs]
 
 
 def run_batch(ctx: WorkerContext, items: list[Item]) -> list[bool]:

@@ -16,25 +16,20 @@ ledger and document final. Messages that are not ``postroom.send_email`` jobs ar
 aside in ``<queue>.unknown``. Retries and deferred sends wait in postroom's own schedule (in
 ``POSTROOM_REDIS_URL``), never in the broker, so nothing else needs moving.
 
-The format read is kombu's Redis transport's (the same as :mod:`postroom.shared.framing` writes).
+The format read is kombu's Redis transport's (:mod:`postroom.shared.celery_wire`).
 """
 
 from __future__ import annotations
 
-import base64
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import redis
 
+from postroom.shared.celery_wire.redis_transport import UNACKED, UNACKED_INDEX, unacked_message
+from postroom.shared.celery_wire.task_message import job_of
 from postroom.shared.records import Job
-from postroom.shared.task_names import SEND_TASK
-
-#: kombu's Redis transport: the hash of unacknowledged messages and its index
-UNACKED = "unacked"
-UNACKED_INDEX = "unacked_index"
 
 
 @dataclass(frozen=True)
@@ -42,22 +37,6 @@ class Moved:
     queued: int
     unacked: int
     skipped: int
-
-
-def job_of(raw: bytes | str) -> Job | None:
-    """The send job in a message as kombu's Redis transport stores it, else None."""
-    try:
-        message = json.loads(raw)
-        if message.get("headers", {}).get("task") != SEND_TASK:
-            return None
-        body = message["body"]
-        if message.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        _args, kwargs, _embed = json.loads(body)
-        job = kwargs["job"]
-    except (ValueError, KeyError, TypeError):
-        return None
-    return cast(Job, job) if isinstance(job, dict) and "task_id" in job else None
 
 
 def move_jobs(
@@ -86,8 +65,8 @@ def move_jobs(
     unacked = 0
     if include_unacked:
         for tag, entry in source.hgetall(UNACKED).items():
-            raw_message, _exchange, routing_key = json.loads(entry)
-            job = job_of(json.dumps(raw_message).encode())
+            raw_message, routing_key = unacked_message(entry)
+            job = job_of(raw_message)
             if routing_key != queue or job is None:
                 continue
             publish(job)

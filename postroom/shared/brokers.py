@@ -1,7 +1,7 @@
 """Which broker a ``POSTROOM_BROKER_URL`` names, and what Celery needs to use it well.
 
 Three brokers, each through kombu's stock transport (postroom's own Redis transport,
-:mod:`postroom.worker.broker`, serves ``redis://`` alone):
+:mod:`postroom.shared.celery_wire.redis_transport`, serves ``redis://`` alone):
 
 - ``redis://`` — one Redis, the default (the state Redis itself unless told otherwise).
 - ``amqp://user:pass@host:5672/vhost`` — RabbitMQ: quorum queues (replicated, durable),

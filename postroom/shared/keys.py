@@ -171,5 +171,5 @@ def instance_reaping(instance: str) -> str:
 def dead_letters() -> str:
     """List (in ``POSTROOM_REDIS_URL``): broker messages a worker could not read, newest
     first, each a JSON object ``{at, reason, error, headers, content_type, body}``; set aside
-    by :mod:`postroom.worker.dead_letters`, never deleted by postroom."""
+    by :mod:`postroom.shared.celery_wire.dead_letters`, never deleted by postroom."""
     return f"{NS}:dead-letters"

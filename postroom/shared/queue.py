@@ -27,15 +27,14 @@ from kombu.exceptions import KombuError, OperationalError
 from redis.exceptions import RedisError
 
 from postroom.shared import keys
-from postroom.shared.amqp_publisher import AmqpPublisher
 from postroom.shared.brokers import PUBLISH_ERRORS, broker_config, is_amqp, publish_options
+from postroom.shared.celery_wire.amqp_publisher import AmqpPublisher
+from postroom.shared.celery_wire.task_message import SEND_TASK, TaskFraming, redacted
 from postroom.shared.connections import same_redis
 from postroom.shared.errors import ServiceUnavailable
-from postroom.shared.framing import TaskFraming, redacted
 from postroom.shared.records import Job
 from postroom.shared.redis_client import redis_client
 from postroom.shared.settings import Settings
-from postroom.shared.task_names import SEND_TASK
 
 log = logging.getLogger("postroom.queue")
 
@@ -204,8 +203,9 @@ _PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "
 @dataclass(frozen=True)
 class DirectBroker:
     """Publishing by pushing framed messages straight onto a Redis broker's queue list
-    (see :mod:`postroom.shared.framing`). ``shares_state``: the broker is postroom's own Redis, so
-    a job, its accepted-set entry and the caller's writes go in one transaction."""
+    (see :mod:`postroom.shared.celery_wire.task_message`). ``shares_state``: the broker is
+    postroom's own Redis, so a job, its accepted-set entry and the caller's writes go in one
+    transaction."""
 
     client: redis.Redis
     framing: TaskFraming
@@ -263,8 +263,8 @@ class Enqueuer:
         broker_url = str(app.conf.broker_url)
         confirm_timeout_s = float(app.conf.get("postroom_confirm_timeout_s", 5.0))
         self._publish_options = publish_options(broker_url, confirm_timeout_s)
-        # on RabbitMQ a job is framed here and published over a kept connection, about
-        # twice as fast at intake as send_task (bench/bench_topologies.py, docs/scaling.md)
+        # on RabbitMQ a job is framed here and published over a kept connection, cheaper
+        # at intake than send_task (docs/throughput.md)
         self._amqp = AmqpPublisher(app, queue, confirm_timeout_s) if is_amqp(broker_url) else None
 
     def one_step(self) -> OneStep | None:

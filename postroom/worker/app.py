@@ -14,11 +14,11 @@ import redis
 from celery import Celery, bootsteps
 from celery.signals import worker_process_shutdown, worker_shutting_down
 
+from postroom.shared.celery_wire import redis_transport
 from postroom.shared.connections import redis_clients, same_redis
 from postroom.shared.queue import Enqueuer, accepted_jobs, celery_config
 from postroom.shared.settings import Settings
 from postroom.worker import batching, budgets, instances, metrics, probes, tasks
-from postroom.worker.broker import transport_for
 from postroom.worker.lease import check_timeouts
 from postroom.worker.resources import WorkerContext
 from postroom.worker.schedule import Mover, Watcher
@@ -54,8 +54,8 @@ def make_celery(settings: Settings) -> Celery:
     check_timeouts(settings)
     app = Celery("postroom-worker", set_as_current=False)
     app.conf.update(celery_config(settings))
-    transport = transport_for(settings.broker_url)
-    if transport is not None:  # postroom's cheaper Redis transport (postroom.worker.broker)
+    transport = redis_transport.transport_for(settings.broker_url)
+    if transport is not None:  # postroom's Redis transport (celery_wire.redis_transport)
         app.conf.broker_transport = transport
     app.conf.update(
         task_acks_late=True,
@@ -71,8 +71,9 @@ def make_celery(settings: Settings) -> Celery:
         task_send_sent_event=False,
         worker_enable_remote_control=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
-        # messages it cannot read are set aside in Redis, not dropped (postroom.worker.dead_letters)
-        worker_consumer="postroom.worker.dead_letters:Consumer",
+        # messages it cannot read are set aside in Redis, not dropped
+        # (postroom.shared.celery_wire.dead_letters)
+        worker_consumer="postroom.shared.celery_wire.dead_letters:Consumer",
     )
     contexts = _Contexts(settings)
     tasks.register(app, contexts, settings)
@@ -80,6 +81,7 @@ def make_celery(settings: Settings) -> Celery:
     worker_shutting_down.connect(batching.stop_soon, weak=False)
     app.conf.postroom_contexts = contexts
     app.conf.postroom_settings = settings
+    app.conf.postroom_dead_letter_counted = metrics.dead_letter
 
     class SchedulerStep(bootsteps.StartStopStep):
         """Moves due retries and deferred sends back onto the queue, and publishes again
@@ -146,8 +148,7 @@ def make_celery(settings: Settings) -> Celery:
                 channel = self.connection.default_channel
 
                 def restore(tags: list[str]) -> None:
-                    for tag in tags:
-                        channel.qos.restore_by_tag(tag)
+                    redis_transport.restore(channel, tags)
 
             self.heartbeat = instances.Heartbeat(
                 instances.current() or instances.new_id(), clients, restore,

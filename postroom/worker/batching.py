@@ -29,7 +29,6 @@ Nothing about a message's guarantees changes:
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -40,7 +39,9 @@ from functools import partial
 from multiprocessing.sharedctypes import RawValue
 from typing import Any
 
-from postroom.worker.dead_letters import DeadLetters
+from postroom.shared.celery_wire.dead_letters import DeadLetters
+from postroom.shared.celery_wire.task_message import decode_message
+from postroom.shared.records import Job
 from postroom.worker.lease import attempt_bound_s
 
 log = logging.getLogger("postroom.worker")
@@ -49,7 +50,7 @@ log = logging.getLogger("postroom.worker")
 class Item:
     """One message as it travels to a pool process: the job and when it was delivered."""
 
-    job: dict[str, Any]
+    job: Job
     delivered_at: float
 
     def __repr__(self) -> str:  # Celery logs what it hands the pool: ids, never content
@@ -65,24 +66,10 @@ def fits_window(item: Item, now: float, smtp_timeout_s: float, window_s: float,
     the delivery, then hands the message over); the bound's Redis allowance
     (``BOOKKEEPING_S``) covers that. A message started as soon as it arrives always fits,
     since ``check_timeouts`` holds the window longer than the longest attempt."""
-    msg = item.job.get("message") or {}
-    recipients = sum(len(msg.get(k) or ()) for k in ("to", "cc", "bcc"))
+    msg = item.job["message"]
+    recipients = len(msg.get("to") or ()) + len(msg.get("cc") or ()) + len(msg.get("bcc") or ())
     bound = attempt_bound_s(smtp_timeout_s, recipients, deadline_s)
     return (now - item.delivered_at) + bound < window_s
-
-
-def decode_job(body: Any) -> dict[str, Any]:
-    """The job of a protocol-2 Celery message body ``[args, kwargs, embed]``: the keyword
-    argument ``job`` (as the intake frames it), or the first positional one."""
-    if isinstance(body, (bytes, bytearray, memoryview)):
-        body = bytes(body).decode("utf-8")
-    if isinstance(body, str):
-        body = json.loads(body)
-    args, kwargs = body[0], body[1]
-    job = kwargs["job"] if "job" in kwargs else args[0]
-    if not isinstance(job, dict) or "task_id" not in job or "solution_id" not in job:
-        raise ValueError("not a postroom job")
-    return job
 
 
 class StopFlag:
@@ -163,15 +150,12 @@ class BatchStrategy:
         self.batch_max = max(1, int(app.conf.get("postroom_worker_batch", 1)))
         self.waiting: deque[_Waiting] = deque()
         self.busy = 0
-        self.dead_letters = DeadLetters.for_settings(app.conf["postroom_settings"])
+        self.dead_letters = DeadLetters.for_app(app)
 
     def __call__(self, message: Any, payload: Any, ack: Any, reject: Any,
                  callbacks: Any = None, **_: Any) -> None:
         try:
-            content_type = getattr(message, "content_type", None) or "application/json"
-            if content_type != "application/json":  # Celery messages are JSON, never pickle
-                raise ValueError(f"content type {content_type} is not accepted")
-            job = decode_job(message.body)
+            job = decode_message(message)
         except (ValueError, TypeError, KeyError, IndexError) as exc:
             # set aside in Redis, then acknowledged; left unacknowledged if Redis failed
             if self.dead_letters.set_aside(message, "not a postroom job", exc):
@@ -180,8 +164,8 @@ class BatchStrategy:
         self.waiting.append(_Waiting(Item(job, time.time()), message, ack, reject))
         channel: Any = getattr(message, "channel", None)
         if getattr(channel, "delivering", False):
-            # the broker is delivering what one step took (postroom.worker.broker): hand it out
-            # when the step ends, shared among the free processes, not the first alone
+            # the broker is delivering what one step took (celery_wire.redis_transport): hand it
+            # out when the step ends, shared among the free processes, not the first alone
             channel.after_delivery = self.dispatch
             return
         self.dispatch()
@@ -296,7 +280,8 @@ class BatchStrategy:
 
     def _acknowledge(self, done: list[_Waiting]) -> None:
         """One round trip for the batch on postroom's Redis transport
-        (:meth:`postroom.worker.broker.Channel.ack_many`), else one acknowledgement each."""
+        (:meth:`postroom.shared.celery_wire.redis_transport.Channel.ack_many`), else one
+        acknowledgement each."""
         channel: Any = done[0].message.channel if done else None
         if len(done) > 1 and hasattr(channel, "ack_many") and all(
             w.message.channel is channel for w in done

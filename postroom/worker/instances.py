@@ -4,9 +4,9 @@ Each ``postroom worker`` instance has an id (host, main process id, a random par
 its pool processes inherit. Its main process beats every ``POSTROOM_INSTANCE_HEARTBEAT_S``:
 a key with a time to live of ``POSTROOM_INSTANCE_DEAD_AFTER_S`` (:func:`postroom.shared.keys.
 instance_alive`), and its entry in the registry of instances. On a ``redis://`` broker,
-postroom's transport (:mod:`postroom.worker.broker`) notes every message the instance takes from
-the queue in a set of its own, in the same atomic step that records it unacknowledged, and
-takes it out when the message is acknowledged or handed back.
+postroom's transport (:mod:`postroom.shared.celery_wire.redis_transport`) notes every message the
+instance takes from the queue in a set of its own, in the same atomic step that records it
+unacknowledged, and takes it out when the message is acknowledged or handed back.
 
 After each beat an instance looks for instances whose key has expired (killed outright, or
 their host lost): for each, one survivor (a lock decides which) puts every message of its
@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable
 import redis
 
 from postroom.shared import keys
+from postroom.shared.celery_wire import redis_transport
 from postroom.shared.redis_values import as_str
 
 log = logging.getLogger("postroom.worker")
@@ -52,9 +53,11 @@ def new_id() -> str:
 
 
 def configure(instance: str | None) -> None:
-    """This process's instance (the main process, before the pool forks)."""
+    """This process's instance (the main process, before the pool forks); postroom's
+    Redis transport notes the messages it holds in the instance's set."""
     global _instance
     _instance = instance
+    redis_transport.note_held_in(None if instance is None else keys.instance_unacked(instance))
 
 
 def current() -> str | None:

@@ -1,8 +1,9 @@
 """The wire bytes of one message: headers and MIME body, CRLF line endings, UTF-8 throughout.
 
 The message is written directly rather than through ``email.message.EmailMessage``: that
-class costs about 1 ms per message, and it decodes RFC 2047 encoded-words in a subject and
-folds the decoded text back out, so ``=?UTF-8?Q?=0D=0A?=Bcc: x`` would become a real header.
+class is many times slower (``docs/throughput.md``), and it decodes RFC 2047 encoded-words
+in a subject and folds the decoded text back out, so ``=?UTF-8?Q?=0D=0A?=Bcc: x`` would
+become a real header.
 Here a subject that is not plain printable ASCII is always written as encoded-words, and the
 output is checked by the ``email`` parser in the tests. Bcc is an envelope matter only: it is
 never a parameter here, so it can never reach the headers.

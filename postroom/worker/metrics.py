@@ -86,7 +86,8 @@ class WorkerMetrics:
             per_solution=per_solution,
             dead_letters=Counter(
                 "postroom_worker_dead_letters", "Broker messages the worker could not "
-                "read, set aside in Redis (postroom.worker.dead_letters), by reason", ["reason"],
+                "read, set aside in Redis (postroom.shared.celery_wire.dead_letters), by reason",
+                ["reason"],
                 registry=None,
             ),
         )  # fmt: skip
@@ -211,7 +212,8 @@ def connections(pool: SmtpPool) -> None:
 
 
 def dead_letter(reason: str) -> None:
-    """A message the worker could not read was set aside (:mod:`postroom.worker.dead_letters`)."""
+    """A message the worker could not read was set aside
+    (:mod:`postroom.shared.celery_wire.dead_letters`)."""
     m = _current
     if m is not None and m.dead_letters is not None:
         m.dead_letters.labels(reason).inc()

@@ -16,7 +16,6 @@ import logging
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import cast
 
 from celery import Celery, Task
 from celery.exceptions import Reject
@@ -25,10 +24,10 @@ from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from postroom.shared import keys
+from postroom.shared.celery_wire.task_message import SEND_TASK
 from postroom.shared.errors import InternalError
 from postroom.shared.records import Job
 from postroom.shared.settings import Settings
-from postroom.shared.task_names import SEND_TASK
 from postroom.worker import batching, budgets, metrics
 from postroom.worker.batching import Item, fits_window, install
 from postroom.worker.lanes import run_in_lanes, width_for
@@ -55,6 +54,7 @@ def register(app: Celery, context: Callable[[], WorkerContext], settings: Settin
 
     @app.task(
         name=SEND_TASK,
+        shared=False,  # this app's alone: not added to every Celery app made after it
         bind=True,
         acks_late=True,
         reject_on_worker_lost=True,
@@ -70,7 +70,7 @@ def register(app: Celery, context: Callable[[], WorkerContext], settings: Settin
 
 def job_of(item: Item) -> Job:
     """The job of a message the strategy decoded (:mod:`postroom.worker.batching`)."""
-    return cast(Job, item.job)
+    return item.job
 
 
 def run_batch_with(

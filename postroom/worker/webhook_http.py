@@ -149,7 +149,7 @@ def _exchange(conn: http.client.HTTPConnection, path: str, body: bytes,
     """One request and its answer on ``conn``; and whether the connection may be kept.
 
     The request line, headers and body go out in one write (``http.client`` writes the
-    body apart: a second system call per event, measurable on loopback); the answer is
+    body apart: a second system call per event); the answer is
     read by ``http.client``'s own parser."""
     sock = conn.sock
     assert sock is not None

@@ -5,7 +5,7 @@ process for operators to add): a loop that looks at every endpoint (``keys.webho
 and takes its due events for a lease (``webhook_claim.lua``), and a pool of threads that
 POST them (:mod:`postroom.worker.webhook_http`); the loop records the attempts they made
 (``webhook_finish.lua``, one script each, all that ended since its last turn in one round
-trip: a round trip per event cost about 0.1 ms of CPU at both ends on loopback).
+trip, not one per event).
 The sends themselves run in the pool processes, which this never touches, so a slow
 endpoint cannot hold up mail.
 

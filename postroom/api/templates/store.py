@@ -92,7 +92,7 @@ def render(template: Mapping[str, Any], data: Mapping[str, Any]) -> Rendered:
 
 @functools.lru_cache(maxsize=512)
 def _compiled(part: str, source: str) -> Template:
-    """A source compiled once per process (compiling costs ten times a render)."""
+    """A source compiled once per process (compiling costs far more than a render)."""
     return _env(part).from_string(source)
 
 

@@ -1,7 +1,7 @@
 """kombu's Redis transport, with three costs of the worker's main process taken out.
 
 Per message, kombu's Redis channel takes one job per BRPOP and records it as unacknowledged
-in a second round trip, builds a new ``redis.Redis`` client (a table of about 170 reply
+in a second round trip, builds a new ``redis.Redis`` client (with its whole table of reply
 callbacks) for that record and again for the acknowledgement, and acknowledges each
 message in a round trip of its own. Here, after a BRPOP brought one job, one atomic script
 records that job unacknowledged and takes what else waits (as many as the prefetch allows),
@@ -12,10 +12,11 @@ for its commands; and :meth:`Channel.ack_many` acknowledges a whole batch
 one script. What is stored is unchanged: the same unacked hash and index, the same
 keys, the same restore rules.
 
-Inside a worker instance (:mod:`postroom.worker.instances`) every job recorded unacknowledged is
-also noted, in the same step, in the instance's own set (:func:`postroom.shared.keys.
-instance_unacked`), and taken out of it with the unacked record: when the instance dies,
-a survivor knows which messages to put back onto the queue at once.
+Inside a worker instance (:mod:`postroom.worker.instances`, which names the set with
+:func:`note_held_in`) every job recorded unacknowledged is also noted, in the same step, in
+the instance's own set (:func:`postroom.shared.keys.instance_unacked`), and taken out of it with the
+unacked record: when the instance dies, a survivor knows which messages to put back onto
+the queue at once.
 
 Only the worker uses it, and only on a ``redis://`` broker (:func:`transport_for`); other
 brokers (``rediss://`` included, whose TLS checks kombu makes by the scheme's name) keep
@@ -33,15 +34,32 @@ from kombu.transport.virtual import base as virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from postroom.shared import keys
 from postroom.shared.scripts import script
-from postroom.worker import instances
+
+#: kombu's Redis transport: the hash of unacknowledged messages and its index (by default)
+UNACKED: str = kombu_redis.Channel.unacked_key
+UNACKED_INDEX: str = kombu_redis.Channel.unacked_index_key
+
+_held: str | None = None
+
+
+def note_held_in(key: str | None) -> None:
+    """Note this process's unacknowledged delivery tags in the set ``key`` from now on
+    (None: in none); the worker's instance names it before the consumer starts."""
+    global _held
+    _held = key
 
 
 def held_key() -> str | None:
     """The set of this worker instance's unacknowledged delivery tags (None outside one)."""
-    instance = instances.current()
-    return None if instance is None else keys.instance_unacked(instance)
+    return _held
+
+
+def unacked_message(entry: bytes | str) -> tuple[str, str]:
+    """The stored message (as JSON) and the routing key of an entry of kombu's unacked
+    hash (``[message, exchange, routing key]``)."""
+    message, _exchange, routing_key = loads(bytes_to_str(entry))
+    return dumps(message), routing_key
 
 
 class QoS(kombu_redis.QoS):
@@ -187,6 +205,13 @@ class Channel(kombu_redis.Channel):
     def close(self) -> None:
         super().close()
         self._kept_client = None
+
+
+def restore(channel: Any, delivery_tags: Sequence[str]) -> None:
+    """Put the messages of ``delivery_tags`` (unacked records, another instance's too) back
+    onto their queues and drop their records, as kombu restores unacknowledged messages."""
+    for tag in delivery_tags:
+        channel.qos.restore_by_tag(tag)
 
 
 class Transport(kombu_redis.Transport):

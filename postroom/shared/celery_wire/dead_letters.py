@@ -9,9 +9,15 @@ cannot take it, the message is left unacknowledged: the broker hands it out agai
 its redelivery window.
 
 Two places find such messages: :class:`postroom.worker.batching.BatchStrategy` (a
-``postroom.send_email`` message whose body holds no job) and Celery's consumer, whose
+``postroom.send_email`` message whose body holds no job,
+:func:`postroom.shared.celery_wire.task_message.decode_message`) and Celery's consumer, whose
 handlers of unknown, invalid and undecodable messages reject or acknowledge them without
 a trace; :class:`Consumer` replaces those handlers (``worker_consumer``).
+
+Both find the settings and the metric's counter in the app's configuration
+(``postroom_settings``, ``postroom_dead_letter_counted``:
+:func:`postroom.worker.metrics.dead_letter`,
+set by ``postroom/worker/app.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +34,6 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from postroom.shared import keys
 from postroom.shared.redis_client import redis_client
 from postroom.shared.settings import Settings
-from postroom.worker import metrics
 
 log = logging.getLogger("postroom.worker")
 
@@ -66,13 +71,27 @@ def _jsonable(headers: Any) -> Any:
 class DeadLetters:
     """Writes entries to the dead-letter list through one lazily made Redis client."""
 
-    def __init__(self, client: Callable[[], redis.Redis]) -> None:
+    def __init__(
+        self,
+        client: Callable[[], redis.Redis],
+        counted: Callable[[str], None] | None = None,
+    ) -> None:
         self._make = client
         self._client: redis.Redis | None = None
+        self._counted = counted
 
     @classmethod
-    def for_settings(cls, settings: Settings) -> DeadLetters:
-        return cls(lambda: redis_client(settings.redis_url, socket_timeout=5.0))
+    def for_settings(
+        cls, settings: Settings, counted: Callable[[str], None] | None = None
+    ) -> DeadLetters:
+        return cls(lambda: redis_client(settings.redis_url, socket_timeout=5.0), counted)
+
+    @classmethod
+    def for_app(cls, app: Any) -> DeadLetters:
+        """For the worker's Celery ``app``: its settings and its metric's counter."""
+        conf = app.conf
+        return cls.for_settings(conf["postroom_settings"],
+                                conf.get("postroom_dead_letter_counted"))
 
     def set_aside(self, message: Any, reason: str, error: BaseException | None = None) -> bool:
         """Keep ``message`` in the list; True when it is kept (the caller may then
@@ -91,7 +110,8 @@ class DeadLetters:
         log.error("a message the worker cannot read (%s%s, task id %s) was set aside in "
                   "%s", reason, "" if error is None else f": {type(error).__name__}",
                   task_id, keys.dead_letters())
-        metrics.dead_letter(reason)
+        if self._counted is not None:
+            self._counted(reason)
         return True
 
 
@@ -103,7 +123,7 @@ class Consumer(CeleryConsumer):
 
     def _set_aside(self, message: Any, reason: str, exc: BaseException | None) -> None:
         if self._dead_letters is None:
-            self._dead_letters = DeadLetters.for_settings(self.app.conf.postroom_settings)
+            self._dead_letters = DeadLetters.for_app(self.app)
         if self._dead_letters.set_aside(message, reason, exc):
             message.ack_log_error(log, self.connection_errors)
 

@@ -1,18 +1,22 @@
-"""Celery task messages, framed here the way kombu's Redis transport stores them.
+"""Celery's task message for ``postroom.send_email``: encoded and decoded side by side.
 
-The intake API publishes every job as Celery task ``postroom.send_email`` (task protocol 2,
-JSON). Through ``Celery.send_task`` that costs about as much CPU as the rest of the request
-together (message building, kombu's publish machinery) and a round trip of its own. On a
-Redis broker a published message is nothing more than one JSON document pushed on the
-queue's list, so the API frames it itself and pushes it in the same transaction as its other
-writes (the task document, the accepted-set entry). ``tests/test_framing.py`` holds the
-framing to what ``send_task`` of the installed Celery writes, field by field; the workers
-consume both alike. Other brokers, and delayed publishing, go through ``send_task``.
+The intake publishes every job as Celery task ``postroom.send_email`` (task protocol 2,
+JSON, the job as the keyword argument ``job``); the workers decode it. On a Redis broker a
+published message is one JSON document pushed on the queue's list, so the intake frames it
+itself (:meth:`TaskFraming.frame`) and pushes it in the same transaction as its other
+writes (the task document, the accepted-set entry); on RabbitMQ the same message is an AMQP
+message (:meth:`TaskFraming.amqp_message`), published by
+:mod:`postroom.shared.celery_wire.amqp_publisher`. Other brokers, and delayed publishing, go through
+``Celery.send_task``.
 
-On RabbitMQ the same task message is an AMQP message: the body, the headers as the
-message's application headers, and the few properties AMQP carries
-(:meth:`TaskFraming.amqp_message`, held to what ``send_task`` publishes by
-``tests/test_amqp_publisher.py``); :mod:`postroom.shared.amqp_publisher` publishes it.
+Decoding: :func:`decode_message` (a kombu message delivered to the worker's strategy),
+:func:`decode_body` (a protocol-2 body) and :func:`job_of` (a message as kombu's Redis
+transport stores it in the queue's list or its unacked hash).
+
+``tests/test_task_message.py`` holds the encoding to what ``send_task`` of the installed
+Celery writes, field by field, and runs both directions against Celery itself: a message
+framed here is one Celery's own worker runs, and one ``send_task`` writes is one decoded
+here (``tests/test_amqp_publisher.py`` does the same for RabbitMQ).
 """
 
 from __future__ import annotations
@@ -23,14 +27,16 @@ import os
 import socket
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import amqp
 
-from postroom.shared.task_names import SEND_TASK
+from postroom.shared.records import Job
+
+#: the Celery task every job is sent as, the name the API and the workers agree on
+SEND_TASK = "postroom.send_email"
 
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-
 
 _EMBED_JSON = json.dumps(_EMBED, separators=(",", ":"))
 #: the parts of a message that differ from one message to the next
@@ -132,3 +138,44 @@ class TaskFraming:
                 "delivery_tag": tag,
             },
         }
+
+
+def decode_body(body: Any) -> Job:
+    """The job of a protocol-2 Celery message body ``[args, kwargs, embed]`` (bytes, text
+    or decoded): the keyword argument ``job`` (as the intake frames it), or the first
+    positional one. Raises ValueError, TypeError, KeyError or IndexError when there is
+    none."""
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        body = bytes(body).decode("utf-8")
+    if isinstance(body, str):
+        body = json.loads(body)
+    args, kwargs = body[0], body[1]
+    job = kwargs["job"] if "job" in kwargs else args[0]
+    if not isinstance(job, dict) or "task_id" not in job or "solution_id" not in job:
+        raise ValueError("not a postroom job")
+    return cast(Job, job)
+
+
+def decode_message(message: Any) -> Job:
+    """The job of a kombu message delivered to the task's strategy; raises as
+    :func:`decode_body` does, and ValueError for a content type other than JSON (Celery
+    messages are never read as pickle here)."""
+    content_type = getattr(message, "content_type", None) or "application/json"
+    if content_type != "application/json":
+        raise ValueError(f"content type {content_type} is not accepted")
+    return decode_body(message.body)
+
+
+def job_of(raw: bytes | str) -> Job | None:
+    """The job of a ``postroom.send_email`` message as kombu's Redis transport stores it
+    (the document :meth:`TaskFraming.frame` writes), else None."""
+    try:
+        message = json.loads(raw)
+        if message.get("headers", {}).get("task") != SEND_TASK:
+            return None
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        return decode_body(body)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None

@@ -1,17 +1,18 @@
 """Publishing send jobs to RabbitMQ over one kept connection, each with its confirm.
 
-``Celery.send_task`` builds every message anew and goes through kombu's producer machinery
-(about 0.5–0.7 ms of CPU per publish here, against about 0.25 ms for the AMQP publish
-itself). The intake publishes one kind of message only, so it frames it once per job
-(:meth:`postroom.shared.framing.TaskFraming.amqp_message`, the one place that knows Celery's wire
-format) and hands it to py-amqp's ``basic_publish`` on a channel kept open in confirm mode:
-the call returns once RabbitMQ has confirmed the message (``basic.ack``), and raises on a
-``basic.nack``, a confirm that does not come within the timeout, or a lost connection.
+The intake publishes one kind of message only, so instead of ``Celery.send_task`` (which
+builds every message anew through kombu's producer) it frames each job once
+(:meth:`postroom.shared.celery_wire.task_message.TaskFraming.amqp_message`) and hands it to
+py-amqp's
+``basic_publish`` on a channel kept open in confirm mode: the call returns once RabbitMQ has
+confirmed the message (``basic.ack``), and raises on a ``basic.nack``, a confirm that does
+not come within the timeout, or a lost connection. What this saves is measured in
+``docs/throughput.md`` and ``docs/scaling.md``.
 
-The queue is declared as Celery declares it (quorum, with its direct exchange and binding)
-once per connection. A lost connection is opened again and the publish retried (at most
-twice); after any other failure the connection is closed, so that a late confirm can never
-be taken for the next message's.
+The queue is declared as Celery declares it (quorum, with its direct exchange and binding;
+``app.amqp.queues``) once per connection. A lost connection is opened again and the publish
+retried (at most twice); after any other failure the connection is closed, so that a late
+confirm can never be taken for the next message's.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 from celery import Celery
 
-from postroom.shared.framing import TaskFraming
+from postroom.shared.celery_wire.task_message import TaskFraming
 
 log = logging.getLogger("postroom.amqp")
 
