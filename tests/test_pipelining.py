@@ -1,0 +1,170 @@
+"""The next message's envelope written with the final dot of the one before (RFC 2920), on
+a real aiosmtpd relay that offers PIPELINING: a connection then carries a message per
+round trip, and every message still gets its own outcome when the relay refuses the dot
+before it, its MAIL FROM, or all its recipients."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from functools import partial
+
+import pytest
+
+from shared.errors import SmtpRejected
+from shared.relays import Relay
+from tests.delay_proxy import DelayProxy
+from tests.smtp_server import ScriptedSmtpServer
+from worker.message import build_message
+from worker.pool import SmtpPool
+from worker.smtp import SmtpConnection, make_ssl_context
+
+TLS = make_ssl_context(None)
+RTT_S = 0.03
+SENDER = "s@postroom.test"
+
+
+@pytest.fixture
+def relay_server() -> Iterator[ScriptedSmtpServer]:
+    """An SMTP server offering PIPELINING."""
+    server = ScriptedSmtpServer(pipelining=True).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def far_relay(relay_server: ScriptedSmtpServer) -> Iterator[DelayProxy]:
+    """The relay, 30 ms away."""
+    with DelayProxy(relay_server.port, RTT_S) as proxy:
+        yield proxy
+
+
+def message(n: int, rcpt: str | None = None) -> tuple[list[str], bytes]:
+    rcpt = rcpt or f"r{n}@example.com"
+    data = build_message(sender=SENDER, to=[rcpt], cc=[], subject=f"m{n}", text="hello",
+                         html=None, message_id=f"<{n}@postroom.test>")  # fmt: skip
+    return [rcpt], data
+
+
+def test_each_message_gets_its_own_outcome_when_its_envelope_followed_a_dot(
+    relay_server: ScriptedSmtpServer,
+) -> None:
+    """Five messages on one session, each envelope group written after the final dot of
+    the message before: the relay refuses the first message's content (554), then the
+    third's MAIL FROM (550), then the fifth's only recipient (550). The second and the
+    fourth are delivered, the others raise their own refusal, and the session stays in
+    step throughout (the fifth's refusal is read in its place, after the fourth's 250)."""
+    relay_server.script.data_replies.append("554 5.7.1 content refused")
+    relay_server.script.rcpt_replies = {"bad@example.com": "550 5.1.1 no such user"}
+    msgs = [message(1), message(2), message(3), message(4), message(5, "bad@example.com")]
+    conn = SmtpConnection()
+    conn.open(Relay(host="127.0.0.1", port=relay_server.port, scheme=""),
+              connect_host=None, timeout=5.0, ssl_context=TLS,
+              local_hostname="w.test")  # fmt: skip
+    written: list[int] = []
+
+    def then(n: int) -> bytes:  # the envelope of message n (1-based), noted as written
+        written.append(n)
+        rcpts, data = msgs[n - 1]
+        return conn.envelope(SENDER, rcpts, len(data))
+
+    outcomes: list[object] = []
+    try:
+        for n in range(1, 6):
+            rcpts, data = msgs[n - 1]
+            if n == 3:  # the next MAIL FROM the relay reads is the third's
+                relay_server.script.mail_replies.append("550 5.7.1 sender refused")
+            try:
+                result = conn.transaction(
+                    SENDER, rcpts, data, envelope_sent=n in written,
+                    then=partial(then, n + 1) if n < 5 else None,
+                )
+                outcomes.append(result.response)
+            except SmtpRejected as err:
+                outcomes.append(err.extra.get("smtp_code"))
+    finally:
+        conn.close()
+
+    assert [2, 3, 5] == written  # no envelope followed the third: it never sent a dot
+    assert 554 == outcomes[0]
+    assert str(outcomes[1]).startswith("250")
+    assert 550 == outcomes[2]
+    assert str(outcomes[3]).startswith("250")
+    assert 550 == outcomes[4]
+    assert ["<2@postroom.test>", "<4@postroom.test>"] == [
+        m.message_id for m in relay_server.messages
+    ]
+
+
+def test_a_kept_connection_carries_a_message_per_round_trip(
+    relay_server: ScriptedSmtpServer, far_relay: DelayProxy
+) -> None:
+    """Four threads send 24 messages through a pool allowed one connection to a relay
+    30 ms away. The threads that find the connection busy follow it: at the relay the
+    MAIL FROM of most messages arrives right behind the final dot of the one before (well
+    under a round trip later; a send that waited for the dot's reply would come a whole
+    round trip later), one session carries them all, each arrives once."""
+    pool = SmtpPool(max_per_relay=1)
+    relay = Relay(host="127.0.0.1", port=far_relay.port, scheme="")
+    errors: list[BaseException] = []
+
+    def send(i: int) -> None:
+        try:
+            for k in range(6):
+                rcpts, data = message(6 * i + k)
+                pool.deliver(relay, connect_host="127.0.0.1", sender=SENDER,
+                             recipients=rcpts, data=data, timeout=5.0, ssl_context=TLS,
+                             local_hostname="w.test")  # fmt: skip
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    pool.close_all()
+
+    got = sorted(relay_server.messages, key=lambda m: m.mail_at)
+    gaps = [b.mail_at - a.received_at for a, b in zip(got, got[1:], strict=False)]
+    behind = [g for g in gaps if g < RTT_S / 2]
+    assert [] == errors
+    assert 1 == far_relay.peak == far_relay.accepted
+    assert Counter(f"<{n}@postroom.test>" for n in range(24)) == Counter(
+        m.message_id for m in relay_server.messages
+    )
+    assert len(behind) >= len(gaps) // 2, gaps
+    assert pool.stats().pipelined >= len(gaps) // 2
+
+
+def test_a_relay_without_pipelining_gets_one_transaction_at_a_time(
+    relay_server: ScriptedSmtpServer,
+) -> None:
+    """Without PIPELINING nothing follows a busy connection: every send waits for its
+    own turn, and every message still arrives once."""
+    relay_server.pipelining = False  # read when the relay answers EHLO
+    pool = SmtpPool(max_per_relay=1)
+    relay = Relay(host="127.0.0.1", port=relay_server.port, scheme="")
+    errors: list[BaseException] = []
+
+    def send(i: int) -> None:
+        try:
+            for k in range(3):
+                rcpts, data = message(3 * i + k)
+                pool.deliver(relay, connect_host="127.0.0.1", sender=SENDER,
+                             recipients=rcpts, data=data, timeout=5.0, ssl_context=TLS,
+                             local_hostname="w.test")  # fmt: skip
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    pool.close_all()
+
+    assert [] == errors
+    assert (0, 8) == (pool.stats().pipelined, pool.stats().reused)
+    assert 9 == len({m.message_id for m in relay_server.messages}) == len(relay_server.messages)
