@@ -6,13 +6,14 @@ before it, its MAIL FROM, or all its recipients."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from functools import partial
 
 import pytest
 
-from shared.errors import SmtpRejected
+from shared.errors import SmtpRejected, TransientSendError
 from shared.relays import Relay
 from tests.delay_proxy import DelayProxy
 from tests.smtp_server import ScriptedSmtpServer
@@ -168,3 +169,56 @@ def test_a_relay_without_pipelining_gets_one_transaction_at_a_time(
     assert [] == errors
     assert (0, 8) == (pool.stats().pipelined, pool.stats().reused)
     assert 9 == len({m.message_id for m in relay_server.messages}) == len(relay_server.messages)
+
+
+def test_a_follower_whose_connection_breaks_at_the_dot_sends_on_a_new_one(
+    relay_server: ScriptedSmtpServer, far_relay: DelayProxy
+) -> None:
+    """One connection allowed; the first send is held at RCPT TO while a second follows it.
+    The relay then closes the connection after each whole message instead of answering
+    the dot: the first send fails (its message may have arrived), the second — whose
+    envelope went out behind that dot and died with the connection — is sent again from
+    its envelope on a new connection and meets the same fate on its own. Each message
+    reached the relay once."""
+    relay_server.script.rcpt_gate = threading.Event()
+    relay_server.script.drop_data = "before_reply"
+    pool = SmtpPool(max_per_relay=1)
+    relay = Relay(host="127.0.0.1", port=far_relay.port, scheme="")
+    failures: dict[int, BaseException] = {}
+
+    def send(n: int) -> None:
+        rcpts, data = message(n)
+        try:
+            pool.deliver(relay, connect_host="127.0.0.1", sender=SENDER, recipients=rcpts,
+                         data=data, timeout=5.0, ssl_context=TLS,
+                         local_hostname="w.test")  # fmt: skip
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            failures[n] = exc
+
+    def following() -> int:
+        with pool._lock:
+            return sum(len(c.followers) for busy in pool._busy.values() for c in busy)
+
+    first = threading.Thread(target=send, args=(1,))
+    first.start()
+    deadline = time.monotonic() + 5
+    while relay_server.held < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second = threading.Thread(target=send, args=(2,))
+    second.start()
+    while following() < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    attached = following()
+    relay_server.script.rcpt_gate.set()
+    first.join(10)
+    second.join(10)
+    pool.close_all()
+
+    assert 1 == attached
+    assert {1, 2} == set(failures)
+    assert all(isinstance(e, TransientSendError) for e in failures.values())
+    assert 2 == far_relay.accepted  # the second's own connection after the first broke
+    assert ["<1@postroom.test>", "<2@postroom.test>"] == sorted(
+        m.message_id or "" for m in relay_server.dropped
+    )
+    assert [] == relay_server.messages

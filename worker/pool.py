@@ -35,6 +35,15 @@ message gives one connection back, up to ``max_per_relay``.
 :meth:`SmtpPool.deliver` takes a ``deadline`` (``time.monotonic()``): waiting for a
 connection, opening it and the transaction all end by then, or the send is a
 :class:`TransientSendError` (``POSTROOM_SEND_DEADLINE_S``).
+
+A send that finds every connection to its relay busy, when the relay offers PIPELINING,
+*follows* one (at most :data:`FOLLOWERS` wait in turn per connection): its envelope group
+(``MAIL``, ``RCPT``, ``DATA``) is written in the same write as the current message's final
+dot (RFC 2920), and the connection is handed to it once that message's reply is read; it
+then reads its own group's replies and sends its message. In steady state a connection
+so carries a message per round trip instead of one per two. Nothing of a follower's
+message is written before its own ``354``; a connection that breaks or is closed before
+the hand-over sends its followers back to look for another.
 """
 
 from __future__ import annotations
