@@ -57,8 +57,10 @@ def test_each_message_gets_its_own_outcome_when_its_envelope_followed_a_dot(
     fourth are delivered, the others raise their own refusal, and the session stays in
     step throughout (the fifth's refusal is read in its place, after the fourth's 250)."""
     relay_server.script.data_replies.append("554 5.7.1 content refused")
+    relay_server.script.sender_replies = {"refused@postroom.test": "550 5.7.1 sender refused"}
     relay_server.script.rcpt_replies = {"bad@example.com": "550 5.1.1 no such user"}
     msgs = [message(1), message(2), message(3), message(4), message(5, "bad@example.com")]
+    senders = [SENDER, SENDER, "refused@postroom.test", SENDER, SENDER]
     conn = SmtpConnection()
     conn.open(Relay(host="127.0.0.1", port=relay_server.port, scheme=""),
               connect_host=None, timeout=5.0, ssl_context=TLS,
@@ -68,17 +70,15 @@ def test_each_message_gets_its_own_outcome_when_its_envelope_followed_a_dot(
     def then(n: int) -> bytes:  # the envelope of message n (1-based), noted as written
         written.append(n)
         rcpts, data = msgs[n - 1]
-        return conn.envelope(SENDER, rcpts, len(data))
+        return conn.envelope(senders[n - 1], rcpts, len(data))
 
     outcomes: list[object] = []
     try:
         for n in range(1, 6):
             rcpts, data = msgs[n - 1]
-            if n == 3:  # the next MAIL FROM the relay reads is the third's
-                relay_server.script.mail_replies.append("550 5.7.1 sender refused")
             try:
                 result = conn.transaction(
-                    SENDER, rcpts, data, envelope_sent=n in written,
+                    senders[n - 1], rcpts, data, envelope_sent=n in written,
                     then=partial(then, n + 1) if n < 5 else None,
                 )
                 outcomes.append(result.response)
