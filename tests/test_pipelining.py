@@ -222,3 +222,47 @@ def test_a_follower_whose_connection_breaks_at_the_dot_sends_on_a_new_one(
         m.message_id or "" for m in relay_server.dropped
     )
     assert [] == relay_server.messages
+
+
+def test_followers_refused_by_the_relay_get_their_own_outcomes(
+    relay_server: ScriptedSmtpServer, far_relay: DelayProxy
+) -> None:
+    """Three threads send 12 messages over one kept connection to a relay 30 ms away, most
+    of them following the one before. The relay refuses the sender of every fourth message
+    and the only recipient of the next: those two raise their own 550, whatever they
+    followed or whatever followed them, and the relay has exactly the others, once."""
+    relay_server.script.sender_replies = {"refused@postroom.test": "550 5.7.1 sender refused"}
+    relay_server.script.rcpt_replies = lambda a: "550 5.1.1 no such user" if a.startswith(
+        "bad") else None
+    pool = SmtpPool(max_per_relay=1)
+    relay = Relay(host="127.0.0.1", port=far_relay.port, scheme="")
+    outcomes: dict[int, object] = {}
+
+    def send(i: int) -> None:
+        for k in range(4):
+            n = 4 * i + k
+            sender = "refused@postroom.test" if n % 4 == 1 else SENDER
+            rcpts, data = message(n, f"bad{n}@example.com" if n % 4 == 2 else None)
+            try:
+                result = pool.deliver(relay, connect_host="127.0.0.1", sender=sender,
+                                      recipients=rcpts, data=data, timeout=5.0,
+                                      ssl_context=TLS, local_hostname="w.test")  # fmt: skip
+                outcomes[n] = result.response[:3]
+            except SmtpRejected as err:
+                outcomes[n] = err.extra.get("smtp_code")
+            except BaseException as exc:  # noqa: BLE001 - shown below
+                outcomes[n] = exc
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    pool.close_all()
+
+    assert {n: (550 if n % 4 in (1, 2) else "250") for n in range(12)} == outcomes
+    assert sorted(f"<{n}@postroom.test>" for n in range(12) if n % 4 not in (1, 2)) == sorted(
+        m.message_id or "" for m in relay_server.messages
+    )
+    assert 1 == far_relay.accepted
+    assert pool.stats().pipelined >= 1
