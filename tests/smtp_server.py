@@ -54,6 +54,8 @@ class Script:
     """How the server answers; change it at any time, it is read on every command.
 
     ``mail_replies`` and ``data_replies`` are consumed one per command (then 250);
+    ``sender_replies`` maps a sender address to its reply to MAIL FROM (when
+    ``mail_replies`` is empty);
     ``rcpt_replies`` maps an address (or a function of it) to a reply (``None``: 250);
     ``drop_data``: ``"partial"`` closes after the first line of the message,
     ``"before_reply"`` after the whole message, instead of answering.
@@ -65,6 +67,7 @@ class Script:
     """
 
     mail_replies: deque[str] = field(default_factory=deque)
+    sender_replies: Mapping[str, str] = field(default_factory=dict)
     rcpt_replies: RcptReplies = field(default_factory=dict)
     data_replies: deque[str] = field(default_factory=deque)
     drop_data: DropMode | None = None
@@ -88,6 +91,8 @@ class _Handler:
         script = self._server.script
         if script.mail_replies:
             return script.mail_replies.popleft()
+        if address in script.sender_replies:
+            return script.sender_replies[address]
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         envelope.postroom_mail_at = time.time()  # type: ignore[attr-defined]

@@ -3,6 +3,7 @@ and the relation between the broker's redelivery window and the SMTP timeouts.""
 
 from __future__ import annotations
 
+import gc
 import random
 import ssl
 
@@ -12,7 +13,7 @@ from postroom.shared.errors import ConfigError
 from postroom.shared.queue import celery_config, restore_interval_s
 from postroom.shared.settings import Settings
 from postroom.worker import outcomes
-from postroom.worker.app import make_celery
+from postroom.worker.app import HeapStep, make_celery
 from postroom.worker.lease import attempt_bound_s, check_timeouts
 from postroom.worker.retrying import RetryPolicy, StorePatience
 
@@ -123,6 +124,20 @@ def test_the_broker_is_configured_for_at_least_once() -> None:
                              transport["unacked_restore_interval"],
                              transport["unacked_restore_throttle"])
     assert [1, 1, 5, 10] == [restore_interval_s(v) for v in (5, 15, 50, 7200)]
+
+
+def test_the_worker_freezes_its_objects_before_the_pool_forks() -> None:
+    """The worker's steps include one that freezes the main process's objects when the
+    worker is built (before its pool forks), so that the pool processes' garbage
+    collector leaves the shared pages alone."""
+    app = make_celery(Settings(visibility_timeout_s=7200))
+    assert HeapStep in app.steps["worker"]
+    before = gc.get_freeze_count()
+    try:
+        HeapStep(parent=None)
+        assert gc.get_freeze_count() > before
+    finally:
+        gc.unfreeze()
 
 
 def test_a_tls_stream_cut_short_is_transient_and_a_tls_failure_permanent() -> None:

@@ -8,6 +8,7 @@ than the longest send (checked here, at start-up).
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import redis
@@ -165,6 +166,7 @@ def make_celery(settings: Settings) -> Celery:
     app.steps["worker"].add(BudgetStep)
     app.steps["worker"].add(InstanceStep)
     app.steps["worker"].add(WebhookStep)
+    app.steps["worker"].add(HeapStep)
     metrics.install(app, settings)  # before the pool forks: its processes count in files
     probes.install(app, settings)
     return app
@@ -189,3 +191,19 @@ class WebhookStep(bootsteps.StartStopStep):
     def stop(self, parent: Any) -> None:
         if self.deliverer is not None:
             self.deliverer.stop()
+
+
+class HeapStep(bootsteps.Step):
+    """Freezes the main process's objects before the pool forks (``gc.freeze``): the pool
+    processes share the pages of every module the worker imported, and their garbage
+    collector, which would otherwise write into each of those objects' headers while it
+    looks for cycles, leaves them alone, so the pages stay shared instead of being copied
+    into each process. About 16 MiB of PSS less over a two-process worker
+    (``bench/bench_far_relay.py``); the frozen objects are the modules and the app, which
+    live as long as the process anyway."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        gc.freeze()

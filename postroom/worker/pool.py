@@ -35,6 +35,15 @@ message gives one connection back, up to ``max_per_relay``.
 :meth:`SmtpPool.deliver` takes a ``deadline`` (``time.monotonic()``): waiting for a
 connection, opening it and the transaction all end by then, or the send is a
 :class:`TransientSendError` (``POSTROOM_SEND_DEADLINE_S``).
+
+A send that finds every connection to its relay busy, when the relay offers PIPELINING,
+*follows* one (at most :data:`FOLLOWERS` wait in turn per connection): its envelope group
+(``MAIL``, ``RCPT``, ``DATA``) is written in the same write as the current message's final
+dot (RFC 2920), and the connection is handed to it once that message's reply is read; it
+then reads its own group's replies and sends its message. In steady state a connection
+so carries a message per round trip instead of one per two. Nothing of a follower's
+message is written before its own ``354``; a connection that breaks or is closed before
+the hand-over sends its followers back to look for another.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from postroom.shared.errors import SendError, TransientSendError
 from postroom.shared.relays import Relay
@@ -63,6 +73,10 @@ from postroom.worker.smtp import DeliveryResult, SmtpConnection
 CHECK_AFTER_S = 5.0
 # How long a relay that refused a connection or answered 421 keeps its reduced allowance.
 BACKOFF_S = 30.0
+# Sends that may wait in turn for one busy connection: the first one's envelope goes out
+# with the current message's final dot; the second is there to follow the first, whose
+# own dot comes as soon as its replies (already on their way) are read.
+FOLLOWERS = 2
 
 #: what the per-relay cap counts by: host, port, user, scheme
 RelayId = tuple[str, int, str | None, str]
@@ -103,6 +117,26 @@ class PoolStats:
     reconnects: int = 0  # transparent second tries on a new connection
     retired: int = 0  # connections closed after max_messages
     backoffs: int = 0  # times a relay's allowance was halved (refused, 421)
+    pipelined: int = 0  # sends whose envelope went out after the message before (RFC 2920)
+
+
+@dataclass(eq=False)  # compared by identity
+class _Next:
+    """A send waiting for a busy connection to the same relay with the same credentials:
+    its envelope group goes out in the write of the current message's final dot, and the
+    connection is handed to it when the current message's reply has been read."""
+
+    envelope: bytes
+    owner: _Pooled
+    #: the group went out after the owner's dot; its replies wait to be read
+    written: bool = False
+    #: handed over: the connection is this send's now
+    conn: _Pooled | None = None
+    #: the connection broke or was closed first (nothing of this send's message was written)
+    lost: bool = False
+    #: this send stopped waiting (its deadline) after its group went out
+    abandoned: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 class _Pooled(SmtpConnection):
@@ -116,6 +150,11 @@ class _Pooled(SmtpConnection):
         self._clock = clock
         self.last_used = clock()
         self.data_started = False
+        #: the sends that follow the current one on this connection, in turn; the first
+        #: one's envelope goes out after the current message's final dot (RFC 2920)
+        self.followers: deque[_Next] = deque()
+        #: the current transaction's envelope group went out after the message before
+        self.envelope_sent = False
 
     def open_for(
         self, relay: Relay, ssl_context: ssl.SSLContext, deadline: float | None = None
@@ -135,10 +174,17 @@ class _Pooled(SmtpConnection):
         # from here on the relay may receive the whole message: no transparent retry
         self.data_started = True
 
-    def send(self, sender: str, recipients: list[str], data: bytes) -> DeliveryResult:
+    def send(
+        self,
+        sender: str,
+        recipients: list[str],
+        data: bytes,
+        then: Callable[[], bytes] | None = None,
+    ) -> DeliveryResult:
         self.data_started = False
+        sent, self.envelope_sent = self.envelope_sent, False
         try:
-            return self.transaction(sender, recipients, data)
+            return self.transaction(sender, recipients, data, envelope_sent=sent, then=then)
         finally:
             self.messages += 1
             self.last_used = self._clock()
@@ -206,6 +252,8 @@ class SmtpPool:
         self._waiting: dict[RelayId, threading.Condition] = {}
         self._idle: dict[PoolKey, deque[_Pooled]] = {}
         self._open: dict[RelayId, int] = {}  # idle + busy, per relay
+        # busy connections to relays that offer PIPELINING: sends may follow them
+        self._busy: dict[PoolKey, set[_Pooled]] = {}
         self._allowance: dict[RelayId, _Allowance] = {}
         #: a moving average of how long a send takes here (None before the first)
         self.latency_s: float | None = None
@@ -234,7 +282,8 @@ class SmtpPool:
         key = self.key_for(relay, connect_host, timeout, ssl_context, local_hostname)
         started = time.monotonic()
         try:
-            conn, reused = self._checkout(key, relay, ssl_context, deadline)
+            conn, reused = self._checkout(key, relay, ssl_context, deadline,
+                                          (sender, recipients, len(data)))  # fmt: skip
             conn.set_deadline(deadline)
             try:
                 result = self._send(conn, sender, recipients, data)
@@ -246,6 +295,7 @@ class SmtpPool:
                 # the kept connection was dead before the message went out: one try on a
                 # new connection, which takes over the dead one's slot
                 self._count("reconnects")
+                self._orphan(conn)
                 conn = self._open_new(key, relay, ssl_context, reserved=True,
                                       deadline=deadline)  # fmt: skip
                 try:
@@ -345,8 +395,9 @@ class SmtpPool:
     def _send(
         self, conn: _Pooled, sender: str, recipients: list[str], data: bytes
     ) -> DeliveryResult:
+        self._offer(conn)
         try:
-            return conn.send(sender, recipients, data)
+            return conn.send(sender, recipients, data, then=partial(self._then, conn))
         except SendError:
             raise
         except BaseException:
@@ -357,10 +408,17 @@ class SmtpPool:
             raise
 
     def _checkout(
-        self, key: PoolKey, relay: Relay, ssl_context: ssl.SSLContext, deadline: float | None
+        self,
+        key: PoolKey,
+        relay: Relay,
+        ssl_context: ssl.SSLContext,
+        deadline: float | None,
+        message: tuple[str, list[str], int] | None = None,
     ) -> tuple[_Pooled, bool]:
         """A connection for ``key``: a healthy idle one, else a new one when the relay's
-        allowance has room (closing an idle one kept with other credentials to make it)."""
+        allowance has room (closing an idle one kept with other credentials to make it),
+        else, for ``message`` (sender, recipients, size), the busy connection of a send
+        whose final dot its envelope follows (:meth:`_follow`)."""
         self._after_fork()
         rid = _relay_id(key)
         until = time.monotonic() + key.timeout
@@ -369,6 +427,7 @@ class SmtpPool:
         while True:
             candidate: _Pooled | None = None
             other: _Pooled | None = None
+            follow: _Next | None = None
             with self._lock:
                 idle = self._idle.get(key)
                 if idle:
@@ -379,8 +438,10 @@ class SmtpPool:
                     self._open[rid] = self._open.get(rid, 0) + 1  # reserve a slot
                 else:
                     other = self._idle_of_relay(rid)
-                    if other is None:
-                        left = until - time.monotonic()
+                    left = until - time.monotonic()
+                    if other is None and message is not None and left > 0:
+                        follow = self._follow(key, *message)
+                    if other is None and follow is None:
                         if left <= 0:
                             if deadline is not None and time.monotonic() >= deadline:
                                 raise outcomes.from_condition(Condition.DEADLINE)
@@ -389,6 +450,12 @@ class SmtpPool:
                             )
                         self._relay_cond(rid).wait(min(left, 1.0))
                         continue
+            if follow is not None:
+                handed = self._handed(follow, until)
+                if handed is None:  # lost with its connection, or out of time: look again
+                    continue
+                self._count("pipelined" if handed.envelope_sent else "reused")
+                return handed, True
             if other is not None:  # its slot is freed by closing it; then look again
                 self._close(other, "stale")
                 continue
@@ -400,6 +467,80 @@ class SmtpPool:
                 self._count("reused")
                 return candidate, True
             self._close(candidate, "stale")
+
+    # -- pipelining the next message's envelope (RFC 2920) ------------------------------
+
+    def _offer(self, conn: _Pooled) -> None:
+        """``conn`` starts a transaction: sends waiting for the relay may follow it, when
+        the relay offers PIPELINING."""
+        with self._lock:
+            if conn.pipelining:
+                self._busy.setdefault(conn.key, set()).add(conn)
+                self._relay_cond(_relay_id(conn.key)).notify()
+
+    def _follow(self, key: PoolKey, sender: str, recipients: list[str],
+                size: int) -> _Next | None:  # fmt: skip
+        """Follow the busy connection of ``key`` with the fewest followers, when one has
+        fewer than :data:`FOLLOWERS` and may carry one message more (the caller holds the
+        lock). The message's envelope group is made now, for that session."""
+        room = [c for c in self._busy.get(key, ()) if c.is_open
+                and len(c.followers) < FOLLOWERS
+                and c.messages + len(c.followers) + 2 <= self.max_messages]  # fmt: skip
+        if not room:
+            return None
+        conn = min(room, key=lambda c: len(c.followers))
+        try:
+            envelope = conn.envelope(sender, recipients, size)
+        except (SendError, RuntimeError):  # said again when the message has a connection
+            return None
+        follower = _Next(envelope, conn)
+        conn.followers.append(follower)
+        return follower
+
+    def _then(self, conn: _Pooled) -> bytes:
+        """Just before ``conn`` writes its message's final dot: the first follower's
+        envelope group, to go out in the same write (nothing without a follower)."""
+        with self._lock:
+            if not conn.followers:
+                return b""
+            follower = conn.followers[0]
+            follower.written = True
+            return follower.envelope
+
+    def _handed(self, follower: _Next, until: float) -> _Pooled | None:
+        """Wait until the connection followed is handed over (its group's replies unread
+        when it went out); None when it was lost first, or when the wait ran out."""
+        follower.done.wait(max(0.0, until - time.monotonic()))
+        with self._lock:
+            if follower.conn is not None:
+                return follower.conn
+            if not follower.lost:  # out of time: stop following
+                follower.abandoned = True
+                owner = follower.owner
+                if not follower.written and follower in owner.followers:
+                    owner.followers.remove(follower)
+            return None
+
+    def _orphan(self, conn: _Pooled) -> None:
+        """``conn`` is dead: its followers look for another connection."""
+        with self._lock:
+            self._not_busy(conn)
+            self._lose_followers(conn)
+
+    def _lose_followers(self, conn: _Pooled) -> None:
+        """(The caller holds the lock.)"""
+        while conn.followers:
+            follower = conn.followers.popleft()
+            follower.lost = True
+            follower.done.set()
+
+    def _not_busy(self, conn: _Pooled) -> None:
+        """(The caller holds the lock.)"""
+        busy = self._busy.get(conn.key)
+        if busy is not None:
+            busy.discard(conn)
+            if not busy:
+                del self._busy[conn.key]
 
     def _idle_of_relay(self, rid: RelayId) -> _Pooled | None:
         """Take an idle connection to relay ``rid`` kept for other credentials or another
@@ -473,11 +614,30 @@ class SmtpPool:
         return conn
 
     def _checkin(self, conn: _Pooled) -> None:
-        """Back to the idle list when healthy, else closed; its slot follows it."""
+        """To the send that follows it, when one does and the session is sound; else back
+        to the idle list when healthy, else closed; its slot follows it."""
         if os.getpid() != self._pid:  # sent from a forked child with the parent's pool
             conn.discard()
             return
         conn.set_deadline(None)
+        unread = False
+        with self._lock:
+            self._not_busy(conn)
+            if conn.followers:
+                follower = conn.followers[0]
+                if conn.is_open and not follower.abandoned:
+                    conn.followers.popleft()
+                    conn.envelope_sent = follower.written
+                    follower.conn = conn
+                    follower.done.set()
+                    return
+                # a group whose sender stopped waiting went out: its replies are unread
+                unread = follower.written
+                self._lose_followers(conn)
+        if conn.is_open and unread:
+            conn.discard()
+            self._release_slot(conn.key)
+            return
         if conn.is_open and conn.messages < self.max_messages:
             with self._lock:
                 self._idle.setdefault(conn.key, deque()).append(conn)
@@ -521,6 +681,7 @@ class SmtpPool:
         inherited = [c for conns in self._idle.values() for c in conns]
         self._idle = {}
         self._open = {}
+        self._busy = {}
         self._allowance = {}
         self._pid = pid
         for conn in inherited:

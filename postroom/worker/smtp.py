@@ -16,7 +16,7 @@ import smtplib
 import socket
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -162,31 +162,75 @@ class SmtpConnection:
             self._drop()
             raise
 
-    def transaction(self, sender: str, recipients: list[str], data: bytes) -> DeliveryResult:
+    @property
+    def pipelining(self) -> bool:
+        """Whether the relay offers PIPELINING (RFC 2920) on this open session."""
+        return self._client is not None and bool(self._client.has_extn("pipelining"))
+
+    def envelope(self, sender: str, recipients: list[str], size: int) -> bytes:
+        """The pipelined group ``MAIL FROM``, every ``RCPT TO`` and ``DATA`` of a message of
+        ``size`` bytes, as this session would write it (RFC 2920), spelled as ``smtplib``
+        spells the commands one at a time; :class:`SendError` for an envelope this relay
+        cannot take (a line break in an address, non-ASCII without SMTPUTF8)."""
+        client = self._require()
+        options = self._options(client, sender, recipients, size)
+        optionlist = (" " + " ".join(options)) if options else ""
+        lines = [f"mail FROM:{smtplib.quoteaddr(sender)}{optionlist}"]
+        lines += [f"rcpt TO:{smtplib.quoteaddr(address)}" for address in recipients]
+        lines.append("data")
+        encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
+        return "".join(f"{line}\r\n" for line in lines).encode(encoding)
+
+    @staticmethod
+    def _options(client: _Client, sender: str, recipients: list[str], size: int) -> list[str]:
+        if not recipients:
+            raise ValueError("a transaction needs at least one recipient")
+        envelope = [sender, *recipients]
+        if any(ch in address for address in envelope for ch in "\r\n\0"):
+            raise outcomes.from_condition(Condition.BAD_ENVELOPE)
+        options = [f"SIZE={size}"] if client.has_extn("size") else []
+        if not all(address.isascii() for address in envelope):
+            if not client.has_extn("smtputf8"):
+                raise outcomes.from_condition(Condition.NO_SMTPUTF8)
+            options.append("SMTPUTF8")
+        return options
+
+    def transaction(
+        self,
+        sender: str,
+        recipients: list[str],
+        data: bytes,
+        *,
+        envelope_sent: bool = False,
+        then: Callable[[], bytes] | None = None,
+    ) -> DeliveryResult:
         """MAIL FROM, RCPT TO each recipient, and DATA when at least one was accepted.
 
         With a relay that offers PIPELINING (RFC 2920) the envelope and DATA go out in one
         write and their replies are read together: two round trips per message instead of
         three plus one per recipient, the same replies, the same outcomes.
 
+        ``envelope_sent``: that group (:meth:`envelope`) was already written on this
+        session, after the previous message's final dot; only its replies are read here.
+        ``then``: called just before the message and its final dot are written; the bytes
+        it gives (the next message's envelope group, or nothing) go out in the same write,
+        as RFC 2920 allows, so that in steady state a message costs one round trip. Its
+        replies follow this message's own and are left for the next transaction to read.
+
         All recipients refused: :class:`SmtpRejected` (the first 5xx), or, when some were
         only deferred (4xx), a :class:`TransientSendError` naming them. After a refused
         transaction the session is reset, so the connection stays usable.
         """
         client = self._require()
-        if not recipients:
-            raise ValueError("a transaction needs at least one recipient")
-        envelope = [sender, *recipients]
-        if any(ch in address for address in envelope for ch in "\r\n\0"):
-            raise outcomes.from_condition(Condition.BAD_ENVELOPE)
-        options = [f"SIZE={len(data)}"] if client.has_extn("size") else []
-        if not all(address.isascii() for address in envelope):
-            if not client.has_extn("smtputf8"):
-                raise outcomes.from_condition(Condition.NO_SMTPUTF8)
-            options.append("SMTPUTF8")
+        options = self._options(client, sender, recipients, len(data))
         with self._errors():
-            send_envelope = _pipelined_envelope if client.has_extn("pipelining") else _envelope
-            mail, rcpts, data_reply = send_envelope(client, sender, options, recipients)
+            if envelope_sent:
+                mail, rcpts, data_reply = _envelope_replies(client, recipients)
+            else:
+                send_envelope = (
+                    _pipelined_envelope if client.has_extn("pipelining") else _envelope
+                )
+                mail, rcpts, data_reply = send_envelope(client, sender, options, recipients)
             accepted: list[str] = []
             rejected: list[tuple[str, int, str]] = []
             deferred: list[tuple[str, int, str]] = []
@@ -216,7 +260,7 @@ class SmtpConnection:
                 self._abandon(client)
                 raise outcomes.from_exception(smtplib.SMTPDataError(*data_reply)) from None
             else:
-                code, reply = _body(client, data)
+                code, reply = _body(client, data, then)
             if code != 250:
                 raise outcomes.from_reply(code, reply)
         return DeliveryResult(accepted, rejected, deferred, outcomes.reply_text(code, reply))
@@ -369,6 +413,13 @@ def _pipelined_envelope(
     lines += [f"rcpt TO:{smtplib.quoteaddr(address)}" for address in recipients]
     lines.append("data")
     client.send("".join(f"{line}\r\n" for line in lines))
+    return _envelope_replies(client, recipients)
+
+
+def _envelope_replies(
+    client: _Client, recipients: list[str]
+) -> tuple[Reply, list[Reply], Reply | None]:
+    """The replies to a pipelined envelope group, in order: MAIL, each RCPT, DATA."""
     mail = client.getreply()
     rcpts = [client.getreply() for _ in recipients]
     return mail, rcpts, client.getreply()
@@ -377,13 +428,14 @@ def _pipelined_envelope(
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 
 
-def _body(client: _Client, data: bytes) -> Reply:
+def _body(client: _Client, data: bytes, then: Callable[[], bytes] | None = None) -> Reply:
     """The message after a 354 (dot-stuffed, ended by CRLF . CRLF) and the relay's reply,
-    as ``smtplib``'s ``data()`` sends it."""
+    as ``smtplib``'s ``data()`` sends it; with what ``then()`` gives written after the dot
+    in the same write (the next envelope group, whose replies follow this one's)."""
     body = _LEADING_DOT.sub(b"..", data)
     if not body.endswith(b"\r\n"):
         body += b"\r\n"
-    client.send(body + b".\r\n")
+    client.send(body + b".\r\n" + (then() if then is not None else b""))
     return client.getreply()
 
 
