@@ -29,8 +29,11 @@ def test_a_scheduled_task_is_canceled(any_redis: redis.Redis) -> None:
     """The document ends ``canceled`` (its time to live kept), the lease is the cancel's,
     the attachments are gone, and ``?wait`` callers are told."""
     store = _doc(any_redis)
-    pubsub = any_redis.pubsub(ignore_subscribe_messages=True)
+    pubsub = any_redis.pubsub()
     pubsub.subscribe(keys.task_done_channel(SID, TASK))
+    # the subscription is in place before the cancel publishes
+    confirmed = pubsub.get_message(timeout=5)
+    assert confirmed is not None and "subscribe" == confirmed["type"]
     doc = cancel_task(any_redis, any_redis, store, SID, TASK)
     assert ("canceled", None) == (doc["state"], doc["next_attempt_at"])
     stored = store.get(SID, TASK)
