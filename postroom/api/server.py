@@ -10,9 +10,8 @@ worker while the client reads the answer and closes.
 This worker closes at once when nothing can come of waiting: the request's body was read
 to its end (or it had none) and nothing more waits on the socket. Any other connection
 (a body not read whole, a chunked body, bytes behind the request, TLS) is closed by
-gunicorn's graceful path as before. Against gunicorn's own sync worker the API answered
-about 4 % more sends per second, with a quarter of the voluntary context switches
-(``bench/bench_api.py``, ``docs/throughput.md``).
+gunicorn's graceful path as before. What it gains against gunicorn's own sync worker is
+in ``docs/throughput.md``.
 
 ``postroom api`` runs it by default (``--worker-class postroom.api.server.SyncWorker``).
 """

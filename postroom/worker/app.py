@@ -198,9 +198,8 @@ class HeapStep(bootsteps.Step):
     processes share the pages of every module the worker imported, and their garbage
     collector, which would otherwise write into each of those objects' headers while it
     looks for cycles, leaves them alone, so the pages stay shared instead of being copied
-    into each process. About 16 MiB of PSS less over a two-process worker
-    (``bench/bench_far_relay.py``); the frozen objects are the modules and the app, which
-    live as long as the process anyway."""
+    into each process (the figure: ``docs/throughput.md``). The frozen objects are the
+    modules and the app, which live as long as the process anyway."""
 
     requires = ("celery.worker.components:Pool",)
 

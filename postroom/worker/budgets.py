@@ -52,9 +52,9 @@ def batch_size(settings: Settings, budgets: Budgets) -> int:
     """How many messages a pool process is handed at once: ``POSTROOM_WORKER_BATCH``, or,
     when it is left at its default, at least four per connection the process may open
     to one relay. A process answers for its batch when the batch's last message ends;
-    with several messages per lane that tail is a small part of the batch (at 50 ms,
-    ``POSTROOM_RELAY_CONCURRENCY=100``: 404–454 msg/s with batches of 50, 604–628 with
-    200), while on loopback smaller batches keep the worker's CPU per message lower."""
+    with several messages per lane that tail is a small part of the batch, while on
+    loopback smaller batches keep the worker's CPU per message lower (figures:
+    ``docs/throughput.md``)."""
     default = Settings.__dataclass_fields__["worker_batch"].default
     if settings.worker_batch != default:
         return settings.worker_batch

@@ -26,8 +26,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 # A send's own work in a pool process — building the message, its Redis steps, Celery's
-# share — about a millisecond of CPU (bench/profile_worker.py) and as long again waiting
-# for Redis.
+# share — is about a millisecond of CPU and as long again waiting for Redis
+# (docs/throughput.md).
 WORK_S = 0.002
 # Sends quicker than this (a relay on the same host or LAN, even on a loaded machine) get
 # one lane: what they wait for is mostly CPU, which more threads would only share worse.
