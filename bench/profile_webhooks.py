@@ -132,6 +132,7 @@ def run(mode: str, n: int, rate: float, profile: bool, top: int) -> None:
         client.config_resetstat()
         r0, recv0, me0 = redis_figures(client), cpu_seconds(receiver.proc.pid or 0), \
             time.process_time()  # fmt: skip
+        sys0 = os.times().system
         base = receiver.stats()["unique"]
         started = time.time()
         deliverer.start()
@@ -146,13 +147,15 @@ def run(mode: str, n: int, rate: float, profile: bool, top: int) -> None:
         stats = receiver.wait_unique(base + n, 300)
         elapsed = stats["last"] - started
         me = time.process_time() - me0 - queue_cpu
+        kernel = os.times().system - sys0
         recv = cpu_seconds(receiver.proc.pid or 0) - recv0
         r1 = redis_figures(client)
         got = stats["unique"] - base
         print(f"== {mode}: {got:.0f} of {n} events" +
               (f" queued at {rate:.0f}/s" if mode == "trickle" else " queued at once") +
               f"; {got / max(elapsed, 1e-9):.0f} events/s")  # fmt: skip
-        print(f"  CPU ms per event: deliverer {me / n * 1e3:.3f}, redis "
+        print(f"  CPU ms per event: deliverer {me / n * 1e3:.3f} (in the kernel "
+              f"{kernel / n * 1e3:.3f}, queuing included), redis "
               f"{(r1['cpu'] - r0['cpu']) / n * 1e3:.3f} (queuing included), receiver "
               f"{recv / n * 1e3:.3f}")  # fmt: skip
         for name in sorted({k.split(":")[0] for k in r1}):

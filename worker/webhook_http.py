@@ -221,7 +221,8 @@ def read_answer(sock: socket.socket, deadline: float) -> tuple[int, bool]:
             whole = False
     except _TooLong:
         whole = False
-    return status, whole and not close
+    # bytes beyond the answer (nothing was asked for them): the connection is out of step
+    return status, whole and not close and not reader.rest()
 
 
 class _Reader:
@@ -241,6 +242,10 @@ class _Reader:
         data = self._sock.recv(RECV_SIZE)
         self._read += len(data)
         return data
+
+    def rest(self) -> bytes:
+        """What was read beyond the answer."""
+        return self._buf
 
     def head(self) -> bytes:
         """The status line and header fields, up to the blank line (consumed)."""

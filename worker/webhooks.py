@@ -66,6 +66,9 @@ NICE = 10
 #: events taken at most per free slot of an endpoint, POSTed one after the other by one
 #: thread: a few round trips and thread wake-ups per batch instead of per event
 BATCH = 32
+#: seconds a batch keeps its attempts before recording them (a slow endpoint's batch
+#: records as it goes; a fast one's, once at its end)
+RECORD_EVERY_S = 0.5
 
 #: one script to run when the batch's attempts are recorded: the script, keys, arguments
 Call = tuple[Lua, list[str], list[str | int]]
@@ -254,6 +257,8 @@ class Deliverer:
         timeout later) falls within the lease: the events left when that time has passed
         are given back, due at once (``webhook_release.lua``)."""
         done: list[Call] = []
+        attempts: list[str | int] = []
+        recorded = time.monotonic()
         try:
             for n, (event_id, raw) in enumerate(batch):
                 if n and time.monotonic() - claim.taken_at > LEASE_MARGIN_S:
@@ -261,13 +266,18 @@ class Deliverer:
                                  [claim.now, claim.lease, repr(time.time()),
                                   *(e for e, _ in batch[n:])]))  # fmt: skip
                     break
-                script_keys, args = self.post_once(claim.sid, claim.wid, claim.record,
-                                                   event_id, json.loads(raw))  # fmt: skip
-                done.append((self._finish, script_keys, args))
+                attempts += self.post_once(claim.sid, claim.wid, claim.record, event_id,
+                                           json.loads(raw))  # fmt: skip
+                if time.monotonic() - recorded > RECORD_EVERY_S:  # a slow endpoint
+                    call = self._finish_call(claim.sid, claim.wid, attempts)
+                    attempts, recorded = [], time.monotonic()
+                    self._record([call])
         except Exception:  # the rest stay taken until their lease ends, then are retried
             log.exception("webhook delivery not recorded", extra={"solution_id": claim.sid,
                                                                     "webhook_id": claim.wid})
         finally:
+            if attempts:
+                done.insert(0, self._finish_call(claim.sid, claim.wid, attempts))
             try:
                 if done:
                     self._record(done)
@@ -282,15 +292,22 @@ class Deliverer:
                 self._total -= 1
             self._wake.set()
 
+    def _finish_call(self, sid: str, wid: str, attempts: list[str | int]) -> Call:
+        """``webhook_finish.lua`` for ``attempts`` (six arguments each, :meth:`post_once`)."""
+        return (self._finish, self._keys(sid, wid),
+                [wid, LOG_SIZE, self.settings.webhook_disable_after_s, *attempts])  # fmt: skip
+
     def attempt(self, sid: str, wid: str, record: dict[str, Any], event_id: str,
                 pending: dict[str, Any]) -> None:  # fmt: skip
         """POST one event once and record what happened, now."""
-        self._finish(self._r, *self.post_once(sid, wid, record, event_id, pending))
+        lua, script_keys, args = self._finish_call(
+            sid, wid, self.post_once(sid, wid, record, event_id, pending))
+        lua(self._r, script_keys, args)
 
     def post_once(self, sid: str, wid: str, record: dict[str, Any], event_id: str,
-                  pending: dict[str, Any]) -> tuple[list[str], list[str | int]]:  # fmt: skip
-        """POST one event once; the keys and arguments of ``webhook_finish.lua`` that
-        record what happened."""
+                  pending: dict[str, Any]) -> list[str | int]:  # fmt: skip
+        """POST one event once; what ``webhook_finish.lua`` records of it (event id, end,
+        outcome, when to try again, attempt, log entry)."""
         settings = self.settings
         attempt = int(pending.get("attempt", 0)) + 1
         body = str(pending["body"]).encode()
@@ -326,10 +343,7 @@ class Deliverer:
             log.info("webhook attempt failed", extra={
                 "solution_id": sid, "webhook_id": wid, "event_id": event_id,
                 "attempt": attempt, "outcome": outcome, "error": answer.error})  # fmt: skip
-        return self._keys(sid, wid), [
-            wid, event_id, repr(now), outcome, next_at, attempt, json.dumps(entry), LOG_SIZE,
-            settings.webhook_disable_after_s,
-        ]  # fmt: skip
+        return [event_id, repr(now), outcome, next_at, attempt, json.dumps(entry)]
 
     def _secrets_of(self, record: dict[str, Any]) -> list[str]:
         """The secrets signing now (decrypted once per process and sealed value)."""
