@@ -3,9 +3,12 @@
 Each worker instance runs one :class:`Deliverer` in its main process (a bootstep: no
 process for operators to add): a loop that looks at every endpoint (``keys.webhook_endpoints``)
 and takes its due events for a lease (``webhook_claim.lua``), and a pool of threads that
-POST them (:mod:`worker.webhook_http`); the loop records the attempts they made
-(``webhook_finish.lua``, one script each, all that ended since its last turn in one round
-trip: a round trip per event cost about 0.1 ms of CPU at both ends on loopback).
+POST them (:mod:`worker.webhook_http`). The events go by the batch: one take per
+endpoint per turn (at most :data:`BATCH` events per free slot), each slot's share POSTed
+one after the other by one thread on one kept connection, and recorded by that thread in
+one script (``webhook_finish.lua``). Per event, a take, a thread hand-off and a round trip
+to record it cost about 0.3 ms of CPU in the worker on loopback; by the batch, those are
+shared by the batch's events (``bench/profile_webhooks.py``).
 The sends themselves run in the pool processes, which this never touches, so a slow
 endpoint cannot hold up mail.
 
@@ -134,6 +137,8 @@ class Deliverer:
         #: attempts made and not yet recorded (:meth:`flush`)
         self._done: list[Call] = []
         self._endpoints: list[str] = []
+        #: endpoints whose last take was as large as asked (more may be due)
+        self._full: set[str] = set()
         self._endpoints_read = 0.0
 
     def start(self) -> None:
@@ -212,8 +217,8 @@ class Deliverer:
                 free = min(self.settings.webhook_endpoint_concurrency
                            - self._in_flight.get(endpoint, 0),
                            self.settings.webhook_concurrency - self._total)  # fmt: skip
-            if free <= 0:
-                backlog = True
+            if free <= 0:  # busy: look again when a batch ends if it has more waiting
+                backlog = backlog or endpoint in self._full
                 continue
             taken_at, now = time.monotonic(), time.time()
             lease = self.settings.webhook_timeout_s + LEASE_MARGIN_S
@@ -224,9 +229,13 @@ class Deliverer:
                 self._endpoints_read = 0.0
                 continue
             taken = [(as_str(answer[n]), answer[n + 1]) for n in range(1, len(answer), 2)]
+            if len(taken) == free * BATCH:  # maybe more
+                self._full.add(endpoint)
+                backlog = True
+            else:
+                self._full.discard(endpoint)
             if not taken:
                 continue
-            backlog = backlog or len(taken) == free * BATCH
             record = json.loads(answer[0])
             claim = Claim(endpoint, sid, wid, record, repr(now), repr(lease), taken_at)
             # spread over every free slot: a slow endpoint keeps its POSTs in parallel
