@@ -11,7 +11,8 @@ Two ways in turn:
 - ``drain``: ``--events`` events are queued at once, then delivered.
 
 For each it prints, per event: the CPU of this process's delivering threads (the process's
-CPU less the queuing thread's own), Redis's CPU and its commands (``INFO commandstats``:
+CPU less the queuing thread's own; with ``drain``, the part of it in the kernel too),
+Redis's CPU and its commands (``INFO commandstats``:
 the queuing scripts run by EVAL, the deliverer's by EVALSHA), the receiver's CPU, and
 events/s. ``--cprofile`` adds the deliverer's top functions by CPU (each thread's own CPU time).
 """
@@ -154,8 +155,8 @@ def run(mode: str, n: int, rate: float, profile: bool, top: int) -> None:
         print(f"== {mode}: {got:.0f} of {n} events" +
               (f" queued at {rate:.0f}/s" if mode == "trickle" else " queued at once") +
               f"; {got / max(elapsed, 1e-9):.0f} events/s")  # fmt: skip
-        print(f"  CPU ms per event: deliverer {me / n * 1e3:.3f} (in the kernel "
-              f"{kernel / n * 1e3:.3f}, queuing included), redis "
+        in_kernel = f" (in the kernel {kernel / n * 1e3:.3f})" if mode == "drain" else ""
+        print(f"  CPU ms per event: deliverer {me / n * 1e3:.3f}{in_kernel}, redis "
               f"{(r1['cpu'] - r0['cpu']) / n * 1e3:.3f} (queuing included), receiver "
               f"{recv / n * 1e3:.3f}")  # fmt: skip
         for name in sorted({k.split(":")[0] for k in r1}):
