@@ -21,7 +21,9 @@ an order that turns from round to round:
 End-to-end is the first request to the sink's last message, as in ``bench_pipeline.py``.
 Then, on the ``sent`` stack, ``--drain`` events queued at once (``webhook.test`` style,
 straight into Redis) are timed to the receiver: the delivery rate alone. It prints each
-figure and the ratios to ``none`` (medians over the rounds, lowest - highest).
+figure and the ratios to ``none`` (medians over the rounds, lowest - highest), and the
+ratio of CPU per message (all processes) without and with the endpoint: the rate ratio
+to expect when the CPU is what limits, steadier than the rates on a shared machine.
 """
 
 from __future__ import annotations
@@ -237,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
                 [r[kind]["cpu_worker"] for r in rounds])
         summary(f"CPU ms per message, {kind}: all (receiver included)",
                 [r[kind]["cpu_total"] for r in rounds])
+    # when the machine's CPU is what limits the pipeline, the rates go as the inverse of
+    # the CPU per message: steadier than the rates on a shared machine (same rounds)
+    summary("CPU ratio, all: without / with endpoint", [r["none"]["cpu_total"]
+                                                        / r["sent"]["cpu_total"]
+                                                        for r in rounds])  # fmt: skip
     summary("CPU ms per message, sent: the receiver alone",
             [r["sent"]["cpu_receiver"] for r in rounds])
     summary("events/s delivered during the sends", [r["sent"]["events_e2e"] for r in rounds])

@@ -3,9 +3,12 @@
 Each worker instance runs one :class:`Deliverer` in its main process (a bootstep: no
 process for operators to add): a loop that looks at every endpoint (``keys.webhook_endpoints``)
 and takes its due events for a lease (``webhook_claim.lua``), and a pool of threads that
-POST them (:mod:`postroom.worker.webhook_http`); the loop records the attempts they made
-(``webhook_finish.lua``, one script each, all that ended since its last turn in one round
-trip, not one per event).
+POST them (:mod:`postroom.worker.webhook_http`). The events go by the batch: one take per
+endpoint per turn (at most :data:`BATCH` events per free slot), each slot's share POSTed
+one after the other by one thread on one kept connection, and recorded by that thread in
+one script (``webhook_finish.lua``), so that the take, the hand-off to a thread and the
+round trip that records are shared by a batch's events, not paid per event
+(``bench/profile_webhooks.py``; figures in ``docs/webhooks.md``).
 The sends themselves run in the pool processes, which this never touches, so a slow
 endpoint cannot hold up mail.
 
@@ -37,6 +40,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -47,7 +51,7 @@ from postroom.shared.crypto import SecretBox
 from postroom.shared.events import signature_header
 from postroom.shared.guard import CachedResolver
 from postroom.shared.redis_values import as_str
-from postroom.shared.scripts import script
+from postroom.shared.scripts import Lua, script
 from postroom.shared.settings import Settings
 from postroom.shared.solutions import iso
 from postroom.shared.webhooks import LOG_SIZE, WebhookGuard, WebhookStore
@@ -62,6 +66,30 @@ USER_AGENT = "postroom-webhooks/1"
 ENDPOINTS_READ_S = 1.0
 #: the niceness of the delivering threads (the pool processes that send mail keep 0)
 NICE = 10
+#: events taken at most per free slot of an endpoint, POSTed one after the other by one
+#: thread: a few round trips and thread wake-ups per batch instead of per event
+BATCH = 32
+#: seconds a batch keeps its attempts before recording them (a slow endpoint's batch
+#: records as it goes; a fast one's, once at its end)
+RECORD_EVERY_S = 0.5
+
+#: one script to run when the batch's attempts are recorded: the script, keys, arguments
+Call = tuple[Lua, list[str], list[str | int]]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Events taken from one endpoint in one step: whose, and the lease they are under."""
+
+    endpoint: str
+    sid: str
+    wid: str
+    record: dict[str, Any]
+    #: the claim's ``now`` and lease (``webhook_claim.lua``'s ARGV[2] and ARGV[3])
+    now: str
+    lease: str
+    #: ``time.monotonic()`` just before the claim
+    taken_at: float
 
 
 def lower_priority() -> None:
@@ -103,11 +131,14 @@ class Deliverer:
         self._thread: threading.Thread | None = None
         self._claim = script("webhook_claim")
         self._finish = script("webhook_finish")
+        self._release = script("webhook_release")
         self._secrets: dict[str, str] = {}
         self._kept = KeptConnections()
         #: attempts made and not yet recorded (:meth:`flush`)
-        self._done: list[tuple[list[str], list[str | int]]] = []
+        self._done: list[Call] = []
         self._endpoints: list[str] = []
+        #: endpoints whose last take was as large as asked (more may be due)
+        self._full: set[str] = set()
         self._endpoints_read = 0.0
 
     def start(self) -> None:
@@ -132,12 +163,17 @@ class Deliverer:
         while not self._stopping.is_set():
             try:
                 self.flush()
-                took = self.take_due()
+                backlog = self.take_due()
             except redis.RedisError as err:
                 log.warning("webhook events not readable now: %s", type(err).__name__)
-                took = 0
-            if not took:
+                backlog = False
+            # with more due than was taken, look again as soon as a batch ends; else once
+            # per poll: the events of that while go out together (a few round trips and
+            # thread wake-ups for the lot, instead of each)
+            if backlog:
                 self._wake.wait(self.settings.webhook_poll_s)
+            else:
+                self._stopping.wait(self.settings.webhook_poll_s)
             self._wake.clear()
         try:
             self.flush()
@@ -145,56 +181,72 @@ class Deliverer:
             pass  # not recorded: those events are taken again when their lease ends
 
     def flush(self) -> None:
-        """Record the attempts the threads made since the last flush, in one round trip
-        (each its own script: ``webhook_finish.lua``). Unrecorded when Redis does not
-        answer: they are kept for the next flush."""
+        """Record what the threads could not (Redis did not answer then), in one round
+        trip. Kept for the next flush when Redis still does not answer."""
         with self._lock:
             done, self._done = self._done, []
-        if not done:
-            return
+        if done:
+            self._record(done)
+
+    def _record(self, done: list[Call]) -> None:
+        """Run the scripts of ``done`` (attempts ended, events given back) in one round
+        trip; on a connection error they are kept for :meth:`flush` and it is raised."""
         pipe = self._r.pipeline(transaction=False)
-        for script_keys, args in done:
-            self._finish.queue(pipe, script_keys, args)
+        for lua, script_keys, args in done:
+            lua.queue(pipe, script_keys, args)
         try:
             replies = pipe.execute(raise_on_error=False)
         except (redis.ConnectionError, redis.TimeoutError):
             with self._lock:
                 self._done = done + self._done
             raise
-        for (script_keys, args), reply in zip(done, replies, strict=True):
+        for (lua, script_keys, args), reply in zip(done, replies, strict=True):
             if isinstance(reply, NoScriptError):  # Redis restarted: load it, run it alone
-                self._finish(self._r, script_keys, args)
+                lua(self._r, script_keys, args)
             elif isinstance(reply, Exception):
                 log.warning("webhook attempt not recorded: %s", reply)
 
-    def take_due(self) -> int:
-        """Take the due events of every endpoint with a free slot and hand them to the
-        threads; how many were taken."""
-        took = 0
+    def take_due(self) -> bool:
+        """Take the due events of every endpoint with a free slot, up to :data:`BATCH` per
+        slot, and hand them to the threads in batches; whether some endpoint may have more
+        due than was taken."""
+        backlog = False
         for endpoint in self._endpoint_list():
             sid, _, wid = endpoint.partition("/")
             with self._lock:
                 free = min(self.settings.webhook_endpoint_concurrency
                            - self._in_flight.get(endpoint, 0),
                            self.settings.webhook_concurrency - self._total)  # fmt: skip
-            if free <= 0:
+            if free <= 0:  # busy: look again when a batch ends if it has more waiting
+                backlog = backlog or endpoint in self._full
                 continue
-            now = time.time()
+            taken_at, now = time.monotonic(), time.time()
             lease = self.settings.webhook_timeout_s + LEASE_MARGIN_S
-            answer = self._claim(self._r, self._keys(sid, wid), [wid, repr(now), repr(lease), free])
+            answer = self._claim(self._r, self._keys(sid, wid),
+                                 [wid, repr(now), repr(lease), free * BATCH])  # fmt: skip
             if answer[0] is None:  # the endpoint is gone
                 self._r.srem(keys.webhook_endpoints(), endpoint)
                 self._endpoints_read = 0.0
                 continue
+            taken = [(as_str(answer[n]), answer[n + 1]) for n in range(1, len(answer), 2)]
+            if len(taken) == free * BATCH:  # maybe more
+                self._full.add(endpoint)
+                backlog = True
+            else:
+                self._full.discard(endpoint)
+            if not taken:
+                continue
             record = json.loads(answer[0])
-            for n in range(1, len(answer), 2):
-                event_id, pending = as_str(answer[n]), json.loads(answer[n + 1])
-                with self._lock:
-                    self._in_flight[endpoint] = self._in_flight.get(endpoint, 0) + 1
-                    self._total += 1
-                self._pool.submit(self._deliver, endpoint, sid, wid, record, event_id, pending)
-                took += 1
-        return took
+            claim = Claim(endpoint, sid, wid, record, repr(now), repr(lease), taken_at)
+            # spread over every free slot: a slow endpoint keeps its POSTs in parallel
+            parts = min(free, len(taken))
+            with self._lock:
+                self._in_flight[endpoint] = self._in_flight.get(endpoint, 0) + parts
+                self._total += parts
+            for k in range(parts):
+                batch = taken[k * len(taken) // parts:(k + 1) * len(taken) // parts]
+                self._pool.submit(self._deliver, claim, batch)
+        return backlog
 
     def _endpoint_list(self) -> list[str]:
         """Every endpoint, read again at most every :data:`ENDPOINTS_READ_S` (a new one
@@ -206,36 +258,65 @@ class Deliverer:
             self._endpoints_read = now
         return self._endpoints
 
-    # -- one attempt ----------------------------------------------------------------
+    # -- one batch --------------------------------------------------------------------
 
-    def _deliver(self, endpoint: str, sid: str, wid: str, record: dict[str, Any],
-                 event_id: str, pending: dict[str, Any]) -> None:  # fmt: skip
+    def _deliver(self, claim: Claim, batch: list[tuple[str, bytes]]) -> None:
+        """POST the events of ``batch`` one after the other on one kept connection, then
+        record them all in one round trip. A POST begins only while its end (at most the
+        timeout later) falls within the lease: the events left when that time has passed
+        are given back, due at once (``webhook_release.lua``)."""
+        done: list[Call] = []
+        attempts: list[str | int] = []
+        recorded = time.monotonic()
         try:
-            call = self.post_once(sid, wid, record, event_id, pending)
-            with self._lock:
-                self._done.append(call)
-        except Exception:  # the event stays taken until its lease ends, then it is retried
-            log.exception("webhook delivery not recorded", extra={"solution_id": sid,
-                                                                    "webhook_id": wid})
+            for n, (event_id, raw) in enumerate(batch):
+                if n and time.monotonic() - claim.taken_at > LEASE_MARGIN_S:
+                    done.append((self._release, self._keys(claim.sid, claim.wid),
+                                 [claim.now, claim.lease, repr(time.time()),
+                                  *(e for e, _ in batch[n:])]))  # fmt: skip
+                    break
+                attempts += self.post_once(claim.sid, claim.wid, claim.record, event_id,
+                                           json.loads(raw))  # fmt: skip
+                if time.monotonic() - recorded > RECORD_EVERY_S:  # a slow endpoint
+                    call = self._finish_call(claim.sid, claim.wid, attempts)
+                    attempts, recorded = [], time.monotonic()
+                    self._record([call])
+        except Exception:  # the rest stay taken until their lease ends, then are retried
+            log.exception("webhook delivery not recorded", extra={"solution_id": claim.sid,
+                                                                    "webhook_id": claim.wid})
         finally:
+            if attempts:
+                done.insert(0, self._finish_call(claim.sid, claim.wid, attempts))
+            try:
+                if done:
+                    self._record(done)
+            except redis.RedisError:
+                pass  # kept: the loop records them when Redis answers again
             with self._lock:
-                left = self._in_flight.get(endpoint, 1) - 1
+                left = self._in_flight.get(claim.endpoint, 1) - 1
                 if left:
-                    self._in_flight[endpoint] = left
+                    self._in_flight[claim.endpoint] = left
                 else:
-                    self._in_flight.pop(endpoint, None)
+                    self._in_flight.pop(claim.endpoint, None)
                 self._total -= 1
             self._wake.set()
+
+    def _finish_call(self, sid: str, wid: str, attempts: list[str | int]) -> Call:
+        """``webhook_finish.lua`` for ``attempts`` (six arguments each, :meth:`post_once`)."""
+        return (self._finish, self._keys(sid, wid),
+                [wid, LOG_SIZE, self.settings.webhook_disable_after_s, *attempts])  # fmt: skip
 
     def attempt(self, sid: str, wid: str, record: dict[str, Any], event_id: str,
                 pending: dict[str, Any]) -> None:  # fmt: skip
         """POST one event once and record what happened, now."""
-        self._finish(self._r, *self.post_once(sid, wid, record, event_id, pending))
+        lua, script_keys, args = self._finish_call(
+            sid, wid, self.post_once(sid, wid, record, event_id, pending))
+        lua(self._r, script_keys, args)
 
     def post_once(self, sid: str, wid: str, record: dict[str, Any], event_id: str,
-                  pending: dict[str, Any]) -> tuple[list[str], list[str | int]]:  # fmt: skip
-        """POST one event once; the keys and arguments of ``webhook_finish.lua`` that
-        record what happened."""
+                  pending: dict[str, Any]) -> list[str | int]:  # fmt: skip
+        """POST one event once; what ``webhook_finish.lua`` records of it (event id, end,
+        outcome, when to try again, attempt, log entry)."""
         settings = self.settings
         attempt = int(pending.get("attempt", 0)) + 1
         body = str(pending["body"]).encode()
@@ -271,10 +352,7 @@ class Deliverer:
             log.info("webhook attempt failed", extra={
                 "solution_id": sid, "webhook_id": wid, "event_id": event_id,
                 "attempt": attempt, "outcome": outcome, "error": answer.error})  # fmt: skip
-        return self._keys(sid, wid), [
-            wid, event_id, repr(now), outcome, next_at, attempt, json.dumps(entry), LOG_SIZE,
-            settings.webhook_disable_after_s,
-        ]  # fmt: skip
+        return [event_id, repr(now), outcome, next_at, attempt, json.dumps(entry)]
 
     def _secrets_of(self, record: dict[str, Any]) -> list[str]:
         """The secrets signing now (decrypted once per process and sealed value)."""
