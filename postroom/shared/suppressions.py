@@ -265,9 +265,6 @@ class SuppressionStore:
         low = _now(None) - self.bounce_window_s
         return int(self._r.zcount(key, low, "+inf"))
 
-    # alias: the worker records a transaction's outcomes, the store keeps the bounces
-    record_outcomes = record_bounces
-
 
 def event_data(sid: str, entry: Suppression) -> dict[str, Any]:
     """A ``suppression.created`` event's ``data``."""

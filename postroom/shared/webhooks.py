@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import secrets as random
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -142,11 +142,6 @@ class WebhookStore:
         pipe.srem(keys.webhook_endpoints(), member(sid, wid))
         removed = pipe.execute()[0]
         return bool(removed)
-
-    def delete_all(self, sid: str, wids: Iterable[str] | None = None) -> None:
-        """Remove every endpoint of a solution (the solution is being deleted)."""
-        for wid in list(wids) if wids is not None else [r["id"] for r in self.all(sid)]:
-            self.delete(sid, wid)
 
 
 def view(record: Mapping[str, Any], pending: int | None = None) -> dict[str, Any]:
