@@ -40,9 +40,9 @@ from postroom.worker.attempt_store import (
     Begun,
     FirstTake,
     begin,
-    begin_ahead,
-    begun_ahead,
+    begun_from_answer,
     finish,
+    prepare_begin,
 )
 from postroom.worker.lease import attempt_bound_s, send_deadline_s
 from postroom.worker.ledger import LedgerState, Outcomes
@@ -149,18 +149,18 @@ class Attempt:
     def begin_call(self) -> tuple[Judged, BeginCall] | None:
         """This attempt's first step, ready to run with another's last (:meth:`_write`);
         None when it may not begin now (:attr:`ready`) or cannot begin so (see
-        :func:`postroom.worker.attempt_store.begin_ahead`)."""
+        :func:`postroom.worker.attempt_store.prepare_begin`)."""
         if not self.ready():
             return None
         relay, first_take = self._judged_and_take()
-        call = begin_ahead(self.ctx, self.sid, self.task_id, self._lease_seconds(),
+        call = prepare_begin(self.ctx, self.sid, self.task_id, self._lease_seconds(),
                            first_take, self.recipients)  # fmt: skip
         return None if call is None else (relay, call)
 
     def begun_with(self, relay: Judged, call: BeginCall, answer: Any) -> None:
         """Keep what the previous attempt's last step began for this one (unless its answer
         is not to be used: then :meth:`run` begins as usual)."""
-        begun = begun_ahead(self.ctx, call, answer)
+        begun = begun_from_answer(self.ctx, call, answer)
         self._ahead = None if begun is None else (relay, begun)
 
     def drop_ahead(self) -> None:
