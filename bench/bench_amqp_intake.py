@@ -11,9 +11,9 @@ sends through Flask's test client, one at a time, each confirmed by RabbitMQ, pr
 - ``send_task, two steps``: Celery's ``send_task`` per job, after the checks' round trip and
   the writes' round trip (how the intake published to RabbitMQ before);
 - ``kept publisher, two steps``: the job framed by postroom and published over a kept
-  connection (``postroom/shared/celery_wire/amqp_publisher.py``), the same two Redis round trips;
+  connection (``shared/celery_wire/amqp_publisher.py``), the same two Redis round trips;
 - ``kept publisher, one step``: as the intake runs now, the one-step script (checks and
-  writes in one round trip, ``postroom/api/intake/one_step.py``), then the publish.
+  writes in one round trip, ``api/intake/one_step.py``), then the publish.
 
 Rounds alternate the order; the medians and their ratios to the first way are printed.
 A queue no worker consumes collects the jobs (it is deleted with the virtual host).

@@ -12,7 +12,7 @@ same run: a Flask view that parses the same JSON and does one ``LPUSH``.
 runs (each process keeps a name's addresses for half a minute) and with every request
 looking the name up again, as it did before.
 
-``--paths`` measures what each of the intake's kept splits gains (``postroom/api/intake/``), each
+``--paths`` measures what each of the intake's kept splits gains (``api/intake/``), each
 variant in an app of its own, alternating, five rounds, medians: single sends as they run
 (one step), with the one-step path off (two steps), and two steps with the first document
 written apart (as when ``POSTROOM_RESULT_BACKEND`` is another Redis); a batch of 50 as it

@@ -1,4 +1,4 @@
-"""Where one webhook event's CPU goes: the deliverer of ``postroom/worker/webhooks.py`` in this
+"""Where one webhook event's CPU goes: the deliverer of ``worker/webhooks.py`` in this
 process, an embedded ``redis-server``, and ``bench_webhooks.py``'s receiver (answers 204)
 in a process of its own.
 

@@ -32,7 +32,7 @@ from postroom.shared.solutions import SolutionStore
 PROG = "postroom"
 WSGI_APP = "postroom.api.wsgi:app_from_env()"
 DEFAULT_BIND = "127.0.0.1:8080"
-# gunicorn's sync worker that closes a finished connection at once (postroom/api/server.py), named
+# gunicorn's sync worker that closes a finished connection at once (api/server.py), named
 # by import string: this module imports nothing of postroom.api
 API_WORKER_CLASS = "postroom.api.server.SyncWorker"
 # A sync worker is held for the whole of a `?wait=N` request (N <= 30 s): stay above it.

@@ -1,4 +1,4 @@
-"""Plain ASCII addresses take a shorter path (``postroom/shared/schemas/addresses.py``: the domain's
+"""Plain ASCII addresses take a shorter path (``shared/schemas/addresses.py``: the domain's
 verdict kept, the local part judged by email-validator's own rule): it must give exactly
 the answer of the full validation, for every address it takes, and leave every other
 address to it."""

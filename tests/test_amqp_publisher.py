@@ -1,4 +1,4 @@
-"""The intake's own publishing to RabbitMQ (``postroom/shared/celery_wire/amqp_publisher.py``) on a
+"""The intake's own publishing to RabbitMQ (``shared/celery_wire/amqp_publisher.py``) on a
 real server: the message is what Celery's ``send_task`` publishes, confirmed, over a kept
 connection."""
 

@@ -1,5 +1,5 @@
 """docs/architecture.md stays true: every file it names exists, and its table of Redis keys
-names every key function of postroom/shared/keys.py."""
+names every key function of shared/keys.py."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from postroom.shared import keys
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "architecture.md"
-#: a repository path in backticks: `postroom/api/routes/email.py`,
-#: `postroom/shared/lua/bucket.lua`, ...
-PATH = re.compile(r"`((?:postroom|tests|docs|deploy|bench)/[\w./-]+\.(?:py|lua|md))`")
+#: a repository path in backticks: `api/routes/email.py`,
+#: `shared/lua/bucket.lua`, ...
+PATH = re.compile(
+    r"`((?:api|worker|shared|postroom|tests|docs|deploy|bench)/[\w./-]+\.(?:py|lua|md))`")
 
 
 def test_every_file_the_architecture_page_names_exists() -> None:
@@ -25,7 +26,7 @@ def test_every_file_the_architecture_page_names_exists() -> None:
 
 
 def test_the_architecture_page_lists_every_redis_key() -> None:
-    """Every key function of postroom/shared/keys.py has its row in the page's table of keys."""
+    """Every key function of shared/keys.py has its row in the page's table of keys."""
     text = DOC.read_text()
     functions = [name for name, fn in inspect.getmembers(keys, inspect.isfunction)
                  if fn.__module__ == keys.__name__]

@@ -1,4 +1,4 @@
-"""``POST /solutions/{sid}/email/batch`` (postroom/api/routes/batch.py), on a real Redis, and end to
+"""``POST /solutions/{sid}/email/batch`` (api/routes/batch.py), on a real Redis, and end to
 end through a real worker process."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The cancel script (postroom/api/cancel.py, postroom/shared/lua/task_cancel.lua) on a real
+"""The cancel script (api/cancel.py, shared/lua/task_cancel.lua) on a real
 Redis and
 on fakeredis beside it: a task no worker has begun becomes ``canceled``; one a worker
 holds, or whose ledger shows an attempt, is a 409; the result backend apart works too."""

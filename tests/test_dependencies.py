@@ -35,7 +35,7 @@ def test_a_fenced_library_has_an_upper_bound_on_its_major_and_is_installed_withi
 
 
 def test_the_fence_names_the_ranges_pyproject_declares_and_versions_within_them() -> None:
-    """postroom/shared/celery_wire's docstring states the versions it is written for and the
+    """shared/celery_wire's docstring states the versions it is written for and the
     ranges of pyproject.toml: the ranges it names are the declared ones, each library it
     is written for is named with a range, and each such version lies in its range."""
     import postroom.shared.celery_wire as fence
@@ -59,7 +59,7 @@ def test_the_fence_names_the_ranges_pyproject_declares_and_versions_within_them(
 
 
 def test_kombu_takes_the_unacked_restore_options_postroom_sets() -> None:
-    """The Redis transport options of postroom/shared/queue.py exist in the installed kombu (5.7
+    """The Redis transport options of shared/queue.py exist in the installed kombu (5.7
     added them; an older kombu ignores them without a word)."""
     from kombu.transport.redis import Channel
 
@@ -96,7 +96,7 @@ def test_celerys_consumer_has_the_handlers_the_dead_letter_consumer_replaces() -
 
 
 def test_kombu_has_the_private_parts_the_redis_transport_reaches_into() -> None:
-    """postroom/shared/celery_wire/redis_transport.py overrides or calls these parts of kombu's
+    """shared/celery_wire/redis_transport.py overrides or calls these parts of kombu's
     Redis transport; each exists in the installed kombu, the overridden ones with the
     parameters the subclass gives them."""
     from kombu.transport import redis as kombu_redis
@@ -124,7 +124,7 @@ def test_kombu_has_the_private_parts_the_redis_transport_reaches_into() -> None:
 
 
 def test_prometheus_client_says_whether_it_counts_in_files() -> None:
-    """postroom/shared/metrics_files.py tells multiprocess mode by ``ValueClass._multiprocess``:
+    """shared/metrics_files.py tells multiprocess mode by ``ValueClass._multiprocess``:
     False for the plain value class, True for the one multiprocess mode makes."""
     from prometheus_client import values
 

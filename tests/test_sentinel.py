@@ -16,7 +16,7 @@ from tests.topologies import SentinelSet
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
 # the redelivery window of the Redis broker (also the accepted set's): longer than the
-# longest send, 0.5 s x (11 exchanges + 1 recipient) + 2 s = 8 s (see postroom/worker/lease.py)
+# longest send, 0.5 s x (11 exchanges + 1 recipient) + 2 s = 8 s (see worker/lease.py)
 SHORT_WINDOW = {"smtp_timeout_s": 0.5, "max_recipients": 1, "visibility_timeout_s": 9}
 
 

@@ -1,4 +1,4 @@
-"""The API's gunicorn worker (postroom/api/server.py): a finished connection is closed at once, any
+"""The API's gunicorn worker (api/server.py): a finished connection is closed at once, any
 other one by gunicorn's graceful path. Real sockets, gunicorn's own request parser, and
 ``postroom api`` itself."""
 

@@ -1,4 +1,4 @@
-"""Celery's task message as postroom encodes and decodes it (``postroom/shared/celery_wire/
+"""Celery's task message as postroom encodes and decodes it (``shared/celery_wire/
 task_message.py``): the framing matches what Celery's ``send_task`` writes, a framed message
 is one Celery's own worker runs, and one ``send_task`` writes is one postroom decodes."""
 

@@ -1,4 +1,4 @@
-"""The reader of webhook answers (``postroom/worker/webhook_http.py``, ``read_answer``): the status,
+"""The reader of webhook answers (``worker/webhook_http.py``, ``read_answer``): the status,
 and whether the connection may carry the next POST, for the shapes HTTP/1.x answers take.
 Over a socket pair (no network): the bytes are written as a receiver would."""
 

@@ -1,5 +1,5 @@
-"""The Redis side of a delivery attempt (``postroom/worker/attempt_store.py``,
-``postroom/shared/lua/attempt_*.lua``,
+"""The Redis side of a delivery attempt (``worker/attempt_store.py``,
+``shared/lua/attempt_*.lua``,
 the bucket's attempt mark): what each step reads and writes, on real Redis and fakeredis,
 and whole attempts in process against a real SMTP server — sent in two round trips, the
 lease and the accepted set left as the watcher expects, a relay's reply kept through a
