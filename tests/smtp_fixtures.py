@@ -9,7 +9,11 @@ from typing import Any
 import pytest
 
 from postroom.dev.embedded_redis import free_port
+from tests.delay_proxy import DelayProxy
 from tests.smtp_server import ScriptedSmtpServer, SilentServer, TlsFiles, make_tls_files
+
+#: the round trip of ``far_relay``: a relay 30 ms away
+RTT_S = 0.03
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +59,18 @@ def silent_server() -> Iterator[SilentServer]:
 def closed_port() -> int:
     """A port on 127.0.0.1 where nobody listens (connections are refused)."""
     return free_port()
+
+
+@pytest.fixture
+def relay_server() -> Iterator[ScriptedSmtpServer]:
+    """An SMTP server offering PIPELINING (the relay behind ``far_relay``'s proxy)."""
+    server = ScriptedSmtpServer(pipelining=True).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def far_relay(relay_server: ScriptedSmtpServer) -> Iterator[DelayProxy]:
+    """``relay_server``, :data:`RTT_S` away behind a proxy that holds every reply back."""
+    with DelayProxy(relay_server.port, RTT_S) as proxy:
+        yield proxy

@@ -8,10 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from functools import partial
-
-import pytest
 
 from postroom.shared.errors import SmtpRejected, TransientSendError
 from postroom.shared.relays import Relay
@@ -19,26 +16,11 @@ from postroom.worker.message import build_message
 from postroom.worker.pool import SmtpPool
 from postroom.worker.smtp import SmtpConnection, make_ssl_context
 from tests.delay_proxy import DelayProxy
+from tests.smtp_fixtures import RTT_S
 from tests.smtp_server import ScriptedSmtpServer
 
 TLS = make_ssl_context(None)
-RTT_S = 0.03
 SENDER = "s@postroom.test"
-
-
-@pytest.fixture
-def relay_server() -> Iterator[ScriptedSmtpServer]:
-    """An SMTP server offering PIPELINING."""
-    server = ScriptedSmtpServer(pipelining=True).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def far_relay(relay_server: ScriptedSmtpServer) -> Iterator[DelayProxy]:
-    """The relay, 30 ms away."""
-    with DelayProxy(relay_server.port, RTT_S) as proxy:
-        yield proxy
 
 
 def message(n: int, rcpt: str | None = None) -> tuple[list[str], bytes]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,26 +26,11 @@ from postroom.worker.smtp import make_ssl_context
 from tests.delay_proxy import DelayProxy
 from tests.e2e import Stack
 from tests.helpers import make_settings
+from tests.smtp_fixtures import RTT_S
 from tests.smtp_server import ScriptedSmtpServer
 from tests.test_worker_redis import document, make_context, make_job, queued
 
 TLS = make_ssl_context(None)
-RTT_S = 0.03
-
-
-@pytest.fixture
-def relay_server() -> Iterator[ScriptedSmtpServer]:
-    """An SMTP server offering PIPELINING (the relay behind the proxy)."""
-    server = ScriptedSmtpServer(pipelining=True).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def far_relay(relay_server: ScriptedSmtpServer) -> Iterator[DelayProxy]:
-    """The relay, 30 ms away."""
-    with DelayProxy(relay_server.port, RTT_S) as proxy:
-        yield proxy
 
 
 def deliver(pool: SmtpPool, port: int, n: int, deadline: float | None = None,
