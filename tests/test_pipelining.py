@@ -8,13 +8,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from functools import partial
 
 from postroom.shared.errors import SmtpRejected, TransientSendError
 from postroom.shared.relays import Relay
 from postroom.worker.message import build_message
 from postroom.worker.pool import SmtpPool
-from postroom.worker.smtp import SmtpConnection, make_ssl_context
+from postroom.worker.smtp import DeliveryResult, SmtpConnection, make_ssl_context
 from tests.delay_proxy import DelayProxy
 from tests.smtp_fixtures import RTT_S
 from tests.smtp_server import ScriptedSmtpServer
@@ -28,6 +29,40 @@ def message(n: int, rcpt: str | None = None) -> tuple[list[str], bytes]:
     data = build_message(sender=SENDER, to=[rcpt], cc=[], subject=f"m{n}", text="hello",
                          html=None, message_id=f"<{n}@postroom.test>")  # fmt: skip
     return [rcpt], data
+
+
+def deliver(pool: SmtpPool, relay: Relay, n: int, sender: str = SENDER,
+            rcpt: str | None = None) -> DeliveryResult:  # fmt: skip
+    """Message ``n`` through ``pool`` to ``relay``."""
+    rcpts, data = message(n, rcpt)
+    return pool.deliver(relay, connect_host="127.0.0.1", sender=sender, recipients=rcpts,
+                        data=data, timeout=5.0, ssl_context=TLS, local_hostname="w.test")
+
+
+def in_threads(count: int, target: Callable[[int], None]) -> None:
+    """``target(i)`` in ``count`` threads at once, each waited for."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+
+
+def send_in_threads(pool: SmtpPool, relay: Relay, count: int, each: int) -> list[BaseException]:
+    """``count`` threads each deliver ``each`` messages in turn (thread ``i`` the numbers
+    ``each * i`` on); the pool closed after; the errors they met."""
+    errors: list[BaseException] = []
+
+    def send(i: int) -> None:
+        try:
+            for k in range(each):
+                deliver(pool, relay, each * i + k)
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+            errors.append(exc)
+
+    in_threads(count, send)
+    pool.close_all()
+    return errors
 
 
 def test_each_message_gets_its_own_outcome_when_its_envelope_followed_a_dot(
@@ -90,24 +125,7 @@ def test_a_kept_connection_carries_a_message_per_round_trip(
     round trip later), one session carries them all, each arrives once."""
     pool = SmtpPool(max_per_relay=1)
     relay = Relay(host="127.0.0.1", port=far_relay.port, scheme="")
-    errors: list[BaseException] = []
-
-    def send(i: int) -> None:
-        try:
-            for k in range(6):
-                rcpts, data = message(6 * i + k)
-                pool.deliver(relay, connect_host="127.0.0.1", sender=SENDER,
-                             recipients=rcpts, data=data, timeout=5.0, ssl_context=TLS,
-                             local_hostname="w.test")  # fmt: skip
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    pool.close_all()
+    errors = send_in_threads(pool, relay, 4, 6)
 
     got = sorted(relay_server.messages, key=lambda m: m.mail_at)
     gaps = [b.mail_at - a.received_at for a, b in zip(got, got[1:], strict=False)]
@@ -129,24 +147,7 @@ def test_a_relay_without_pipelining_gets_one_transaction_at_a_time(
     relay_server.pipelining = False  # read when the relay answers EHLO
     pool = SmtpPool(max_per_relay=1)
     relay = Relay(host="127.0.0.1", port=relay_server.port, scheme="")
-    errors: list[BaseException] = []
-
-    def send(i: int) -> None:
-        try:
-            for k in range(3):
-                rcpts, data = message(3 * i + k)
-                pool.deliver(relay, connect_host="127.0.0.1", sender=SENDER,
-                             recipients=rcpts, data=data, timeout=5.0, ssl_context=TLS,
-                             local_hostname="w.test")  # fmt: skip
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    pool.close_all()
+    errors = send_in_threads(pool, relay, 3, 3)
 
     assert [] == errors
     assert (0, 8) == (pool.stats().pipelined, pool.stats().reused)
@@ -169,11 +170,8 @@ def test_a_follower_whose_connection_breaks_at_the_dot_sends_on_a_new_one(
     failures: dict[int, BaseException] = {}
 
     def send(n: int) -> None:
-        rcpts, data = message(n)
         try:
-            pool.deliver(relay, connect_host="127.0.0.1", sender=SENDER, recipients=rcpts,
-                         data=data, timeout=5.0, ssl_context=TLS,
-                         local_hostname="w.test")  # fmt: skip
+            deliver(pool, relay, n)
         except BaseException as exc:  # noqa: BLE001 - checked below
             failures[n] = exc
 
@@ -224,22 +222,16 @@ def test_followers_refused_by_the_relay_get_their_own_outcomes(
         for k in range(4):
             n = 4 * i + k
             sender = "refused@postroom.test" if n % 4 == 1 else SENDER
-            rcpts, data = message(n, f"bad{n}@example.com" if n % 4 == 2 else None)
             try:
-                result = pool.deliver(relay, connect_host="127.0.0.1", sender=sender,
-                                      recipients=rcpts, data=data, timeout=5.0,
-                                      ssl_context=TLS, local_hostname="w.test")  # fmt: skip
+                result = deliver(pool, relay, n, sender,
+                                 f"bad{n}@example.com" if n % 4 == 2 else None)
                 outcomes[n] = result.response[:3]
             except SmtpRejected as err:
                 outcomes[n] = err.extra.get("smtp_code")
             except BaseException as exc:  # noqa: BLE001 - shown below
                 outcomes[n] = exc
 
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    in_threads(3, send)
     pool.close_all()
 
     assert {n: (550 if n % 4 in (1, 2) else "250") for n in range(12)} == outcomes
